@@ -1,0 +1,39 @@
+# Two entry points: `make demo` and `make test`. Each creates .venv and installs what it needs.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+# Offline and telemetry-free for tests and the demo (not for users' own runs).
+export HF_HUB_OFFLINE = 1
+export HF_DATASETS_OFFLINE = 1
+export TRANSFORMERS_OFFLINE = 1
+export DO_NOT_TRACK = 1
+export PREFECT_SERVER_ANALYTICS_ENABLED = false
+export DVC_NO_ANALYTICS = 1
+export HF_HUB_DISABLE_PROGRESS_BARS = 1
+export TRANSFORMERS_VERBOSITY = error
+
+.PHONY: demo test install lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# the local CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(PY) -m flows.demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check merging flows tasks tests
+
+clean:
+	rm -rf demo .pytest_cache

@@ -1,0 +1,1 @@
+"""Orchestration: the CLI and (later) Prefect flows."""

@@ -1,0 +1,157 @@
+"""The ``mergeflow`` command line: wires commands to library calls and flows.
+
+Every ``MergeflowError`` becomes a one-line message on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+import yaml
+
+from merging.errors import MergeConfigError, MergeflowError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Merge fine-tuned models of one base model.")
+
+
+def _fail(err: Exception) -> None:
+    typer.echo(f"error: {err}", err=True)
+    raise typer.Exit(code=2)
+
+
+def _progress_bar(quiet: bool):
+    if quiet:
+        return None, None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("[bold]merging"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.description}"), transient=False)
+    task_id = bar.add_task("", total=None)
+
+    def update(done: int, total: int, name: str) -> None:
+        bar.update(task_id, completed=done, total=total, description=name)
+
+    return bar, update
+
+
+def _run_merge(config, out: Optional[str], overwrite: bool, quiet: bool) -> None:
+    from merging.merge import merge_checkpoints
+
+    target = out or config.out
+    if not target:
+        raise MergeConfigError("no output folder: pass --out DIR (or OUT), or set 'out' / 'save_path' / 'output_dir' in the config")
+    bar, update = _progress_bar(quiet)
+    if bar is None:
+        result = merge_checkpoints(config, target, overwrite=overwrite)
+    else:
+        with bar:
+            result = merge_checkpoints(config, target, overwrite=overwrite, progress=update)
+    typer.echo(f"wrote {result}")
+
+
+@app.command()
+def merge(
+    config_file: Annotated[Optional[Path], typer.Argument(metavar="CONFIG", help="Merge config YAML (mergekit, DRM or Circuit-Merge format).")] = None,
+    out_arg: Annotated[Optional[str], typer.Argument(metavar="OUT", help="Output folder (as mergekit-yaml).")] = None,
+    config_path: Annotated[Optional[Path], typer.Option("--config-path", help="Same as CONFIG (the DRM CLI's spelling).")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output folder.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    device: Annotated[Optional[str], typer.Option(help="cpu | cuda | auto (default: the config's, else auto).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for random methods (overrides the config).")] = None,
+    shard_size: Annotated[Optional[str], typer.Option(help="Max bytes per output shard, e.g. 5GB, 500MB.")] = None,
+    allow_pickle: Annotated[bool, typer.Option(help="Allow pytorch_model.bin inputs (weights-only load).")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Merge models as a config describes, streaming one tensor at a time."""
+    from merging.config import load_merge_config
+
+    try:
+        path = config_file or config_path
+        if path is None:
+            raise MergeConfigError("no config given: mergeflow merge CONFIG.yaml [OUT]")
+        config = load_merge_config(path)
+        overrides = {k: v for k, v in {"device": device, "seed": seed, "shard_size": shard_size}.items() if v is not None}
+        if allow_pickle:
+            overrides["allow_pickle"] = True
+        if overrides:
+            config = config.model_copy(update=overrides)
+            config = type(config).model_validate(config.model_dump())
+        _run_merge(config, out or out_arg, overwrite, quiet)
+    except MergeflowError as err:
+        _fail(err)
+
+
+@app.command("circuit-merge")
+def circuit_merge(
+    paths: Annotated[Optional[list[str]], typer.Argument(metavar="BASE VARIANT [VARIANT ...] OUTPUT", help="Base model, variants (first = highest priority), output folder.")] = None,
+    config_file: Annotated[Optional[Path], typer.Option("--config", help="Circuit-Merge YAML (base_model, variant_models, output_dir, parameters).")] = None,
+    temperature: Annotated[Optional[float], typer.Option("--temperature")] = None,
+    base_droprate: Annotated[Optional[float], typer.Option("--base_droprate", "--base-droprate")] = None,
+    meaningful_change_threshold: Annotated[Optional[float], typer.Option("--meaningful_change_threshold", "--meaningful-change-threshold")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed")] = None,
+    skip_rescaling: Annotated[bool, typer.Option("--skip_rescaling", "--skip-rescaling")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    device: Annotated[Optional[str], typer.Option(help="cpu | cuda | auto")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Circuit-Merge (the seed script's command line): priority-ordered DELLA-style merge."""
+    from merging.config import parse_merge_config
+
+    try:
+        raw: dict = {}
+        if config_file is not None:
+            if not config_file.is_file():
+                raise MergeConfigError(f"config file {config_file} does not exist")
+            try:
+                raw = yaml.safe_load(config_file.read_text()) or {}
+            except yaml.YAMLError as err:
+                raise MergeConfigError(f"{config_file}: malformed YAML: {err}") from None
+            if not isinstance(raw, dict):
+                raise MergeConfigError(f"{config_file}: the config must be a YAML mapping")
+        paths = paths or []
+        if paths:
+            if len(paths) < 3:
+                raise MergeConfigError("circuit-merge needs BASE VARIANT [VARIANT ...] OUTPUT")
+            raw["base_model"], raw["output_dir"] = paths[0], paths[-1]
+            raw["variant_models"] = [{"model": p} for p in paths[1:-1]]
+        raw.setdefault("variant_models", [])
+        params = dict(raw.get("parameters") or {})
+        cli = {"temperature": temperature, "base_droprate": base_droprate,
+               "meaningful_change_threshold": meaningful_change_threshold}
+        params.update({k: v for k, v in cli.items() if v is not None})
+        if skip_rescaling:
+            params["skip_rescaling"] = True
+        if seed is not None:
+            params["seed"] = seed
+        raw["parameters"] = params
+        if device is not None:
+            raw["device"] = device
+        config = parse_merge_config(raw, str(config_file or "command line"))
+        _run_merge(config, None, overwrite, quiet)
+    except MergeflowError as err:
+        _fail(err)
+
+
+@app.command()
+def methods() -> None:
+    """List the merge methods and their parameters."""
+    from merging.registry import METHODS
+    from merging.resolve import field_names
+
+    for name, spec in sorted(METHODS.items()):
+        shared = ", ".join(sorted(field_names(spec.params)))
+        per_model = ", ".join(sorted(field_names(spec.model_params))) or "-"
+        typer.echo(f"{name:18s} shared: {shared} | per model: {per_model}")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO if "-v" in sys.argv else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    app()
+
+
+if __name__ == "__main__":
+    main()

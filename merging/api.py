@@ -1,0 +1,92 @@
+"""The public door for one tensor group: ``merge_tensors``.
+
+It runs a method's stages on plain tensors, with parameters given as plain dicts, exactly
+as ``merge_checkpoints`` does per tensor. Spec worked examples and method tests call it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from merging.errors import MergeConfigError
+from merging.registry import get_method
+from merging.resolve import build_params, split_global_parameters
+from merging.rng import generator_for
+from merging.spec import MethodSpec, TensorGroup, TensorKind
+
+__all__ = ["merge_tensors", "run_stages", "check_model_count"]
+
+
+def check_model_count(spec: MethodSpec, count: int) -> None:
+    """Raise if ``count`` task models do not fit the method's contract."""
+    if count < spec.min_models or (spec.max_models is not None and count > spec.max_models):
+        bound = (f"exactly {spec.min_models}" if spec.max_models == spec.min_models
+                 else f"at least {spec.min_models}" + (f" and at most {spec.max_models}" if spec.max_models else ""))
+        base_note = " besides the base model" if spec.needs_base else ""
+        raise MergeConfigError(f"method {spec.name!r} needs {bound} model(s){base_note}; got {count}")
+
+
+def run_stages(spec: MethodSpec, group: TensorGroup, params: Any, seed: int) -> torch.Tensor:
+    """decompose -> sparsify -> combine; returns the merged delta scaled by ``lambda``."""
+    rng = generator_for(seed, group.name)
+    factors = spec.decompose(group, params)
+    factors = spec.sparsify(group, factors, params, rng)
+    merged_delta = spec.combine(group, factors, params)
+    return merged_delta * params.lambda_ if params.lambda_ != 1 else merged_delta
+
+
+def merge_tensors(
+    method: str,
+    base: torch.Tensor,
+    models: Sequence[torch.Tensor],
+    params: Mapping[str, Any] | None = None,
+    model_params: Sequence[Mapping[str, Any]] | None = None,
+    *,
+    seed: int = 0,
+    name: str = "tensor",
+    kind: TensorKind | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+    has_base: bool = True,
+) -> torch.Tensor:
+    """Merge one tensor: ``base`` and the fine-tuned ``models`` (full weights, same shape).
+
+    Args:
+        method: registry name.
+        base: the base tensor theta_0.
+        models: fine-tuned tensors theta_t.
+        params: shared params (mergekit's global ``parameters``).
+        model_params: per-model params, one mapping per model.
+        seed: seed of the per-tensor generator (random methods).
+        name: tensor name (seeds the generator; filters match on it).
+        kind: ``"matrix"`` or ``"other"``; default: matrix for 2-D tensors.
+        compute_dtype: float32 (default) or float64.
+        has_base: False if ``base`` is only a reference (see ``TensorGroup.has_base``).
+
+    Returns:
+        The merged tensor in ``compute_dtype``.
+    """
+    spec = get_method(method)
+    check_model_count(spec, len(models))
+    shared, defaults = split_global_parameters(spec, params or {})
+    per_model = model_params or [{} for _ in models]
+    if len(per_model) != len(models):
+        raise MergeConfigError(f"got {len(per_model)} model_params for {len(models)} models")
+    method_params, resolved = build_params(spec, shared, defaults, per_model, [f"model{i}" for i in range(len(models))], name)
+    base_c = base.to(compute_dtype)
+    deltas = torch.stack([m.to(compute_dtype) - base_c for m in models])
+    group = TensorGroup(
+        name=name, base=base_c, deltas=deltas, model_params=resolved,
+        kind=kind or ("matrix" if base.dim() == 2 else "other"), has_base=has_base,
+    )
+    if spec.global_trim is not None and spec.global_trim(method_params) is not None:
+        trim = spec.global_trim(method_params)
+        from merging.kernels.sparsify import kth_smallest_magnitude
+
+        thresholds = []
+        for t in range(len(models)):
+            k = trim.kth_smallest(deltas[t].numel(), resolved[t]) if group.kind in trim.kinds else 0
+            thresholds.append(kth_smallest_magnitude(deltas[t], k) if k > 0 else torch.zeros((), dtype=compute_dtype))
+        group = TensorGroup(**{**group.__dict__, "trim_thresholds": torch.stack(thresholds)})
+    return base_c + run_stages(spec, group, method_params, seed)

@@ -1,0 +1,187 @@
+"""The merge config: mergekit's YAML schema, extended; DRM and Circuit-Merge YAMLs mapped on.
+
+mergekit keys: ``merge_method``, ``base_model``, ``models[].model``, ``models[].parameters``,
+``parameters``, ``dtype`` (inputs are read in it), ``out_dtype``, ``tokenizer_source`` (or
+``tokenizer: {source: ...}``). mergeflow's own keys: ``seed``, ``device``,
+``compute_dtype``, ``include`` / ``exclude`` / ``ignore`` (regexes, ``re.match`` on tensor
+names: which 2-D tensors merge as matrices, which take the "other" path, which keep the
+base value), ``shard_size``, ``allow_pickle``, ``stats`` (activation statistics file) and
+``out`` (output folder; the CLI's ``--out`` or positional argument wins).
+
+The DRM seed YAML (``merging_config``, ``save_path``) and the Circuit-Merge YAML
+(``variant_models``, ``output_dir``) are recognised by their keys and mapped onto the
+same model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from merging.errors import MergeConfigError
+
+__all__ = ["ModelEntry", "MergeConfig", "load_merge_config", "parse_merge_config", "DEFAULT_EXCLUDE"]
+
+# 2-D tensors that are not merged as matrices by default (embeddings and LM heads).
+DEFAULT_EXCLUDE = (
+    r".*(embed_tokens|lm_head|wte|wpe|shared|embed_positions|word_embeddings|position_embeddings"
+    r"|token_type_embeddings|embed_out|output_layer|relative_attention_bias)\b.*",
+)
+
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+class ModelEntry(BaseModel):
+    """One input model: a local folder, a PEFT adapter folder, ``hub/id@revision``, or
+    ``base+adapter`` (mergekit's LoRA syntax)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class MergeConfig(BaseModel):
+    """A validated merge recipe (frozen)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    merge_method: str
+    base_model: str | None = None
+    models: tuple[ModelEntry, ...]
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
+    out_dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
+    tokenizer_source: str | None = None
+    seed: int = Field(0, description="Seed of the per-tensor generators of random methods.")
+    device: Literal["cpu", "cuda", "auto"] = "auto"
+    compute_dtype: Literal["float32", "float64"] = "float32"
+    include: tuple[str, ...] = (r".*",)
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+    ignore: tuple[str, ...] = ()
+    shard_size: int | str = "5GB"
+    allow_pickle: bool = False
+    stats: str | None = None
+    out: str | None = None
+
+    @field_validator("models")
+    @classmethod
+    def _not_empty(cls, models: tuple[ModelEntry, ...]) -> tuple[ModelEntry, ...]:
+        if not models:
+            raise ValueError("the model list is empty; list at least one model under 'models'")
+        return models
+
+    @field_validator("include", "exclude", "ignore", mode="before")
+    @classmethod
+    def _as_tuple(cls, value: Any) -> Any:
+        if value is None:
+            return ()
+        if isinstance(value, str):
+            return (value,)
+        return value
+
+    def to_yaml(self) -> str:
+        data = self.model_dump(mode="json", exclude_defaults=True)
+        data["merge_method"] = self.merge_method
+        return yaml.safe_dump(data, sort_keys=False)
+
+
+def _from_drm(raw: dict) -> dict:
+    cfg = dict(raw.get("merging_config") or {})
+    mapped: dict[str, Any] = {"merge_method": "drm", "base_model": raw.get("base_model"),
+                              "models": raw.get("models"), "out": raw.get("save_path")}
+    if "linear_parameter_regex_pattern" in cfg:
+        mapped["include"] = cfg.pop("linear_parameter_regex_pattern")
+    if "linear_parameter_ignore_regex_pattern" in cfg:
+        mapped["exclude"] = cfg.pop("linear_parameter_ignore_regex_pattern")
+    if "ignore_module_regex_pattern" in cfg:
+        mapped["ignore"] = cfg.pop("ignore_module_regex_pattern")
+    if "dtype" in cfg:
+        cfg["svd_dtype"] = cfg.pop("dtype")
+    for key in ("seed", "device", "out_dtype", "shard_size", "allow_pickle", "tokenizer_source"):
+        if key in raw:
+            mapped[key] = raw[key]
+    mapped["parameters"] = cfg
+    unknown = set(raw) - {"models", "base_model", "save_path", "merging_config", "seed", "device",
+                          "out_dtype", "shard_size", "allow_pickle", "tokenizer_source"}
+    if unknown:
+        raise MergeConfigError(f"unknown top-level key(s) {sorted(unknown)} in a DRM config")
+    return mapped
+
+
+def _from_circuit(raw: dict) -> dict:
+    params = dict(raw.get("parameters") or {})
+    method = params.pop("merge_method", "circuit_merge")
+    if method != "circuit_merge":
+        raise MergeConfigError(
+            f"Circuit-Merge method {method!r} is not supported (its 'dynamic_ties' is experimental and "
+            "numerically wrong upstream); use merge_method: circuit_merge"
+        )
+    mapped: dict[str, Any] = {"merge_method": "circuit_merge", "base_model": raw.get("base_model"),
+                              "models": raw.get("variant_models"), "out": raw.get("output_dir")}
+    if "seed" in params:
+        mapped["seed"] = params.pop("seed")
+    for key in ("device", "out_dtype", "shard_size", "allow_pickle", "tokenizer_source", "dtype"):
+        if key in raw:
+            mapped[key] = raw[key]
+    mapped["parameters"] = params
+    return mapped
+
+
+def _from_mergekit(raw: dict) -> dict:
+    if "slices" in raw or "modules" in raw:
+        raise MergeConfigError(
+            "mergekit 'slices'/'modules' configs (layer stacking) are not supported; list whole models under 'models'"
+        )
+    mapped = dict(raw)
+    tokenizer = mapped.pop("tokenizer", None)
+    if tokenizer is not None:
+        if not isinstance(tokenizer, dict) or set(tokenizer) - {"source"}:
+            raise MergeConfigError("only 'tokenizer: {source: base | <model path>}' is supported")
+        mapped["tokenizer_source"] = tokenizer.get("source")
+    if mapped.get("tokenizer_source") == "union":
+        raise MergeConfigError("tokenizer_source: union is not supported; use 'base' or a model path")
+    if mapped.pop("chat_template", None) not in (None, "auto"):
+        raise MergeConfigError("chat_template is not supported; the base model's template is copied with its tokenizer")
+    return mapped
+
+
+def parse_merge_config(raw: Any, source: str = "<config>") -> MergeConfig:
+    """Validate a parsed YAML mapping in any of the three formats."""
+    if not isinstance(raw, dict):
+        raise MergeConfigError(f"{source}: the config must be a YAML mapping, got {type(raw).__name__}")
+    if "merging_config" in raw or "save_path" in raw:
+        mapped = _from_drm(raw)
+    elif "variant_models" in raw or "output_dir" in raw:
+        mapped = _from_circuit(raw)
+    else:
+        mapped = _from_mergekit(raw)
+    if isinstance(mapped.get("models"), list):
+        mapped["models"] = [{"model": m} if isinstance(m, str) else m for m in mapped["models"]]
+        mapped["models"] = [{**m, "parameters": m.get("parameters") or {}} if isinstance(m, dict) else m
+                            for m in mapped["models"]]
+    if mapped.get("parameters") is None:
+        mapped["parameters"] = {}
+    mapped = {k: v for k, v in mapped.items() if v is not None or k in ("base_model",)}
+    try:
+        return MergeConfig.model_validate(mapped)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in err.errors()
+        )
+        raise MergeConfigError(f"{source}: invalid merge config: {problems}") from None
+
+
+def load_merge_config(path: str | Path) -> MergeConfig:
+    """Read and validate a YAML config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise MergeConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise MergeConfigError(f"{path}: malformed YAML: {err}") from None
+    return parse_merge_config(raw, str(path))

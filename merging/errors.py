@@ -1,0 +1,61 @@
+"""Typed errors: each says what is wrong, where (model, tensor, key) and how to fix it."""
+
+from __future__ import annotations
+
+__all__ = [
+    "MergeflowError",
+    "MergeConfigError",
+    "UnknownMethodError",
+    "CheckpointNotFoundError",
+    "CheckpointMismatchError",
+    "UnsafeCheckpointError",
+    "AdapterError",
+    "NonFiniteDeltaError",
+    "OutputExistsError",
+    "OutputWriteError",
+    "ArtifactError",
+]
+
+
+class MergeflowError(Exception):
+    """Base of every error mergeflow raises for bad input; the CLI maps it to exit code 2."""
+
+
+class MergeConfigError(MergeflowError, ValueError):
+    """A config file or parameter is malformed, missing or out of range."""
+
+
+class UnknownMethodError(MergeConfigError):
+    """A merge method name is not in the registry."""
+
+
+class CheckpointNotFoundError(MergeflowError, FileNotFoundError):
+    """A model folder, file or hub id cannot be found."""
+
+
+class CheckpointMismatchError(MergeflowError, ValueError):
+    """A model's tensors do not line up with the base (names, shapes or dtypes)."""
+
+
+class UnsafeCheckpointError(MergeflowError):
+    """A pickle checkpoint or remote code would be needed and the user did not allow it."""
+
+
+class AdapterError(MergeflowError, ValueError):
+    """A PEFT adapter folder is malformed, unsupported, or made for another base."""
+
+
+class NonFiniteDeltaError(MergeflowError, ValueError):
+    """A delta (fine-tuned minus base) holds NaN or Inf."""
+
+
+class OutputExistsError(MergeflowError, FileExistsError):
+    """The target folder exists and overwriting was not asked for."""
+
+
+class OutputWriteError(MergeflowError, OSError):
+    """The target cannot be written (permissions, missing parent, disk)."""
+
+
+class ArtifactError(MergeflowError):
+    """A pipeline artifact is missing or its digest does not match its manifest."""

@@ -1,0 +1,1 @@
+"""Checkpoint I/O: Hugging Face model folders, PEFT adapters, sharded writing."""

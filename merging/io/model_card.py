@@ -1,0 +1,84 @@
+"""Support files of a merged model: config, generation config, tokenizer, model card.
+
+Everything is copied from local folders; nothing here touches the network (mergekit's card
+step calls the Hub and can crash offline after the weights are written).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from merging.config import MergeConfig
+from merging.spec import MethodSpec
+
+__all__ = ["write_support_files", "TOKENIZER_FILES"]
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "vocab.txt", "spiece.model",
+)
+
+
+def _write_config(base_folder: Path, out: Path, out_dtype: str | None) -> None:
+    source = base_folder / "config.json"
+    if not source.is_file():
+        return
+    config = json.loads(source.read_text())
+    if out_dtype:
+        config["dtype"] = out_dtype
+        if "torch_dtype" in config:
+            config["torch_dtype"] = out_dtype
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _card(config: MergeConfig, spec: MethodSpec, model_names: list[str]) -> str:
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags:",
+        "- mergeflow",
+        "- merge",
+        "---",
+        "# Merged model",
+        "",
+        f"Merged with mergeflow using **{spec.name}**"
+        + (f" ({spec.paper})." if spec.paper else "."),
+        "",
+        f"- base model: `{config.base_model}`" if config.base_model else "- base model: none (reference: first model)",
+        *[f"- model: `{name}`" for name in model_names],
+        "",
+        "## Recipe",
+        "",
+        "```yaml",
+        config.to_yaml().rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_support_files(
+    *,
+    base_folder: Path,
+    tokenizer_folder: Path | None,
+    out: Path,
+    config: MergeConfig,
+    out_dtype: str | None,
+    spec: MethodSpec,
+    model_names: list[str],
+) -> None:
+    """Write config.json (dtype updated), generation_config.json, tokenizer files, the
+    model card README.md and the recipe ``mergeflow_config.yml`` into ``out``."""
+    _write_config(base_folder, out, out_dtype)
+    generation = base_folder / "generation_config.json"
+    if generation.is_file():
+        shutil.copy2(generation, out / generation.name)
+    if tokenizer_folder is not None:
+        for name in TOKENIZER_FILES:
+            if (tokenizer_folder / name).is_file():
+                shutil.copy2(tokenizer_folder / name, out / name)
+    (out / "README.md").write_text(_card(config, spec, model_names))
+    (out / "mergeflow_config.yml").write_text(config.to_yaml())

@@ -1,0 +1,120 @@
+"""Writing a merged model: atomic output folder and byte-bounded safetensors shards.
+
+``atomic_output_dir`` yields a temporary folder beside the target and renames it into place
+only when the body completes; on any error the temporary folder is removed and an existing
+target is left untouched. ``ShardedWriter`` flushes a shard to disk as soon as the next
+tensor would push it past ``max_shard_bytes``, so at most one shard is held in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors.torch import save_file
+
+from merging.errors import OutputExistsError, OutputWriteError
+
+__all__ = ["atomic_output_dir", "ShardedWriter", "parse_size"]
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes from an int or a string like ``"5GB"``, ``"500MiB"``, ``"100M"``."""
+    if isinstance(value, int):
+        return value
+    text = value.strip().upper().replace(" ", "")
+    number = text.rstrip("KMGTIB")
+    unit = text[len(number):]
+    if unit in ("K", "M", "G", "T"):
+        unit += "B"
+    try:
+        return int(float(number) * _UNITS[unit])
+    except (ValueError, KeyError):
+        raise ValueError(f"cannot read size {value!r}; use bytes or e.g. '5GB', '500MiB'") from None
+
+
+@contextlib.contextmanager
+def atomic_output_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """A temporary folder that becomes ``target`` when the ``with`` body completes."""
+    target = Path(target).absolute()
+    if target.exists() and not overwrite:
+        raise OutputExistsError(f"output {target} already exists; choose another path or pass --overwrite")
+    parent = target.parent
+    if not parent.is_dir():
+        raise OutputWriteError(f"cannot write {target}: parent folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputWriteError(f"cannot write {target}: no write permission on {parent}")
+    tmp = parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir()
+    except OSError as err:
+        raise OutputWriteError(f"cannot create a temporary folder in {parent}: {err}") from None
+    try:
+        yield tmp
+        if target.exists():
+            old = parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+class ShardedWriter:
+    """Collects tensors into shards of at most ``max_shard_bytes`` (a single tensor larger
+    than that gets a shard of its own) and writes the Hugging Face index at ``finalize``."""
+
+    def __init__(self, folder: Path, max_shard_bytes: int, metadata: dict[str, str] | None = None) -> None:
+        self.folder = folder
+        self.max_shard_bytes = max_shard_bytes
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[tuple[Path, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
+            self._flush()
+        self._pending[name] = tensor.detach().to("cpu").contiguous()
+        self._pending_bytes += size
+        self.total_bytes += size
+
+    def _flush(self) -> None:
+        path = self.folder / f"shard-{len(self._shards):05d}.safetensors.partial"
+        save_file(self._pending, str(path), metadata=self.metadata)
+        path.chmod(0o644)
+        self._shards.append((path, list(self._pending)))
+        self._pending = {}
+        self._pending_bytes = 0
+
+    def finalize(self) -> list[str]:
+        """Write the last shard, name the shards, write the index; returns the file names."""
+        if self._pending or not self._shards:
+            self._flush()
+        count = len(self._shards)
+        if count == 1:
+            self._shards[0][0].rename(self.folder / "model.safetensors")
+            return ["model.safetensors"]
+        weight_map: dict[str, str] = {}
+        names = []
+        for i, (path, tensors) in enumerate(self._shards, start=1):
+            name = f"model-{i:05d}-of-{count:05d}.safetensors"
+            path.rename(self.folder / name)
+            names.append(name)
+            weight_map.update({t: name for t in tensors})
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return names

@@ -1,0 +1,1 @@
+"""Shared math kernels used by the method files."""

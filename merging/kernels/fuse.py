@@ -1,0 +1,48 @@
+"""Weighted fusion of sparsified task deltas (the last step of the task-arithmetic family).
+
+With weights ``w_t`` and (optionally sign-elected) deltas ``d_t``:
+
+* no election: ``sum_t w_t d_t``, divided by ``sum_t w_t`` when ``normalize``;
+* election (TIES): keep entries agreeing with the elected sign; ``sum`` of kept weighted
+  entries, divided by the summed weights of the agreeing models when ``normalize``.
+
+``weight_before_election`` chooses mergekit's order (weights scale the deltas before the
+vote, so they change which sign wins) or the TIES paper's (vote on unweighted deltas).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from merging.kernels.sign import TieRule, agreement_mask, elect_sign
+
+__all__ = ["fuse_deltas"]
+
+
+def fuse_deltas(
+    deltas: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    elect: bool,
+    normalize: bool,
+    weight_before_election: bool = True,
+    tie_rule: TieRule = "positive",
+) -> torch.Tensor:
+    """Fuse ``deltas`` ``(T, ...)`` with ``weights`` ``(T,)`` into one delta ``(...)``."""
+    w = weights.to(deltas.dtype).reshape((-1,) + (1,) * (deltas.dim() - 1))  # (T, 1, ...)
+    weighted = deltas * w
+    if not elect:
+        merged = weighted.sum(dim=0)
+        if normalize:
+            divisor = w.sum(dim=0)
+            divisor = torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
+            merged = merged / divisor
+        return merged
+    sign = elect_sign(weighted if weight_before_election else deltas, tie_rule=tie_rule)
+    mask = agreement_mask(weighted if weight_before_election else deltas, sign)
+    merged = (weighted * mask).sum(dim=0)
+    if normalize:
+        divisor = (w * mask).sum(dim=0)
+        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+        merged = merged / divisor
+    return merged

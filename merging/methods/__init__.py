@@ -1,0 +1,1 @@
+"""Merge methods, one paper per file; each exposes ``SPEC`` for the registry."""

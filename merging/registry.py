@@ -1,0 +1,55 @@
+"""The method registry: one table, name -> MethodSpec. Duplicate names are rejected."""
+
+from __future__ import annotations
+
+import difflib
+
+from merging.errors import UnknownMethodError
+from merging.methods import breadcrumbs, dare, della, linear, model_stock, slerp, task_arithmetic, ties
+from merging.spec import MethodSpec
+
+__all__ = ["METHODS", "get_method", "method_names"]
+
+_SPECS: tuple[MethodSpec, ...] = (
+    linear.SPEC,
+    task_arithmetic.SPEC,
+    ties.SPEC,
+    dare.LINEAR_SPEC,
+    dare.TIES_SPEC,
+    breadcrumbs.LINEAR_SPEC,
+    breadcrumbs.TIES_SPEC,
+    della.TIES_SPEC,
+    della.LINEAR_SPEC,
+    slerp.SLERP_SPEC,
+    slerp.NUSLERP_SPEC,
+    model_stock.SPEC,
+)
+
+
+def _build(specs: tuple[MethodSpec, ...]) -> dict[str, MethodSpec]:
+    table: dict[str, MethodSpec] = {}
+    for spec in specs:
+        if spec.name in table:
+            raise ValueError(f"merge method {spec.name!r} is registered twice")
+        table[spec.name] = spec
+    return table
+
+
+METHODS: dict[str, MethodSpec] = _build(_SPECS)
+
+
+def method_names() -> list[str]:
+    """Registered method names, sorted."""
+    return sorted(METHODS)
+
+
+def get_method(name: str) -> MethodSpec:
+    """Look up a method; an unknown name lists the known ones and the closest match."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, METHODS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise UnknownMethodError(
+            f"unknown merge method {name!r}.{hint} Known methods: {', '.join(method_names())}"
+        ) from None

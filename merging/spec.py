@@ -1,0 +1,112 @@
+"""What a merge method is: a params model and up to three pure stage functions.
+
+Stages, over one tensor group (one parameter tensor of the base and its T task deltas):
+
+* ``decompose(group, params) -> Factors``: e.g. the joint SVD of DRM; identity by default;
+* ``sparsify(group, factors, params, rng) -> Factors``: trim / drop / prune and sign election;
+* ``combine(group, factors, params) -> Tensor``: the merged delta, before the ``lambda`` scale.
+
+Factors are plain ``dict[str, Tensor]`` so that a pipeline can store them as safetensors.
+Whole-model operations (TIES over the whole model, DRM's non-linear trim) declare a
+``GlobalTrim``: the engine computes one magnitude threshold per model in a first pass and
+hands it to ``sparsify`` as ``group.trim_thresholds``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+
+from merging.params import MethodParams, ModelParams
+
+__all__ = ["Factors", "GlobalTrim", "MethodSpec", "TensorGroup", "TensorKind"]
+
+Factors = dict[str, torch.Tensor]
+TensorKind = Literal["matrix", "other"]
+
+
+@dataclass(frozen=True)
+class TensorGroup:
+    """One parameter tensor to merge.
+
+    Attributes:
+        name: the tensor's key in the checkpoint.
+        base: the base tensor, compute dtype, shape ``(*shape)``.
+        deltas: task deltas ``theta_t - theta_0`` stacked, shape ``(T, *shape)``.
+        model_params: one resolved per-model params object per task, in order.
+        kind: ``"matrix"`` (merged as a 2-D matrix) or ``"other"`` (1-D, embeddings, ...).
+        trim_thresholds: per-task magnitude thresholds from a whole-model first pass, if any.
+        stats: optional per-tensor statistics (e.g. input activations for Scale-SVD).
+        has_base: False when no ``base_model`` was given and ``base`` is only the reference
+            model the deltas are taken against (linear, nuslerp without base).
+    """
+
+    name: str
+    base: torch.Tensor
+    deltas: torch.Tensor
+    model_params: tuple[ModelParams, ...]
+    kind: TensorKind = "matrix"
+    trim_thresholds: torch.Tensor | None = None
+    stats: torch.Tensor | None = None
+    has_base: bool = True
+
+    @property
+    def num_models(self) -> int:
+        return self.deltas.shape[0]
+
+
+@dataclass(frozen=True)
+class GlobalTrim:
+    """A whole-model magnitude trim: per model, keep ``|delta| >= tau`` where ``tau`` is the
+    ``kth_smallest(N, model_params)``-th smallest magnitude (1-based) over the N entries of the tensors of
+    the listed kinds. ``kth_smallest`` returning 0 means keep everything."""
+
+    kinds: frozenset[str]
+    kth_smallest: Callable[[int, ModelParams], int]
+
+
+def _identity_decompose(group: TensorGroup, params: MethodParams) -> Factors:
+    return {"deltas": group.deltas}
+
+
+def _identity_sparsify(group: TensorGroup, factors: Factors, params: MethodParams, rng: torch.Generator) -> Factors:
+    return factors
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registry entry (declarative, like mergekit 0.1.5's MergeMethodSpec + InputContract).
+
+    Attributes:
+        name: registry name (mergekit's where the method exists).
+        params: the shared params model.
+        model_params: the per-model params model.
+        combine: the merged delta from the factors.
+        decompose / sparsify: optional earlier stages (identity when absent).
+        needs_base: deltas are taken against ``base_model``; when False (linear, slerp with
+            mergekit semantics) a model listed as base still counts as an input.
+        min_models / max_models: bounds on the number of task models.
+        random: whether the method draws random numbers (then ``seed`` matters).
+        global_trim: whole-model trim declared by the params, if any.
+        paper: citation shown in docs and the model card.
+    """
+
+    name: str
+    params: type[MethodParams]
+    combine: Callable[[TensorGroup, Factors, MethodParams], torch.Tensor]
+    model_params: type[ModelParams] = ModelParams
+    decompose: Callable[[TensorGroup, MethodParams], Factors] = _identity_decompose
+    sparsify: Callable[[TensorGroup, Factors, MethodParams, torch.Generator], Factors] = _identity_sparsify
+    needs_base: bool = True
+    min_models: int = 1
+    max_models: int | None = None
+    random: bool = False
+    global_trim: Callable[[MethodParams], GlobalTrim | None] | None = None
+    paper: str = ""
+
+    @property
+    def has_decompose(self) -> bool:
+        """Whether the method has a real (not identity) decomposition stage."""
+        return self.decompose is not _identity_decompose

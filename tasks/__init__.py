@@ -1,0 +1,1 @@
+"""Pipeline stages: one Prefect task each, thin over merging/ (see DESIGN.md)."""

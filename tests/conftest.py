@@ -1,0 +1,67 @@
+"""Shared builders: tiny Llama-shaped checkpoints made on the fly."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+def tiny_llama_config(layers: int = 2, tie: bool = False, vocab: int = 64, hidden: int = 16):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie,
+    )
+
+
+def save_tiny_model(path: Path, *, seed: int = 0, layers: int = 2, tie: bool = False, dtype=torch.float32,
+                    base: Path | None = None, delta_scale: float = 0.02, shard: str | None = None) -> Path:
+    """Save a tiny LlamaForCausalLM; with ``base``, the base plus a seeded perturbation."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    if base is not None:
+        model = LlamaForCausalLM.from_pretrained(base, dtype=torch.float32)
+        g = torch.Generator().manual_seed(seed + 1000)
+        with torch.no_grad():
+            for _, p in model.named_parameters():
+                p.add_(torch.randn(p.shape, generator=g) * delta_scale)
+    else:
+        model = LlamaForCausalLM(tiny_llama_config(layers=layers, tie=tie))
+    model = model.to(dtype)
+    kwargs = {"max_shard_size": shard} if shard else {}
+    model.save_pretrained(path, **kwargs)
+    return path
+
+
+def save_tokenizer(path: Path) -> None:
+    """A small word-level tokenizer, so tokenizer copying is exercised."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(60)} | {"<unk>": 60, "<s>": 61, "</s>": 62, "<pad>": 63}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                            pad_token="<pad>").save_pretrained(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """base + three fine-tune-like variants of a 2-layer tiny Llama (float32)."""
+    root = tmp_path_factory.mktemp("tiny")
+    base = save_tiny_model(root / "base", seed=0)
+    save_tokenizer(base)
+    models = {"base": base}
+    for i, name in enumerate(["ft_a", "ft_b", "ft_c"], start=1):
+        models[name] = save_tiny_model(root / name, seed=i, base=base)
+    return models
