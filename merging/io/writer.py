@@ -48,8 +48,10 @@ def atomic_output_dir(target: str | Path, overwrite: bool = False) -> Iterator[P
     if target.exists() and not overwrite:
         raise OutputExistsError(f"output {target} already exists; choose another path or pass --overwrite")
     parent = target.parent
-    if not parent.is_dir():
-        raise OutputWriteError(f"cannot write {target}: parent folder {parent} does not exist")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputWriteError(f"cannot write {target}: cannot create its parent folder {parent} ({err})") from None
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputWriteError(f"cannot write {target}: no write permission on {parent}")
     tmp = parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
