@@ -14,8 +14,8 @@ hands it to ``sparsify`` as ``group.trim_thresholds``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Literal
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Mapping
 
 import torch
 
@@ -91,6 +91,9 @@ class MethodSpec:
         random: whether the method draws random numbers (then ``seed`` matters).
         global_trim: whole-model trim declared by the params, if any.
         paper: citation shown in docs and the model card.
+        param_stages: which pipeline stage reads each parameter (``"decompose"`` or
+            ``"sparsify"``); every parameter not listed is read by ``"combine"``. A changed
+            parameter reruns its stage and the ones after it, never those before.
     """
 
     name: str
@@ -105,6 +108,11 @@ class MethodSpec:
     random: bool = False
     global_trim: Callable[[MethodParams], GlobalTrim | None] | None = None
     paper: str = ""
+    param_stages: Mapping[str, str] = field(default_factory=dict)
+
+    def stage_of(self, key: str) -> str:
+        """The pipeline stage that reads parameter ``key``."""
+        return self.param_stages.get(key, "combine")
 
     @property
     def has_decompose(self) -> bool:

@@ -67,6 +67,8 @@ def combine_ties(group: TensorGroup, factors: Factors, params: BreadcrumbsTiesPa
 
 PAPER = "Davari & Belilovsky 2024, Model Breadcrumbs, arXiv 2312.06795"
 LINEAR_SPEC = MethodSpec(name="breadcrumbs", params=BreadcrumbsParams, model_params=BreadcrumbsModelParams,
-                         sparsify=sparsify, combine=combine_linear, paper=PAPER)
+                         sparsify=sparsify, combine=combine_linear, paper=PAPER,
+                       param_stages={"density": "sparsify", "gamma": "sparsify", "per_row": "sparsify"})
 TIES_SPEC = MethodSpec(name="breadcrumbs_ties", params=BreadcrumbsTiesParams, model_params=BreadcrumbsModelParams,
-                       sparsify=sparsify, combine=combine_ties, paper=PAPER)
+                       sparsify=sparsify, combine=combine_ties, paper=PAPER,
+                       param_stages={"density": "sparsify", "gamma": "sparsify", "per_row": "sparsify"})

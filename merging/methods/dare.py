@@ -76,6 +76,8 @@ def combine_ties(group: TensorGroup, factors: Factors, params: DareTiesParams) -
 
 PAPER = "Yu et al. 2024, Language Models are Super Mario (DARE), arXiv 2311.03099"
 LINEAR_SPEC = MethodSpec(name="dare_linear", params=DareParams, model_params=DareModelParams,
-                         sparsify=sparsify, combine=combine_linear, random=True, paper=PAPER)
+                         sparsify=sparsify, combine=combine_linear, random=True, paper=PAPER,
+                       param_stages={"density": "sparsify", "rescale": "sparsify"})
 TIES_SPEC = MethodSpec(name="dare_ties", params=DareTiesParams, model_params=DareModelParams,
-                       sparsify=sparsify, combine=combine_ties, random=True, paper=PAPER)
+                       sparsify=sparsify, combine=combine_ties, random=True, paper=PAPER,
+                       param_stages={"density": "sparsify", "rescale": "sparsify"})

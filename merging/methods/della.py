@@ -88,6 +88,8 @@ def combine_linear(group: TensorGroup, factors: Factors, params: DellaLinearPara
 
 PAPER = "Deep, Bhardwaj & Poria 2024, DELLA-Merging, arXiv 2406.11617"
 TIES_SPEC = MethodSpec(name="della", params=DellaParams, model_params=DellaModelParams,
-                       sparsify=sparsify, combine=combine_ties, random=True, paper=PAPER)
+                       sparsify=sparsify, combine=combine_ties, random=True, paper=PAPER,
+                       param_stages={"density": "sparsify", "epsilon": "sparsify", "rescale": "sparsify"})
 LINEAR_SPEC = MethodSpec(name="della_linear", params=DellaLinearParams, model_params=DellaModelParams,
-                         sparsify=sparsify, combine=combine_linear, random=True, paper=PAPER)
+                         sparsify=sparsify, combine=combine_linear, random=True, paper=PAPER,
+                       param_stages={"density": "sparsify", "epsilon": "sparsify", "rescale": "sparsify"})

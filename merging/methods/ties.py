@@ -91,4 +91,5 @@ SPEC = MethodSpec(
     combine=combine,
     global_trim=model_scope_trim,
     paper="Yadav et al. 2023, TIES-Merging, arXiv 2306.01708",
+    param_stages={"density": "sparsify", "trim_scope": "sparsify"},
 )

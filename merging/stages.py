@@ -1,0 +1,297 @@
+"""The merge split into pipeline stages over the artifact store.
+
+``deltas`` (theta_t - theta_0 per tensor group) -> ``decompose`` -> ``sparsify`` -> ``combine``
+(merged delta, times lambda) -> ``save`` (base + merged delta as a Hugging Face folder).
+Each function reads its input artifacts, runs the method's stage per tensor group, and
+writes one artifact atomically with its manifest. Stages a method does not have are
+``passthrough`` manifests that point at their input (no data copied). ``fused_combine``
+streams deltas -> decompose -> sparsify -> combine in memory per group, for models too
+large to keep intermediates, and gives bit-identical output.
+
+The cache key of a stage is the sha256 of: its name, the parameters it reads, the output
+digests of its input artifacts and the library version. Prefect tasks and DVC stages use
+the same artifacts, so both routes skip the same work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+from merging.api import run_stages
+from merging.config import MergeConfig
+from merging.io.artifacts import ArtifactReader, ArtifactWriter, read_manifest
+from merging.io.model_card import write_support_files
+from merging.io.writer import ShardedWriter, atomic_output_dir, parse_size
+from merging.kernels.global_kth import StreamingKth
+from merging.merge import _DTYPES, MergeInputs, _deltas, _stats_for, resolve_device
+from merging.rng import generator_for
+from merging.spec import TensorGroup
+from merging.version import VERSION
+
+__all__ = [
+    "STAGES", "stage_params", "stage_key", "write_deltas", "write_decompose", "write_sparsify",
+    "write_combine", "write_fused_combine", "write_model", "artifact_is_current",
+]
+
+log = logging.getLogger(__name__)
+
+STAGES = ("deltas", "decompose", "sparsify", "combine", "save")
+Progress = Callable[[int, int, str], None] | None
+
+
+def stage_params(config: MergeConfig, stage: str) -> dict[str, Any]:
+    """The part of ``config`` that ``stage`` reads (what its cache key and manifest record)."""
+    from merging.registry import get_method
+
+    spec = get_method(config.merge_method)
+    if stage == "deltas":
+        return {"include": list(config.include), "exclude": list(config.exclude), "ignore": list(config.ignore),
+                "compute_dtype": config.compute_dtype, "dtype": config.dtype}
+    if stage == "save":
+        return {"out_dtype": config.out_dtype or config.dtype, "tokenizer_source": config.tokenizer_source,
+                "shard_size": str(config.shard_size)}
+    picked: dict[str, Any] = {"method": spec.name}
+    picked["parameters"] = {k: v for k, v in sorted(config.parameters.items()) if spec.stage_of(k) == stage}
+    picked["models"] = [{k: v for k, v in sorted(m.parameters.items()) if spec.stage_of(k) == stage} for m in config.models]
+    if stage == "sparsify" and spec.random:
+        picked["seed"] = config.seed
+    return picked
+
+
+def stage_key(stage: str, params: dict[str, Any], inputs: dict[str, str]) -> str:
+    """sha256 of (stage, params it reads, input output-digests, library version)."""
+    payload = json.dumps({"stage": stage, "params": params, "inputs": inputs, "version": VERSION}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _manifest(stage: str, config: MergeConfig, inputs: dict[str, str]) -> dict[str, Any]:
+    params = stage_params(config, stage)
+    return {
+        "stage": stage, "method": config.merge_method, "params": params, "inputs": inputs,
+        "cache_key": stage_key(stage, params, inputs), "versions": _versions(),
+    }
+
+
+def _versions() -> dict[str, str]:
+    import safetensors
+
+    return {"mergeflow": VERSION, "torch": torch.__version__.split("+")[0], "safetensors": safetensors.__version__}
+
+
+def artifact_is_current(folder: str | Path, key: str) -> bool:
+    """Whether ``folder`` holds a complete artifact made with cache key ``key``."""
+    try:
+        return read_manifest(folder).get("cache_key") == key
+    except Exception:
+        return False
+
+
+def _digest(folder: str | Path) -> str:
+    manifest = read_manifest(folder)
+    if manifest.get("passthrough"):
+        return manifest["cache_key"]
+    return manifest["output_digest"]
+
+
+def _passthrough(out: Path, manifest: dict[str, Any], source: str | Path) -> Path:
+    writer = ArtifactWriter(out, {**manifest, "passthrough": str(Path(source).resolve())})
+    return writer.commit()
+
+
+def _groups(inputs: MergeInputs):
+    return [e for e in inputs.plan if e.kind != "ignore"]
+
+
+def _group(inputs: MergeInputs, entry, base: torch.Tensor, deltas: torch.Tensor, thresholds, trim_kinds) -> TensorGroup:
+    _, model_params = inputs.params_for(entry)
+    return TensorGroup(
+        name=entry.name, base=base, deltas=deltas, model_params=model_params, kind=entry.kind,
+        has_base=inputs.has_base, trim_thresholds=thresholds if entry.kind in trim_kinds else None,
+        stats=_stats_for(inputs.stats, entry.name),
+    )
+
+
+class _Context:
+    def __init__(self, config: MergeConfig) -> None:
+        self.config = config
+        self.inputs = MergeInputs(config)
+        self.spec = self.inputs.spec
+        self.device = resolve_device(config.device)
+        self.dtype = _DTYPES[config.compute_dtype]
+
+    def base(self, name: str) -> torch.Tensor:
+        raw = self.inputs.base.get(name)
+        if self.config.dtype:
+            raw = raw.to(_DTYPES[self.config.dtype])
+        return raw.to(device=self.device, dtype=self.dtype)
+
+
+def _each(entries, progress: Progress) -> Iterable:
+    for done, entry in enumerate(entries, start=1):
+        yield entry
+        if progress is not None:
+            progress(done, len(entries), entry.name)
+
+
+def write_deltas(config: MergeConfig, out: str | Path, fetch_digest: str = "", progress: Progress = None) -> Path:
+    """Materialize the task deltas of every merged tensor group."""
+    ctx = _Context(config)
+    writer = ArtifactWriter(Path(out), _manifest("deltas", config, {"fetch": fetch_digest}), parse_size(config.shard_size))
+    try:
+        for entry in _each(_groups(ctx.inputs), progress):
+            writer.add_group(entry.name, {"deltas": _deltas(ctx.inputs, entry, ctx.base(entry.name))})
+        return writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def write_decompose(config: MergeConfig, deltas_dir: str | Path, out: str | Path, progress: Progress = None) -> Path:
+    """Run the method's decomposition per group (passthrough if it has none)."""
+    ctx = _Context(config)
+    manifest = _manifest("decompose", config, {"deltas": _digest(deltas_dir)})
+    if not ctx.spec.has_decompose:
+        return _passthrough(Path(out), manifest, deltas_dir)
+    deltas = ArtifactReader(deltas_dir)
+    writer = ArtifactWriter(Path(out), manifest, parse_size(config.shard_size))
+    try:
+        for entry in _each(_groups(ctx.inputs), progress):
+            group = _group(ctx.inputs, entry, ctx.base(entry.name), deltas.read_group(entry.name)["deltas"].to(ctx.device), None, ())
+            params, _ = ctx.inputs.params_for(entry)
+            writer.add_group(entry.name, ctx.spec.decompose(group, params))
+        return writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _thresholds(ctx: _Context, delta_source: Callable[[Any], torch.Tensor]):
+    """Whole-model per-model thresholds of a declared global trim (two streaming passes)."""
+    spec = ctx.spec
+    groups = _groups(ctx.inputs)
+    if spec.global_trim is None or not groups:
+        return None, frozenset()
+    params, model_params = ctx.inputs.params_for(groups[0])
+    trim = spec.global_trim(params)
+    if trim is None:
+        return None, frozenset()
+    members = [e for e in groups if e.kind in trim.kinds]
+    counters = [StreamingKth() for _ in ctx.inputs.sources]
+    for entry in members:
+        d = delta_source(entry)
+        for t, counter in enumerate(counters):
+            counter.count_high(d[t])
+    ks = [trim.kth_smallest(c.total, model_params[t]) if c.total else 0 for t, c in enumerate(counters)]
+    for k, counter in zip(ks, counters):
+        if k > 0:
+            counter.settle_high(k)
+    if any(k > 0 for k in ks):
+        for entry in members:
+            d = delta_source(entry)
+            for t, counter in enumerate(counters):
+                if ks[t] > 0:
+                    counter.count_low(d[t])
+    values = [c.value() if k > 0 else 0.0 for k, c in zip(ks, counters)]
+    return torch.tensor(values, dtype=ctx.dtype, device=ctx.device), trim.kinds
+
+
+def write_sparsify(config: MergeConfig, decompose_dir: str | Path, deltas_dir: str | Path, out: str | Path,
+                   progress: Progress = None) -> Path:
+    """Run the method's sparsification (trim / drop / prune + sign election) per group."""
+    from merging.spec import _identity_sparsify
+
+    ctx = _Context(config)
+    manifest = _manifest("sparsify", config, {"decompose": _digest(decompose_dir), "deltas": _digest(deltas_dir)})
+    if ctx.spec.sparsify is _identity_sparsify:
+        return _passthrough(Path(out), manifest, decompose_dir)
+    deltas = ArtifactReader(deltas_dir)
+    factors_in = ArtifactReader(decompose_dir)
+    thresholds, kinds = _thresholds(ctx, lambda e: deltas.read_group(e.name)["deltas"])
+    writer = ArtifactWriter(Path(out), manifest, parse_size(config.shard_size))
+    try:
+        for entry in _each(_groups(ctx.inputs), progress):
+            group = _group(ctx.inputs, entry, ctx.base(entry.name), deltas.read_group(entry.name)["deltas"].to(ctx.device), thresholds, kinds)
+            params, _ = ctx.inputs.params_for(entry)
+            factors = {k: v.to(ctx.device) for k, v in factors_in.read_group(entry.name).items()}
+            writer.add_group(entry.name, ctx.spec.sparsify(group, factors, params, generator_for(config.seed, entry.name)))
+        return writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def write_combine(config: MergeConfig, sparsify_dir: str | Path, deltas_dir: str | Path, out: str | Path,
+                  progress: Progress = None) -> Path:
+    """Combine the factors of each group into its merged delta (times lambda)."""
+    ctx = _Context(config)
+    manifest = _manifest("combine", config, {"sparsify": _digest(sparsify_dir), "deltas": _digest(deltas_dir)})
+    deltas = ArtifactReader(deltas_dir)
+    factors_in = ArtifactReader(sparsify_dir)
+    writer = ArtifactWriter(Path(out), manifest, parse_size(config.shard_size))
+    try:
+        for entry in _each(_groups(ctx.inputs), progress):
+            group = _group(ctx.inputs, entry, ctx.base(entry.name), deltas.read_group(entry.name)["deltas"].to(ctx.device), None, ())
+            params, _ = ctx.inputs.params_for(entry)
+            factors = {k: v.to(ctx.device) for k, v in factors_in.read_group(entry.name).items()}
+            merged = ctx.spec.combine(group, factors, params)
+            writer.add_group(entry.name, {"merged_delta": merged * params.lambda_ if params.lambda_ != 1 else merged})
+        return writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def write_fused_combine(config: MergeConfig, out: str | Path, fetch_digest: str = "", progress: Progress = None) -> Path:
+    """deltas -> decompose -> sparsify -> combine in memory per group; same output as the
+    materialized stages, without writing the intermediates."""
+    ctx = _Context(config)
+    manifest = _manifest("combine", config, {"fetch": fetch_digest, "fused": stage_key("fused", {
+        s: stage_params(config, s) for s in ("deltas", "decompose", "sparsify")}, {})})
+    thresholds, kinds = _thresholds(ctx, lambda e: _deltas(ctx.inputs, e, ctx.base(e.name)))
+    writer = ArtifactWriter(Path(out), manifest, parse_size(config.shard_size))
+    try:
+        for entry in _each(_groups(ctx.inputs), progress):
+            base = ctx.base(entry.name)
+            group = _group(ctx.inputs, entry, base, _deltas(ctx.inputs, entry, base), thresholds, kinds)
+            params, _ = ctx.inputs.params_for(entry)
+            writer.add_group(entry.name, {"merged_delta": run_stages(ctx.spec, group, params, config.seed)})
+        return writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def write_model(config: MergeConfig, combine_dir: str | Path, out: str | Path, progress: Progress = None,
+                overwrite: bool = True) -> Path:
+    """base + merged delta, cast once to the output dtype, as a Hugging Face folder."""
+    ctx = _Context(config)
+    combined = ArtifactReader(combine_dir)
+    manifest = _manifest("save", config, {"combine": _digest(combine_dir)})
+    out_dtype_name = config.out_dtype or config.dtype
+    out = Path(out)
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        writer = ShardedWriter(tmp, parse_size(config.shard_size), metadata={"merged_by": "mergeflow"})
+        entries = sorted(ctx.inputs.plan, key=lambda e: ctx.inputs.base.file_of(e.name))
+        for entry in _each(entries, progress):
+            raw = ctx.inputs.base.get(entry.name)
+            out_dtype = _DTYPES[out_dtype_name] if out_dtype_name and raw.is_floating_point() else raw.dtype
+            if entry.kind == "ignore":
+                writer.add(entry.name, raw.to(out_dtype))
+                continue
+            merged = ctx.base(entry.name) + combined.read_group(entry.name)["merged_delta"].to(ctx.device)
+            writer.add(entry.name, merged.to(out_dtype))
+        files = writer.finalize()
+        write_support_files(base_folder=ctx.inputs.base_folder, tokenizer_folder=ctx.inputs.base_folder, out=tmp,
+                            config=config, out_dtype=out_dtype_name, spec=ctx.spec, model_names=ctx.inputs.model_names)
+        from merging.io.artifacts import folder_digest
+
+        manifest["files"] = sorted(files)
+        manifest["output_digest"] = folder_digest(tmp, files)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return out
