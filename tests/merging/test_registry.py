@@ -27,4 +27,4 @@ def test_every_method_has_frozen_strict_params_and_a_paper(name):
     assert "lambda" in {f.alias for f in spec.params.model_fields.values()}
     assert spec.paper
     module = __import__(spec.combine.__module__, fromlist=["__doc__"])
-    assert module.__doc__ and any(cite in module.__doc__ for cite in ("arXiv", "Shoemake"))
+    assert module.__doc__ and any(cite in module.__doc__ for cite in ("arXiv", "Shoemake", "github"))
