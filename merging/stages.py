@@ -29,14 +29,14 @@ from merging.io.artifacts import ArtifactReader, ArtifactWriter, read_manifest
 from merging.io.model_card import write_support_files
 from merging.io.writer import ShardedWriter, atomic_output_dir, parse_size
 from merging.kernels.global_kth import StreamingKth
-from merging.merge import _DTYPES, MergeInputs, _deltas, _stats_for, resolve_device
+from merging.merge import _DTYPES, MergeInputs, _deltas, _stats_for, _tokenizer_folder, resolve_device
 from merging.rng import generator_for
 from merging.spec import TensorGroup
 from merging.version import VERSION
 
 __all__ = [
     "STAGES", "stage_params", "stage_key", "write_deltas", "write_decompose", "write_sparsify",
-    "write_combine", "write_fused_combine", "write_model", "artifact_is_current",
+    "write_combine", "write_fused_combine", "write_model", "artifact_is_current", "key_for", "input_digests",
 ]
 
 log = logging.getLogger(__name__)
@@ -45,8 +45,17 @@ STAGES = ("deltas", "decompose", "sparsify", "combine", "save")
 Progress = Callable[[int, int, str], None] | None
 
 
+_METHOD_STAGES = ("decompose", "sparsify", "combine")
+
+
 def stage_params(config: MergeConfig, stage: str) -> dict[str, Any]:
-    """The part of ``config`` that ``stage`` reads (what its cache key and manifest record)."""
+    """The part of ``config`` that ``stage`` reads (what its cache key and manifest record).
+
+    A method stage records the parameters of its own stage and of the method stages before
+    it: a parameter placed at its earliest reader (e.g. Circuit-Merge's temperature, read by
+    sparsify and combine) must still invalidate the later readers even when the earlier
+    stage's output happens not to change.
+    """
     from merging.registry import get_method
 
     spec = get_method(config.merge_method)
@@ -56,10 +65,11 @@ def stage_params(config: MergeConfig, stage: str) -> dict[str, Any]:
     if stage == "save":
         return {"out_dtype": config.out_dtype or config.dtype, "tokenizer_source": config.tokenizer_source,
                 "shard_size": str(config.shard_size)}
+    upto = set(_METHOD_STAGES[: _METHOD_STAGES.index(stage) + 1])
     picked: dict[str, Any] = {"method": spec.name}
-    picked["parameters"] = {k: v for k, v in sorted(config.parameters.items()) if spec.stage_of(k) == stage}
-    picked["models"] = [{k: v for k, v in sorted(m.parameters.items()) if spec.stage_of(k) == stage} for m in config.models]
-    if stage == "sparsify" and spec.random:
+    picked["parameters"] = {k: v for k, v in sorted(config.parameters.items()) if spec.stage_of(k) in upto}
+    picked["models"] = [{k: v for k, v in sorted(m.parameters.items()) if spec.stage_of(k) in upto} for m in config.models]
+    if spec.random and stage != "decompose":
         picked["seed"] = config.seed
     return picked
 
@@ -70,11 +80,26 @@ def stage_key(stage: str, params: dict[str, Any], inputs: dict[str, str]) -> str
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def _manifest(stage: str, config: MergeConfig, inputs: dict[str, str]) -> dict[str, Any]:
-    params = stage_params(config, stage)
+def _fused_params(config: MergeConfig) -> dict[str, Any]:
+    return {s: stage_params(config, s) for s in ("deltas", "decompose", "sparsify", "combine")}
+
+
+def key_for(stage: str, config: MergeConfig, dirs: dict[str, str | Path | None], fused: bool = False) -> str:
+    """The cache key the artifact of ``stage`` gets from these input artifact folders."""
+    params = _fused_params(config) if fused else stage_params(config, stage)
+    return stage_key("fused-combine" if fused else stage, params, input_digests(dirs))
+
+
+def input_digests(dirs: dict[str, str | Path | None]) -> dict[str, str]:
+    return {name: _digest(d) if d else "" for name, d in sorted(dirs.items())}
+
+
+def _manifest(stage: str, config: MergeConfig, dirs: dict[str, str | Path | None], fused: bool = False) -> dict[str, Any]:
+    params = _fused_params(config) if fused else stage_params(config, stage)
+    inputs = input_digests(dirs)
     return {
-        "stage": stage, "method": config.merge_method, "params": params, "inputs": inputs,
-        "cache_key": stage_key(stage, params, inputs), "versions": _versions(),
+        "stage": stage, "method": config.merge_method, "params": params, "inputs": inputs, "fused": fused,
+        "cache_key": stage_key("fused-combine" if fused else stage, params, inputs), "versions": _versions(),
     }
 
 
@@ -139,10 +164,10 @@ def _each(entries, progress: Progress) -> Iterable:
             progress(done, len(entries), entry.name)
 
 
-def write_deltas(config: MergeConfig, out: str | Path, fetch_digest: str = "", progress: Progress = None) -> Path:
+def write_deltas(config: MergeConfig, out: str | Path, fetch_dir: str | Path | None = None, progress: Progress = None) -> Path:
     """Materialize the task deltas of every merged tensor group."""
     ctx = _Context(config)
-    writer = ArtifactWriter(Path(out), _manifest("deltas", config, {"fetch": fetch_digest}), parse_size(config.shard_size))
+    writer = ArtifactWriter(Path(out), _manifest("deltas", config, {"fetch": fetch_dir}), parse_size(config.shard_size))
     try:
         for entry in _each(_groups(ctx.inputs), progress):
             writer.add_group(entry.name, {"deltas": _deltas(ctx.inputs, entry, ctx.base(entry.name))})
@@ -155,7 +180,7 @@ def write_deltas(config: MergeConfig, out: str | Path, fetch_digest: str = "", p
 def write_decompose(config: MergeConfig, deltas_dir: str | Path, out: str | Path, progress: Progress = None) -> Path:
     """Run the method's decomposition per group (passthrough if it has none)."""
     ctx = _Context(config)
-    manifest = _manifest("decompose", config, {"deltas": _digest(deltas_dir)})
+    manifest = _manifest("decompose", config, {"deltas": deltas_dir})
     if not ctx.spec.has_decompose:
         return _passthrough(Path(out), manifest, deltas_dir)
     deltas = ArtifactReader(deltas_dir)
@@ -207,7 +232,7 @@ def write_sparsify(config: MergeConfig, decompose_dir: str | Path, deltas_dir: s
     from merging.spec import _identity_sparsify
 
     ctx = _Context(config)
-    manifest = _manifest("sparsify", config, {"decompose": _digest(decompose_dir), "deltas": _digest(deltas_dir)})
+    manifest = _manifest("sparsify", config, {"decompose": decompose_dir, "deltas": deltas_dir})
     if ctx.spec.sparsify is _identity_sparsify:
         return _passthrough(Path(out), manifest, decompose_dir)
     deltas = ArtifactReader(deltas_dir)
@@ -230,7 +255,7 @@ def write_combine(config: MergeConfig, sparsify_dir: str | Path, deltas_dir: str
                   progress: Progress = None) -> Path:
     """Combine the factors of each group into its merged delta (times lambda)."""
     ctx = _Context(config)
-    manifest = _manifest("combine", config, {"sparsify": _digest(sparsify_dir), "deltas": _digest(deltas_dir)})
+    manifest = _manifest("combine", config, {"sparsify": sparsify_dir, "deltas": deltas_dir})
     deltas = ArtifactReader(deltas_dir)
     factors_in = ArtifactReader(sparsify_dir)
     writer = ArtifactWriter(Path(out), manifest, parse_size(config.shard_size))
@@ -247,12 +272,11 @@ def write_combine(config: MergeConfig, sparsify_dir: str | Path, deltas_dir: str
         raise
 
 
-def write_fused_combine(config: MergeConfig, out: str | Path, fetch_digest: str = "", progress: Progress = None) -> Path:
+def write_fused_combine(config: MergeConfig, out: str | Path, fetch_dir: str | Path | None = None, progress: Progress = None) -> Path:
     """deltas -> decompose -> sparsify -> combine in memory per group; same output as the
     materialized stages, without writing the intermediates."""
     ctx = _Context(config)
-    manifest = _manifest("combine", config, {"fetch": fetch_digest, "fused": stage_key("fused", {
-        s: stage_params(config, s) for s in ("deltas", "decompose", "sparsify")}, {})})
+    manifest = _manifest("combine", config, {"fetch": fetch_dir}, fused=True)
     thresholds, kinds = _thresholds(ctx, lambda e: _deltas(ctx.inputs, e, ctx.base(e.name)))
     writer = ArtifactWriter(Path(out), manifest, parse_size(config.shard_size))
     try:
@@ -272,7 +296,7 @@ def write_model(config: MergeConfig, combine_dir: str | Path, out: str | Path, p
     """base + merged delta, cast once to the output dtype, as a Hugging Face folder."""
     ctx = _Context(config)
     combined = ArtifactReader(combine_dir)
-    manifest = _manifest("save", config, {"combine": _digest(combine_dir)})
+    manifest = _manifest("save", config, {"combine": combine_dir})
     out_dtype_name = config.out_dtype or config.dtype
     out = Path(out)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
@@ -287,7 +311,7 @@ def write_model(config: MergeConfig, combine_dir: str | Path, out: str | Path, p
             merged = ctx.base(entry.name) + combined.read_group(entry.name)["merged_delta"].to(ctx.device)
             writer.add(entry.name, merged.to(out_dtype))
         files = writer.finalize()
-        write_support_files(base_folder=ctx.inputs.base_folder, tokenizer_folder=ctx.inputs.base_folder, out=tmp,
+        write_support_files(base_folder=ctx.inputs.base_folder, tokenizer_folder=_tokenizer_folder(config, ctx.inputs), out=tmp,
                             config=config, out_dtype=out_dtype_name, spec=ctx.spec, model_names=ctx.inputs.model_names)
         from merging.io.artifacts import folder_digest
 

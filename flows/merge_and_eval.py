@@ -1,0 +1,55 @@
+"""The merge-and-eval flow: fetch -> deltas -> decompose -> sparsify -> combine -> save ->
+evaluate -> report, every stage a cached task over content-addressed artifacts.
+
+Default parameters come from ``params.yaml`` (the same file DVC reads); ``overrides``
+takes dotted keys like ``{"merge.sparsify.singular_matrices_drop_rate": 0.5}``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+
+from merging.stages import key_for
+from tasks import combine, decompose, deltas, evaluate, fetch, report, save, sparsify
+from tasks.caching import config_for, keyed_dir, run_cached
+from tasks.params import load_params
+
+
+@flow(name="merge-and-eval", log_prints=True)
+def merge_and_eval(params_file: str = "params.yaml", overrides: dict[str, Any] | None = None, refresh: bool = False) -> dict:
+    params = load_params(params_file, overrides)
+    p = params.model_dump(mode="json")
+    store = params.pipeline.artifacts
+    fetched = fetch.fetch(p, str(Path(store) / "store" / "fetch"))
+    config = config_for(p, fetched)
+
+    def stage(task, name: str, inputs: dict[str, str], fused: bool = False) -> str:
+        key = key_for(name, config, inputs, fused=fused)
+        out = keyed_dir(store, "combine-fused" if fused else name, key)
+        dirs = {f"{k}_dir": v for k, v in inputs.items() if k != "fetch"}
+        return run_cached(task, key, out, refresh, params=p, fetch_dir=fetched, out_dir=str(out), **dirs)
+
+    if params.pipeline.materialize:
+        deltas_dir = stage(deltas.deltas, "deltas", {"fetch": fetched})
+        decompose_dir = stage(decompose.decompose, "decompose", {"deltas": deltas_dir})
+        sparsify_dir = stage(sparsify.sparsify, "sparsify", {"decompose": decompose_dir, "deltas": deltas_dir})
+        combine_dir = stage(combine.combine, "combine", {"sparsify": sparsify_dir, "deltas": deltas_dir})
+    else:
+        combine_dir = stage(combine.fused_combine, "combine", {"fetch": fetched}, fused=True)
+    model_dir = stage(save.save, "save", {"combine": combine_dir})
+    results = evaluate_models(p, fetched, model_dir, store, refresh)
+    return report.report(p, results, str(Path(store) / "report"))
+
+
+def evaluate_models(p: dict, fetch_dir: str, model_dir: str, store: str, refresh: bool) -> dict[str, str]:
+    """lm-eval on the merged model, the base and every input; inputs and base are cached by
+    their weights' digest, so they are evaluated once across runs and sweeps."""
+    targets = evaluate.eval_targets(p, fetch_dir, model_dir)
+    futures = {
+        name: evaluate.evaluate.with_options(refresh_cache=refresh).submit(p["eval"], folder, digest, store)
+        for name, (folder, digest) in targets.items()
+    }
+    return {name: future.result() for name, future in futures.items()}

@@ -1,0 +1,99 @@
+"""evaluate: lm-eval-harness (Python API) on one model folder. Results are cached by the
+model's weights digest and the eval settings, so the base and the input models are
+evaluated once however many merges and sweeps reuse them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from merging.io.artifacts import read_manifest
+from tasks.caching import run_logger
+from tasks.fetch import fetched_models
+
+
+def eval_key(settings: dict[str, Any], digest: str) -> str:
+    payload = json.dumps({"digest": digest, "settings": settings}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def eval_targets(params: dict, fetch_dir: str, model_dir: str) -> dict[str, tuple[str, str]]:
+    """name -> (folder, weights digest) for the merged model, the base and (optionally) inputs."""
+    models = fetched_models(fetch_dir)
+    base_name = params["models"]["base"]["name"]
+    targets = {"merged": (model_dir, read_manifest(model_dir)["output_digest"]),
+               "base": (models[base_name]["folder"], models[base_name]["digest"])}
+    if params["eval"].get("evaluate_inputs", True):
+        for ref in params["models"]["inputs"]:
+            entry = models[ref["name"]]
+            if Path(entry["folder"], "adapter_config.json").is_file():
+                continue  # adapters are evaluated through the merged output only
+            targets[ref["name"]] = (entry["folder"], entry["digest"])
+    return targets
+
+
+def run_lm_eval(folder: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """``lm_eval.simple_evaluate`` on a local Hugging Face folder; returns its results dict."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    tasks = list(settings["tasks"])
+    include = settings.get("include_path")
+    include = str(Path(include).resolve()) if include else None
+    manager = TaskManager(include_path=include, include_defaults=False) if include else None
+    if manager is None or not all(t in manager.all_tasks for t in tasks):
+        manager = TaskManager(include_path=include)  # registry names need the built-in index
+    out = lm_eval.simple_evaluate(
+        model="hf", model_args=f"pretrained={folder},dtype=float32", tasks=tasks, task_manager=manager,
+        device=settings.get("device", "cpu"), batch_size=settings.get("batch_size", 8), limit=settings.get("limit"),
+        log_samples=False,
+    )
+    return {"results": out["results"], "n_samples": out.get("n-samples", {})}
+
+
+def primary_scores(results: dict[str, Any]) -> dict[str, float]:
+    """task -> its main metric (acc, else acc_norm, else exact_match, else the first number)."""
+    scores = {}
+    for task_name, metrics in results["results"].items():
+        for name in ("acc,none", "acc_norm,none", "exact_match,none"):
+            if isinstance(metrics.get(name), (int, float)):
+                scores[task_name] = float(metrics[name])
+                break
+        else:
+            numeric = [v for k, v in metrics.items() if isinstance(v, (int, float)) and "stderr" not in k]
+            if numeric:
+                scores[task_name] = float(numeric[0])
+    return scores
+
+
+def evaluate_folder(eval_settings: dict[str, Any], folder: str, digest: str, store: str) -> str:
+    """Evaluate ``folder`` (or reuse the cached result for its digest); returns the result path."""
+    settings = {k: eval_settings.get(k) for k in ("tasks", "include_path", "limit", "batch_size", "device")}
+    key = eval_key(settings, digest)
+    path = Path(store) / "eval-cache" / f"{key[:24]}.json"
+    if path.is_file():
+        return str(path)
+    result = {"folder": folder, "digest": digest, "settings": settings, **run_lm_eval(folder, settings)}
+    result["scores"] = primary_scores(result)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+    return str(path)
+
+
+def _key(context, parameters) -> str:
+    settings = {k: parameters["eval_settings"].get(k) for k in ("tasks", "include_path", "limit", "batch_size", "device")}
+    return "evaluate-" + eval_key(settings, parameters["digest"])
+
+
+@task(name="evaluate", cache_key_fn=_key, persist_result=True, result_serializer="json")
+def evaluate(eval_settings: dict, folder: str, digest: str, store: str) -> str:
+    path = evaluate_folder(eval_settings, folder, digest, store)
+    run_logger().info("evaluated %s -> %s", folder, path)
+    return path

@@ -1,0 +1,53 @@
+"""fetch: resolve every model to a local folder (hub ids downloaded at a pinned revision),
+record resolved commits and weight digests. Local folders are referenced, not copied."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from merging.io.artifacts import ArtifactWriter
+from merging.io.fetch import fetch_folder, weights_digest
+from merging.version import VERSION
+from tasks.caching import run_logger
+from tasks.params import PipelineParams, parse_params
+
+
+def fetch_models(params: PipelineParams, out_dir: str | Path) -> Path:
+    """Write the fetch artifact: ``models.json`` with folder, commit and digest per model."""
+    out_dir = Path(out_dir)
+    digest_cache = out_dir.parent / ".digests.json"
+    entries = {}
+    for ref in (params.models.base, *params.models.inputs):
+        folder, commit = fetch_folder(ref.source, ref.revision)
+        if ref.format == "gguf" or folder.suffix == ".gguf":
+            from merging.io.gguf import import_gguf
+
+            folder = import_gguf(folder, ref.gguf_file, out_dir.parent / "gguf" / ref.name)
+        entries[ref.name] = {"source": ref.source, "revision": ref.revision, "commit": commit,
+                             "folder": str(folder), "digest": weights_digest(folder, digest_cache)}
+    manifest = {"stage": "fetch", "params": params.models.model_dump(mode="json"), "versions": {"mergeflow": VERSION}}
+    writer = ArtifactWriter(out_dir, manifest)
+    (writer.folder / "models.json").write_text(json.dumps(entries, indent=2, sort_keys=True) + "\n")
+    return writer.commit(extra_files=["models.json"])
+
+
+def fetched_models(fetch_dir: str | Path) -> dict[str, dict]:
+    """Model name -> {folder, digest, commit, ...}, from a fetch artifact."""
+    return json.loads((Path(fetch_dir) / "models.json").read_text())
+
+
+def fetched_folders(fetch_dir: str | Path) -> dict[str, str]:
+    """Model name -> local folder, from a fetch artifact."""
+    return {name: e["folder"] for name, e in fetched_models(fetch_dir).items()}
+
+
+@task(name="fetch", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def fetch(params: dict, out_dir: str) -> str:
+    """Prefect task: retried on network/I-O errors; cheap when nothing changed (digests cached)."""
+    path = fetch_models(parse_params(params), out_dir)
+    run_logger().info("fetched %d models into %s", len(fetched_folders(path)), path)
+    return str(path)

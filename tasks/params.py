@@ -1,0 +1,208 @@
+"""``params.yaml``, validated: the single source of truth of the pipeline.
+
+Sections (``PipelineParams`` mirrors them; the defaults live here and in the method
+params models, nowhere else):
+
+* ``models``: ``base`` and ``inputs``, each with ``name``, ``source`` (local folder, PEFT
+  adapter folder, or Hugging Face id), ``revision`` (pinned for hub sources),
+  ``coefficient`` (the method's per-model weight) and optionally ``task`` (the eval task
+  the model specializes in, for normalized accuracy);
+* ``merge``: ``method``, ``seed`` and one section per stage that reads method
+  parameters: ``decompose``, ``sparsify``, ``combine``. Each key must sit in the section
+  of the stage that reads it, so that DVC reruns exactly that stage and those after it;
+  a per-model parameter may be a scalar or a mapping ``{model name: value}``;
+* ``plan``: ``include`` / ``exclude`` / ``ignore`` regexes;
+* ``pipeline``: device, compute/output dtype, ``materialize``, task runner, artifact store;
+* ``eval``: lm-eval tasks, include path, limit, batch size, device;
+* ``schedule``: the nightly deployment's cron and timezone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from merging.config import DEFAULT_EXCLUDE, MergeConfig, parse_merge_config
+from merging.errors import MergeConfigError
+from merging.registry import get_method
+from merging.resolve import field_names
+
+__all__ = ["PipelineParams", "ModelRef", "load_params", "merge_config"]
+
+_STRICT = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelRef(BaseModel):
+    model_config = _STRICT
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    source: str
+    revision: str | None = None
+    coefficient: float = 1.0
+    task: str | None = None
+    format: Literal["auto", "gguf"] = "auto"
+    gguf_file: str | None = None
+
+
+class ModelsSection(BaseModel):
+    model_config = _STRICT
+
+    base: ModelRef
+    inputs: tuple[ModelRef, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "ModelsSection":
+        names = [self.base.name, *(m.name for m in self.inputs)]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"model names must be unique; repeated: {duplicates}")
+        return self
+
+
+class MergeSection(BaseModel):
+    model_config = _STRICT
+
+    method: str = "drm"
+    seed: int = 0
+    decompose: dict[str, Any] = Field(default_factory=dict)
+    sparsify: dict[str, Any] = Field(default_factory=dict)
+    combine: dict[str, Any] = Field(default_factory=dict)
+
+
+class PlanSection(BaseModel):
+    model_config = _STRICT
+
+    include: tuple[str, ...] = (r".*",)
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+    ignore: tuple[str, ...] = ()
+
+
+class PipelineSection(BaseModel):
+    model_config = _STRICT
+
+    device: Literal["cpu", "cuda", "auto"] = "auto"
+    compute_dtype: Literal["float32", "float64"] = "float32"
+    out_dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
+    materialize: bool = Field(True, description="Write deltas/decompose/sparsify artifacts; false streams them in memory (fused).")
+    task_runner: Literal["thread", "dask"] = "thread"
+    max_workers: int = Field(2, ge=1)
+    artifacts: str = "artifacts"
+    shard_size: str = "2GB"
+
+
+class EvalSection(BaseModel):
+    model_config = _STRICT
+
+    tasks: tuple[str, ...] = ()
+    include_path: str | None = None
+    split: str | None = None
+    limit: int | None = Field(None, ge=1)
+    batch_size: int = Field(8, ge=1)
+    device: str = "cpu"
+    evaluate_inputs: bool = True
+
+
+class ScheduleSection(BaseModel):
+    model_config = _STRICT
+
+    cron: str = "0 2 * * *"
+    timezone: str = "UTC"
+
+
+class PipelineParams(BaseModel):
+    model_config = _STRICT
+
+    models: ModelsSection
+    merge: MergeSection = MergeSection()
+    plan: PlanSection = PlanSection()
+    pipeline: PipelineSection = PipelineSection()
+    eval: EvalSection = EvalSection()
+    schedule: ScheduleSection = ScheduleSection()
+
+    @model_validator(mode="after")
+    def _keys_in_their_stage(self) -> "PipelineParams":
+        spec = get_method(self.merge.method)
+        valid = field_names(spec.params) | field_names(spec.model_params)
+        problems = []
+        for stage in ("decompose", "sparsify", "combine"):
+            for key in getattr(self.merge, stage):
+                if key not in valid:
+                    problems.append(f"merge.{stage}.{key}: not a parameter of {spec.name!r} (valid: {', '.join(sorted(valid))})")
+                elif spec.stage_of(key) != stage:
+                    problems.append(f"merge.{stage}.{key}: read by the {spec.stage_of(key)!r} stage; move it to merge.{spec.stage_of(key)}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> PipelineParams:
+    """Read and validate ``params.yaml`` (``overrides``: dotted keys, as ``dvc exp run -S``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MergeConfigError(f"params file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise MergeConfigError(f"{path}: malformed YAML: {err}") from None
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return parse_params(raw, str(path))
+
+
+def parse_params(raw: Any, source: str = "params") -> PipelineParams:
+    try:
+        return PipelineParams.model_validate(raw)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in err.errors())
+        raise MergeConfigError(f"{source}: invalid params: {problems}") from None
+
+
+def merge_config(params: PipelineParams, folders: dict[str, str] | None = None) -> MergeConfig:
+    """The library's merge config for these params; ``folders`` maps model names to the
+    local folders ``fetch`` resolved (default: the sources as given)."""
+    folders = folders or {}
+    spec = get_method(params.merge.method)
+    model_keys = field_names(spec.model_params)
+    weight_key = "coefficient" if "coefficient" in model_keys else "weight" if "weight" in model_keys else None
+    shared: dict[str, Any] = {}
+    per_model: dict[str, dict[str, Any]] = {m.name: {} for m in params.models.inputs}
+    for stage in ("decompose", "sparsify", "combine"):
+        for key, value in getattr(params.merge, stage).items():
+            if key in model_keys and isinstance(value, dict):
+                unknown = set(value) - set(per_model)
+                if unknown:
+                    raise MergeConfigError(f"merge.{stage}.{key}: unknown model name(s) {sorted(unknown)}")
+                for name, v in value.items():
+                    per_model[name][key] = v
+            else:
+                shared[key] = value
+    models = []
+    for m in params.models.inputs:
+        entry = dict(per_model[m.name])
+        if weight_key is not None:
+            entry.setdefault(weight_key, m.coefficient)
+        elif m.coefficient != 1.0:
+            raise MergeConfigError(f"models.inputs[{m.name}].coefficient: method {spec.name!r} has no per-model weight")
+        models.append({"model": folders.get(m.name, m.source), "parameters": entry})
+    raw = {
+        "merge_method": spec.name,
+        "base_model": folders.get(params.models.base.name, params.models.base.source),
+        "models": models,
+        "parameters": shared,
+        "seed": params.merge.seed,
+        "device": params.pipeline.device,
+        "compute_dtype": params.pipeline.compute_dtype,
+        "out_dtype": params.pipeline.out_dtype,
+        "include": list(params.plan.include),
+        "exclude": list(params.plan.exclude),
+        "ignore": list(params.plan.ignore),
+        "shard_size": params.pipeline.shard_size,
+    }
+    return parse_merge_config(raw, "params.yaml")

@@ -1,0 +1,94 @@
+"""report: metrics.json (per-task accuracy per model, means, normalized accuracy, gain
+recovery), a per-task CSV for ``dvc plots`` and a PNG bar chart, and Prefect artifacts
+(a score table and a markdown summary with the recipe) when run inside a flow."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from merging.metrics import summarize_scores
+
+
+def build_metrics(params: dict, results: dict[str, dict]) -> dict:
+    """metrics.json content from loaded evaluation results (name -> result dict)."""
+    accuracy = {name: result["scores"] for name, result in results.items()}
+    specialists = {ref["task"]: ref["name"] for ref in params["models"]["inputs"] if ref.get("task")}
+    metrics = summarize_scores(accuracy, specialists)
+    metrics["method"] = params["merge"]["method"]
+    return metrics
+
+
+def write_report(params: dict, results: dict[str, dict], out_dir: str, metrics_file: str | None = None) -> dict:
+    """Write metrics.json, plots/scores.csv and plots/scores.png under ``out_dir``."""
+    out = Path(out_dir)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    metrics = build_metrics(params, results)
+    text = json.dumps(metrics, indent=2, sort_keys=True) + "\n"
+    (out / "metrics.json").write_text(text)
+    if metrics_file:
+        Path(metrics_file).write_text(text)
+    rows = [{"model": model, "task": t, "accuracy": round(score, 6)} for model, scores in metrics["accuracy"].items() for t, score in sorted(scores.items())]
+    with open(out / "plots" / "scores.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["model", "task", "accuracy"])
+        writer.writeheader()
+        writer.writerows(rows)
+    _bar_chart(metrics, out / "plots" / "scores.png")
+    return metrics
+
+
+def _bar_chart(metrics: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(metrics["accuracy"])
+    tasks = metrics["tasks"]
+    width = 0.8 / max(len(models), 1)
+    fig, ax = plt.subplots(figsize=(max(6, 1.5 * len(tasks)), 4))
+    for i, model in enumerate(models):
+        ax.bar([j + i * width for j in range(len(tasks))], [metrics["accuracy"][model].get(t, 0) for t in tasks], width, label=model)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks)
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"per-task accuracy ({metrics['method']})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def format_table(metrics: dict) -> str:
+    tasks = metrics["tasks"]
+    lines = [f"{'model':16s} " + " ".join(f"{t[:14]:>14s}" for t in tasks) + f" {'mean':>8s}"]
+    for model, scores in metrics["accuracy"].items():
+        mean = metrics["mean"].get(model)
+        lines.append(f"{model:16s} " + " ".join(f"{scores.get(t, float('nan')):14.3f}" for t in tasks) + (f" {mean:8.3f}" if mean is not None else ""))
+    n, g = metrics["normalized_accuracy"].get("mean"), metrics["gain_recovery"].get("mean")
+    if n is not None:
+        lines.append(f"normalized accuracy (merged / specialist): {n:.3f}")
+    if g is not None:
+        lines.append(f"gain recovery ((merged - base) / (specialist - base)): {g:.3f}")
+    return "\n".join(lines)
+
+
+@task(name="report", cache_policy=NO_CACHE)
+def report(params: dict, results: dict[str, str], out_dir: str) -> dict:
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    loaded = {name: json.loads(Path(path).read_text()) for name, path in results.items()}
+    metrics = write_report(params, loaded, out_dir)
+    table = [{"model": m, **{t: round(v, 4) for t, v in s.items()}} for m, s in metrics["accuracy"].items()]
+    create_table_artifact(table=table, key="merge-scores", description=f"per-task accuracy, {metrics['method']}")
+    recipe = json.dumps(params["merge"], indent=2)
+    create_markdown_artifact(
+        key="merge-summary",
+        markdown=f"# {metrics['method']} merge\n\n```\n{format_table(metrics)}\n```\n\n## Recipe\n\n```json\n{recipe}\n```\n",
+    )
+    print(format_table(metrics))
+    return metrics
