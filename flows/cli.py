@@ -136,6 +136,67 @@ def circuit_merge(
         _fail(err)
 
 
+def _overrides(values: list[str] | None) -> dict:
+    overrides = {}
+    for item in values or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise MergeConfigError(f"--set {item!r}: use KEY=VALUE with a dotted params.yaml key, e.g. merge.combine.lambda=0.5")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def _pipeline_env() -> None:
+    import os
+
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+
+
+@app.command()
+def run(
+    params: Annotated[str, typer.Option("--params", help="Pipeline params file.")] = "params.yaml",
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a dotted key: --set merge.sparsify.density=0.3")] = None,
+    refresh: Annotated[bool, typer.Option(help="Recompute every stage, ignoring caches.")] = False,
+) -> None:
+    """Run the merge-and-eval flow once (Prefect; cached stages are skipped)."""
+    try:
+        overrides = _overrides(set_)
+        _pipeline_env()
+        from flows.merge_and_eval import merge_and_eval
+
+        merge_and_eval(params, overrides, refresh)
+    except MergeflowError as err:
+        _fail(err)
+
+
+@app.command()
+def sweep(
+    sweep_file: Annotated[str, typer.Argument(metavar="SWEEP.yaml", help="Grid of methods and parameters.")] = "sweep.yaml",
+    params: Annotated[str, typer.Option("--params")] = "params.yaml",
+    refresh: Annotated[bool, typer.Option()] = False,
+) -> None:
+    """Run a grid of merges (subflows sharing cached artifacts) and print the leaderboard."""
+    try:
+        _pipeline_env()
+        from flows.sweep import format_leaderboard
+        from flows.sweep import sweep as sweep_flow
+
+        typer.echo(format_leaderboard(sweep_flow(sweep_file, params, refresh)))
+    except MergeflowError as err:
+        _fail(err)
+
+
+@app.command()
+def serve(params: Annotated[str, typer.Option("--params")] = "params.yaml") -> None:
+    """Serve the 'merge-and-eval/manual' and 'merge-and-eval/nightly' deployments."""
+    try:
+        from flows.deploy import main as serve_main
+
+        serve_main(["--params", params])
+    except MergeflowError as err:
+        _fail(err)
+
+
 @app.command()
 def methods() -> None:
     """List the merge methods and their parameters."""

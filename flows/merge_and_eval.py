@@ -18,12 +18,14 @@ from tasks.caching import config_for, keyed_dir, run_cached
 from tasks.params import load_params
 
 
-@flow(name="merge-and-eval", log_prints=True)
+@flow(name="merge-and-eval")
 def merge_and_eval(params_file: str = "params.yaml", overrides: dict[str, Any] | None = None, refresh: bool = False) -> dict:
     params = load_params(params_file, overrides)
     p = params.model_dump(mode="json")
     store = params.pipeline.artifacts
-    fetched = fetch.fetch(p, str(Path(store) / "store" / "fetch"))
+    fetch_key = fetch.fetch_key(params) or ""
+    fetch_out = keyed_dir(store, "fetch", fetch_key) if fetch_key else Path(store) / "store" / "fetch-unpinned"
+    fetched = run_cached(fetch.fetch, fetch_key, fetch_out, refresh or not fetch_key, params=p, out_dir=str(fetch_out))
     config = config_for(p, fetched)
 
     def stage(task, name: str, inputs: dict[str, str], fused: bool = False) -> str:
@@ -46,10 +48,9 @@ def merge_and_eval(params_file: str = "params.yaml", overrides: dict[str, Any] |
 
 def evaluate_models(p: dict, fetch_dir: str, model_dir: str, store: str, refresh: bool) -> dict[str, str]:
     """lm-eval on the merged model, the base and every input; inputs and base are cached by
-    their weights' digest, so they are evaluated once across runs and sweeps."""
+    their weights' digest, so they are evaluated once across runs and sweeps. One at a time:
+    lm-eval and accelerate keep process-global state that is not thread-safe."""
     targets = evaluate.eval_targets(p, fetch_dir, model_dir)
-    futures = {
-        name: evaluate.evaluate.with_options(refresh_cache=refresh).submit(p["eval"], folder, digest, store)
-        for name, (folder, digest) in targets.items()
-    }
-    return {name: future.result() for name, future in futures.items()}
+    tokenizer = targets["base"][0]
+    task = evaluate.evaluate.with_options(refresh_cache=refresh)
+    return {name: task(p["eval"], folder, digest, store, tokenizer) for name, (folder, digest) in targets.items()}

@@ -18,7 +18,7 @@ from merging.io.artifacts import ArtifactWriter
 from tasks import combine, decompose, deltas, evaluate, fetch, report, save, sparsify
 from tasks.params import load_params
 
-STAGE_NAMES = ("fetch", "deltas", "decompose", "sparsify", "combine", "save", "evaluate", "report")
+STAGE_NAMES = ("fetch", "deltas", "decompose", "sparsify", "combine", "save", "evaluate", "report", "show")
 
 
 def _fused_marker(out: Path, stage: str) -> str:
@@ -49,7 +49,9 @@ def run_stage(name: str, params_file: str = "params.yaml", root: str = "artifact
         return save.save.fn(p, f, str(a / "combine"), str(a / "save"))
     if name == "evaluate":
         targets = evaluate.eval_targets(p, f, str(a / "save"))
-        results = {n: evaluate.evaluate_folder(p["eval"], folder, digest, str(a / "store")) for n, (folder, digest) in targets.items()}
+        tokenizer = targets["base"][0]
+        results = {n: evaluate.evaluate_folder(p["eval"], folder, digest, str(a / "store"), tokenizer)
+                   for n, (folder, digest) in targets.items()}
         out = a / "evaluate"
         out.mkdir(parents=True, exist_ok=True)
         merged = {n: json.loads(Path(r).read_text()) for n, r in results.items()}
@@ -60,6 +62,10 @@ def run_stage(name: str, params_file: str = "params.yaml", root: str = "artifact
         metrics = report.write_report(p, results, ".", metrics_file="metrics.json")
         print(report.format_table(metrics))
         return "metrics.json"
+    if name == "show":
+        metrics = json.loads(Path("metrics.json").read_text())
+        print(report.format_table(metrics))
+        return ""
     raise SystemExit(f"unknown stage {name!r}; stages: {', '.join(STAGE_NAMES)}")
 
 

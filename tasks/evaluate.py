@@ -22,6 +22,13 @@ def eval_key(settings: dict[str, Any], digest: str) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def has_tokenizer(folder: str | Path) -> bool:
+    return any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
+
+
 def eval_targets(params: dict, fetch_dir: str, model_dir: str) -> dict[str, tuple[str, str]]:
     """name -> (folder, weights digest) for the merged model, the base and (optionally) inputs."""
     models = fetched_models(fetch_dir)
@@ -37,8 +44,9 @@ def eval_targets(params: dict, fetch_dir: str, model_dir: str) -> dict[str, tupl
     return targets
 
 
-def run_lm_eval(folder: str, settings: dict[str, Any]) -> dict[str, Any]:
-    """``lm_eval.simple_evaluate`` on a local Hugging Face folder; returns its results dict."""
+def run_lm_eval(folder: str, settings: dict[str, Any], tokenizer: str | None = None) -> dict[str, Any]:
+    """``lm_eval.simple_evaluate`` on a local Hugging Face folder (tokenizer from
+    ``tokenizer`` when the folder has none); returns its results dict."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -49,7 +57,7 @@ def run_lm_eval(folder: str, settings: dict[str, Any]) -> dict[str, Any]:
     if manager is None or not all(t in manager.all_tasks for t in tasks):
         manager = TaskManager(include_path=include)  # registry names need the built-in index
     out = lm_eval.simple_evaluate(
-        model="hf", model_args=f"pretrained={folder},dtype=float32", tasks=tasks, task_manager=manager,
+        model="hf", model_args=f"pretrained={folder},dtype=float32" + (f",tokenizer={tokenizer}" if tokenizer else ""), tasks=tasks, task_manager=manager,
         device=settings.get("device", "cpu"), batch_size=settings.get("batch_size", 8), limit=settings.get("limit"),
         log_samples=False,
     )
@@ -71,14 +79,15 @@ def primary_scores(results: dict[str, Any]) -> dict[str, float]:
     return scores
 
 
-def evaluate_folder(eval_settings: dict[str, Any], folder: str, digest: str, store: str) -> str:
+def evaluate_folder(eval_settings: dict[str, Any], folder: str, digest: str, store: str, tokenizer: str | None = None) -> str:
     """Evaluate ``folder`` (or reuse the cached result for its digest); returns the result path."""
     settings = {k: eval_settings.get(k) for k in ("tasks", "include_path", "limit", "batch_size", "device")}
     key = eval_key(settings, digest)
     path = Path(store) / "eval-cache" / f"{key[:24]}.json"
     if path.is_file():
         return str(path)
-    result = {"folder": folder, "digest": digest, "settings": settings, **run_lm_eval(folder, settings)}
+    fallback = tokenizer if tokenizer and not has_tokenizer(folder) else None
+    result = {"folder": folder, "digest": digest, "settings": settings, **run_lm_eval(folder, settings, fallback)}
     result["scores"] = primary_scores(result)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp-{os.getpid()}")
@@ -93,7 +102,7 @@ def _key(context, parameters) -> str:
 
 
 @task(name="evaluate", cache_key_fn=_key, persist_result=True, result_serializer="json")
-def evaluate(eval_settings: dict, folder: str, digest: str, store: str) -> str:
-    path = evaluate_folder(eval_settings, folder, digest, store)
+def evaluate(eval_settings: dict, folder: str, digest: str, store: str, tokenizer: str | None = None) -> str:
+    path = evaluate_folder(eval_settings, folder, digest, store, tokenizer)
     run_logger().info("evaluated %s -> %s", folder, path)
     return path

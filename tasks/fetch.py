@@ -3,17 +3,35 @@ record resolved commits and weight digests. Local folders are referenced, not co
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from merging.io.artifacts import ArtifactWriter
 from merging.io.fetch import fetch_folder, weights_digest
 from merging.version import VERSION
 from tasks.caching import run_logger
 from tasks.params import PipelineParams, parse_params
+
+
+def fetch_key(params: PipelineParams) -> str | None:
+    """A cheap key for the fetch result: the model refs plus (name, size, mtime) of every file
+    of local folders. None when a hub source has no pinned revision (it may move)."""
+    h = hashlib.sha256(json.dumps(params.models.model_dump(mode="json"), sort_keys=True).encode())
+    for ref in (params.models.base, *params.models.inputs):
+        path = Path(ref.source).expanduser()
+        if not path.exists():
+            if ref.revision is None:
+                return None
+            continue
+        files = sorted(path.rglob("*")) if path.is_dir() else [path]
+        for file in files:
+            if file.is_file():
+                stat = file.stat()
+                h.update(f"{file}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return h.hexdigest()
 
 
 def fetch_models(params: PipelineParams, out_dir: str | Path) -> Path:
@@ -29,7 +47,8 @@ def fetch_models(params: PipelineParams, out_dir: str | Path) -> Path:
             folder = import_gguf(folder, ref.gguf_file, out_dir.parent / "gguf" / ref.name)
         entries[ref.name] = {"source": ref.source, "revision": ref.revision, "commit": commit,
                              "folder": str(folder), "digest": weights_digest(folder, digest_cache)}
-    manifest = {"stage": "fetch", "params": params.models.model_dump(mode="json"), "versions": {"mergeflow": VERSION}}
+    manifest = {"stage": "fetch", "params": params.models.model_dump(mode="json"), "versions": {"mergeflow": VERSION},
+                "cache_key": fetch_key(params) or ""}
     writer = ArtifactWriter(out_dir, manifest)
     (writer.folder / "models.json").write_text(json.dumps(entries, indent=2, sort_keys=True) + "\n")
     return writer.commit(extra_files=["models.json"])
@@ -45,7 +64,12 @@ def fetched_folders(fetch_dir: str | Path) -> dict[str, str]:
     return {name: e["folder"] for name, e in fetched_models(fetch_dir).items()}
 
 
-@task(name="fetch", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def _key(context, parameters) -> str | None:
+    key = fetch_key(parse_params(parameters["params"]))
+    return f"fetch-{key}" if key else None
+
+
+@task(name="fetch", retries=2, retry_delay_seconds=5, cache_key_fn=_key, persist_result=True, result_serializer="json")
 def fetch(params: dict, out_dir: str) -> str:
     """Prefect task: retried on network/I-O errors; cheap when nothing changed (digests cached)."""
     path = fetch_models(parse_params(params), out_dir)

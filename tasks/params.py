@@ -97,12 +97,19 @@ class EvalSection(BaseModel):
     model_config = _STRICT
 
     tasks: tuple[str, ...] = ()
+    validation_tasks: tuple[str, ...] = Field((), description="Same tasks on validation data, aligned with 'tasks'; sweeps select on them.")
     include_path: str | None = None
-    split: str | None = None
     limit: int | None = Field(None, ge=1)
     batch_size: int = Field(8, ge=1)
     device: str = "cpu"
     evaluate_inputs: bool = True
+
+
+    @model_validator(mode="after")
+    def _aligned(self) -> "EvalSection":
+        if self.validation_tasks and len(self.validation_tasks) != len(self.tasks):
+            raise ValueError("eval.validation_tasks must list one validation task per entry of eval.tasks, in the same order")
+        return self
 
 
 class ScheduleSection(BaseModel):

@@ -9,15 +9,17 @@ import json
 from pathlib import Path
 
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from merging.metrics import summarize_scores
+from tasks.caching import run_logger
 
 
 def build_metrics(params: dict, results: dict[str, dict]) -> dict:
     """metrics.json content from loaded evaluation results (name -> result dict)."""
     accuracy = {name: result["scores"] for name, result in results.items()}
     specialists = {ref["task"]: ref["name"] for ref in params["models"]["inputs"] if ref.get("task")}
+    validation = dict(zip(params["eval"]["tasks"], params["eval"].get("validation_tasks") or ()))
+    specialists |= {validation[t]: name for t, name in specialists.items() if t in validation}
     metrics = summarize_scores(accuracy, specialists)
     metrics["method"] = params["merge"]["method"]
     return metrics
@@ -77,7 +79,18 @@ def format_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-@task(name="report", cache_policy=NO_CACHE)
+def _key(context, parameters) -> str:
+    import hashlib
+
+    h = hashlib.sha256(json.dumps(parameters["params"], sort_keys=True).encode())
+    for name, path in sorted(parameters["results"].items()):
+        h.update(name.encode())
+        h.update(Path(path).read_bytes())
+    h.update(parameters["out_dir"].encode())
+    return "report-" + h.hexdigest()
+
+
+@task(name="report", cache_key_fn=_key, persist_result=True, result_serializer="json")
 def report(params: dict, results: dict[str, str], out_dir: str) -> dict:
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
@@ -90,5 +103,5 @@ def report(params: dict, results: dict[str, str], out_dir: str) -> dict:
         key="merge-summary",
         markdown=f"# {metrics['method']} merge\n\n```\n{format_table(metrics)}\n```\n\n## Recipe\n\n```json\n{recipe}\n```\n",
     )
-    print(format_table(metrics))
+    run_logger().info("\n%s", format_table(metrics))
     return metrics

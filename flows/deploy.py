@@ -1,0 +1,43 @@
+"""Deployments of the merge-and-eval flow, served by one long-running process:
+
+* ``merge-and-eval/manual``: run on demand (``prefect deployment run 'merge-and-eval/manual'``);
+* ``merge-and-eval/nightly``: cron and timezone from ``params.yaml`` (``schedule``).
+
+``python -m flows.deploy [--params params.yaml]`` (or ``mergeflow serve``) registers both with
+the Prefect server at ``PREFECT_API_URL`` and executes their runs. Default flow parameters
+come from the same ``params.yaml``; ``--param overrides='{"merge.combine": {"lambda": 0.5}}'``
+changes one run. Note: serving pauses the schedules when the process stops (SIGTERM).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from prefect import serve
+from prefect.schedules import Cron
+
+from flows.merge_and_eval import merge_and_eval
+from tasks.params import load_params
+
+
+def deployments(params_file: str = "params.yaml"):
+    params = load_params(params_file)
+    defaults = {"params_file": str(Path(params_file).resolve()), "overrides": {}, "refresh": False}
+    manual = merge_and_eval.to_deployment(name="manual", parameters=defaults, tags=["mergeflow"])
+    nightly = merge_and_eval.to_deployment(
+        name="nightly", parameters=defaults, tags=["mergeflow", "nightly"],
+        schedules=[Cron(params.schedule.cron, timezone=params.schedule.timezone)],
+    )
+    return manual, nightly
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m flows.deploy", description="Serve the merge-and-eval deployments.")
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    serve(*deployments(args.params))
+
+
+if __name__ == "__main__":
+    main()

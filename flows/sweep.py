@@ -1,0 +1,114 @@
+"""The sweep flow: a grid of methods and parameters, each point a ``merge-and-eval``
+subflow over the shared content-addressed artifact store (every cached upstream artifact
+— fetch, deltas, decompositions, input-model evaluations — is reused), selection on the
+validation tasks, the winners re-evaluated on the test tasks, and a leaderboard.
+
+Sweep file (YAML)::
+
+    grid:
+      - method: ties
+        sparsify: {density: [0.2, 0.4]}
+        combine: {lambda: [0.5, 1.0]}
+      - method: drm
+        decompose: {direction: [horizontal, vertical]}
+        sparsify: {singular_matrices_drop_rate: [0.5, 0.8]}
+    select: normalized_accuracy        # or mean, gain_recovery
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import flow, get_run_logger
+
+from flows.merge_and_eval import merge_and_eval
+from merging.errors import MergeConfigError
+from tasks.params import load_params
+
+SECTIONS = ("decompose", "sparsify", "combine")
+
+
+def expand_grid(grid: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each grid entry -> the list of override dicts (dotted params.yaml keys) it spans."""
+    points = []
+    for entry in grid:
+        if "method" not in entry:
+            raise MergeConfigError(f"sweep grid entry {entry} has no 'method'")
+        axes = [(f"merge.{section}.{key}", values if isinstance(values, list) else [values])
+                for section in SECTIONS for key, values in (entry.get(section) or {}).items()]
+        for combo in itertools.product(*(values for _, values in axes)):
+            override: dict[str, Any] = {"merge.method": entry["method"]}
+            for section in SECTIONS:
+                override[f"merge.{section}"] = {}
+            for (key, _), value in zip(axes, combo):
+                section, name = key.split(".")[1:]
+                override[f"merge.{section}"][name] = value
+            points.append(override)
+    return points
+
+
+def label(override: dict[str, Any]) -> str:
+    parts = [override["merge.method"]]
+    for section in SECTIONS:
+        parts += [f"{k}={v}" for k, v in override[f"merge.{section}"].items()]
+    return " ".join(parts)
+
+
+def _score(metrics: dict, select: str) -> float:
+    value = metrics[select]["mean"] if select in ("normalized_accuracy", "gain_recovery") else metrics["mean"]["merged"]
+    return float("-inf") if value is None else value
+
+
+@flow(name="sweep")
+def sweep(sweep_file: str = "sweep.yaml", params_file: str = "params.yaml", refresh: bool = False) -> list[dict]:
+    logger = get_run_logger()
+    spec = yaml.safe_load(Path(sweep_file).read_text())
+    select = spec.get("select", "normalized_accuracy")
+    params = load_params(params_file)
+    validation = list(params.eval.validation_tasks)
+    points = expand_grid(spec["grid"])
+    logger.info("sweeping %d grid points (%s on %s)", len(points), select, "validation" if validation else "test")
+    scored = []
+    for override in points:
+        on_validation = {**override, "eval.tasks": validation, "eval.validation_tasks": []} if validation else override
+        metrics = merge_and_eval.with_options(flow_run_name=label(override))(params_file, on_validation, refresh)
+        scored.append((override, metrics))
+    best: dict[str, tuple[dict, dict]] = {}
+    for override, metrics in scored:
+        method = override["merge.method"]
+        if method not in best or _score(metrics, select) > _score(best[method][1], select):
+            best[method] = (override, metrics)
+    rows = []
+    for method, (override, val_metrics) in best.items():
+        test_metrics = merge_and_eval(params_file, override, refresh) if validation else val_metrics
+        rows.append({"method": method, "setting": label(override), "validation": _score(val_metrics, select),
+                     "test_mean": test_metrics["mean"]["merged"],
+                     "normalized_accuracy": test_metrics["normalized_accuracy"]["mean"],
+                     "gain_recovery": test_metrics["gain_recovery"]["mean"],
+                     "per_task": test_metrics["accuracy"]["merged"]})
+    rows.sort(key=lambda r: -(r["normalized_accuracy"] or r["test_mean"] or 0))
+    _publish(rows, Path(params.pipeline.artifacts) / "leaderboard.json")
+    return rows
+
+
+def format_leaderboard(rows: list[dict]) -> str:
+    lines = [f"{'method':16s} {'val':>6s} {'test mean':>9s} {'norm acc':>9s} {'gain rec':>9s}  setting"]
+    for r in rows:
+        def f(v):
+            return f"{v:9.3f}" if v is not None else f"{'-':>9s}"
+        lines.append(f"{r['method']:16s} {r['validation']:6.3f} {f(r['test_mean'])} {f(r['normalized_accuracy'])} {f(r['gain_recovery'])}  {r['setting']}")
+    return "\n".join(lines)
+
+
+def _publish(rows: list[dict], path: Path) -> None:
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows, indent=2) + "\n")
+    create_table_artifact(key="leaderboard", table=[{k: v for k, v in r.items() if k != "per_task"} for r in rows])
+    create_markdown_artifact(key="leaderboard-summary", markdown=f"```\n{format_leaderboard(rows)}\n```")
+    get_run_logger().info("\n%s", format_leaderboard(rows))

@@ -1,0 +1,30 @@
+"""Builders for pipeline tests: a params file over tiny models and the demo eval tasks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_params(path: Path, models: dict[str, Path], artifacts: Path, method: str = "ties", **merge) -> Path:
+    """params.yaml for the tiny models (base + ft_a/ft_b/ft_c), ties by default, fast eval."""
+    sections = {"decompose": {}, "sparsify": {"density": 0.4}, "combine": {"lambda": 1.0}} if method == "ties" else {}
+    sections.update(merge)
+    params = {
+        "models": {
+            "base": {"name": "base", "source": str(models["base"])},
+            "inputs": [
+                {"name": "a", "source": str(models["ft_a"]), "task": "demo_arith"},
+                {"name": "b", "source": str(models["ft_b"]), "task": "demo_antonym"},
+                {"name": "c", "source": str(models["ft_c"])},
+            ],
+        },
+        "merge": {"method": method, "seed": 0, **{k: sections.get(k, {}) for k in ("decompose", "sparsify", "combine")}},
+        "pipeline": {"device": "cpu", "artifacts": str(artifacts), "out_dtype": None, "shard_size": "2GB"},
+        "eval": {"tasks": ["demo_arith", "demo_antonym"], "include_path": str(REPO / "evals"), "limit": 3, "batch_size": 4},
+    }
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
