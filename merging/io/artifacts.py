@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -26,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from merging.errors import ArtifactError
+from merging.io.writer import remove_stale_temps, temp_sibling
 
 __all__ = ["ArtifactWriter", "ArtifactReader", "read_manifest", "file_digest", "folder_digest", "MANIFEST"]
 
@@ -79,7 +79,8 @@ class ArtifactWriter:
     def __post_init__(self) -> None:
         self.target = Path(self.target)
         self.target.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.target.parent / f".{self.target.name}.tmp-{uuid.uuid4().hex[:8]}"
+        remove_stale_temps(self.target)
+        self._tmp = temp_sibling(self.target)
         self._tmp.mkdir()
 
     @property
@@ -126,7 +127,7 @@ class ArtifactWriter:
 def _replace_dir(tmp: Path, target: Path) -> None:
     """Rename ``tmp`` onto ``target``; an existing target is moved aside first and removed."""
     if target.exists():
-        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        old = temp_sibling(target, "old")
         try:
             os.rename(target, old)
         except FileNotFoundError:

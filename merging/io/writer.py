@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from merging.errors import OutputExistsError, OutputWriteError
 
-__all__ = ["atomic_output_dir", "ShardedWriter", "parse_size"]
+__all__ = ["atomic_output_dir", "ShardedWriter", "parse_size", "temp_sibling", "remove_stale_temps"]
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -41,6 +41,33 @@ def parse_size(value: int | str) -> int:
         raise ValueError(f"cannot read size {value!r}; use bytes or e.g. '5GB', '500MiB'") from None
 
 
+def temp_sibling(target: Path, kind: str = "tmp") -> Path:
+    """``.<name>.<kind>-<pid>-<random>`` beside ``target`` (the pid lets later runs tell
+    leftovers of killed writers from folders still being written)."""
+    return target.parent / f".{target.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def remove_stale_temps(target: Path) -> None:
+    """Remove temporary siblings of ``target`` left by writers that were killed."""
+    for path in target.parent.glob(f".{target.name}.tmp-*"):
+        try:
+            pid = int(path.name.rsplit("-", 2)[-2])
+        except (ValueError, IndexError):
+            continue
+        if pid == os.getpid() or not _alive(pid):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_output_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """A temporary folder that becomes ``target`` when the ``with`` body completes."""
@@ -54,7 +81,8 @@ def atomic_output_dir(target: str | Path, overwrite: bool = False) -> Iterator[P
         raise OutputWriteError(f"cannot write {target}: cannot create its parent folder {parent} ({err})") from None
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputWriteError(f"cannot write {target}: no write permission on {parent}")
-    tmp = parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    remove_stale_temps(target)
+    tmp = temp_sibling(target)
     try:
         tmp.mkdir()
     except OSError as err:
@@ -62,7 +90,7 @@ def atomic_output_dir(target: str | Path, overwrite: bool = False) -> Iterator[P
     try:
         yield tmp
         if target.exists():
-            old = parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            old = temp_sibling(target, "old")
             target.rename(old)
             tmp.rename(target)
             shutil.rmtree(old, ignore_errors=True)

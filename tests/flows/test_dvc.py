@@ -1,0 +1,85 @@
+"""DVC reruns exactly the stages downstream of a changed parameter (in a temporary git repo
+holding a copy of this project)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run(cmd: list[str], cwd: Path) -> str:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+def _ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def _edit(path: Path, change) -> None:
+    params = yaml.safe_load(path.read_text())
+    change(params)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture
+def project(tmp_path) -> Path:
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    dest = tmp_path / "project"
+    for name in [*files, "params.yaml"]:
+        src = REPO / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+
+    def fast(params):
+        params["eval"]["limit"] = 3
+        params["pipeline"]["device"] = "cpu"
+
+    _edit(dest / "params.yaml", fast)
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
+        _run(cmd, dest)
+    return dest
+
+
+def test_rerun_sets(project):
+    first = _run(["dvc", "repro"], project)
+    assert _ran(first) == {"demo_models", "fetch", "deltas", "decompose", "sparsify", "combine", "save", "evaluate", "report"}
+    assert (project / "metrics.json").is_file() and (project / "dvc.lock").is_file()
+
+    assert _ran(_run(["dvc", "repro"], project)) == set()
+
+    method = yaml.safe_load((project / "params.yaml").read_text())["merge"]["method"]
+    drop_key = {"drm": "singular_matrices_drop_rate", "ties": "density"}[method]
+
+    def drop(params):
+        params["merge"]["sparsify"][drop_key] = 0.5
+
+    _edit(project / "params.yaml", drop)
+    assert _ran(_run(["dvc", "repro"], project)) == {"sparsify", "combine", "save", "evaluate", "report"}
+
+    def tasks(params):
+        params["eval"]["tasks"] = ["demo_arith"]
+
+    _edit(project / "params.yaml", tasks)
+    assert _ran(_run(["dvc", "repro"], project)) == {"evaluate", "report"}
+
+    def models(params):
+        params["models"]["inputs"] = params["models"]["inputs"][:2]
+
+    _edit(project / "params.yaml", models)
+    assert _ran(_run(["dvc", "repro"], project)) == {"fetch", "deltas", "decompose", "sparsify", "combine", "save", "evaluate", "report"}
