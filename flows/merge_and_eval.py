@@ -43,7 +43,9 @@ def merge_and_eval(params_file: str = "params.yaml", overrides: dict[str, Any] |
         combine_dir = stage(combine.fused_combine, "combine", {"fetch": fetched}, fused=True)
     model_dir = stage(save.save, "save", {"combine": combine_dir})
     results = evaluate_models(p, fetched, model_dir, store, refresh)
-    return report.report(p, results, str(Path(store) / "report"))
+    report_dir = Path(store) / "report"
+    stale = refresh or not (report_dir / "metrics.json").is_file()
+    return report.report.with_options(refresh_cache=stale)(p, results, str(report_dir))
 
 
 def evaluate_models(p: dict, fetch_dir: str, model_dir: str, store: str, refresh: bool) -> dict[str, str]:
@@ -52,5 +54,8 @@ def evaluate_models(p: dict, fetch_dir: str, model_dir: str, store: str, refresh
     lm-eval and accelerate keep process-global state that is not thread-safe."""
     targets = evaluate.eval_targets(p, fetch_dir, model_dir)
     tokenizer = targets["base"][0]
-    task = evaluate.evaluate.with_options(refresh_cache=refresh)
-    return {name: task(p["eval"], folder, digest, store, tokenizer) for name, (folder, digest) in targets.items()}
+    results = {}
+    for name, (folder, digest) in targets.items():
+        stale = refresh or not evaluate.result_path(p["eval"], digest, store).is_file()
+        results[name] = evaluate.evaluate.with_options(refresh_cache=stale)(p["eval"], folder, digest, store, tokenizer)
+    return results

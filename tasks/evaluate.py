@@ -79,11 +79,19 @@ def primary_scores(results: dict[str, Any]) -> dict[str, float]:
     return scores
 
 
+def _settings(eval_settings: dict[str, Any]) -> dict[str, Any]:
+    return {k: eval_settings.get(k) for k in ("tasks", "include_path", "limit", "batch_size", "device")}
+
+
+def result_path(eval_settings: dict[str, Any], digest: str, store: str) -> Path:
+    """Where the cached result of evaluating weights ``digest`` with these settings lives."""
+    return Path(store) / "eval-cache" / f"{eval_key(_settings(eval_settings), digest)[:24]}.json"
+
+
 def evaluate_folder(eval_settings: dict[str, Any], folder: str, digest: str, store: str, tokenizer: str | None = None) -> str:
     """Evaluate ``folder`` (or reuse the cached result for its digest); returns the result path."""
-    settings = {k: eval_settings.get(k) for k in ("tasks", "include_path", "limit", "batch_size", "device")}
-    key = eval_key(settings, digest)
-    path = Path(store) / "eval-cache" / f"{key[:24]}.json"
+    settings = _settings(eval_settings)
+    path = result_path(eval_settings, digest, store)
     if path.is_file():
         return str(path)
     fallback = tokenizer if tokenizer and not has_tokenizer(folder) else None
@@ -97,8 +105,7 @@ def evaluate_folder(eval_settings: dict[str, Any], folder: str, digest: str, sto
 
 
 def _key(context, parameters) -> str:
-    settings = {k: parameters["eval_settings"].get(k) for k in ("tasks", "include_path", "limit", "batch_size", "device")}
-    return "evaluate-" + eval_key(settings, parameters["digest"])
+    return "evaluate-" + eval_key(_settings(parameters["eval_settings"]), parameters["digest"])
 
 
 @task(name="evaluate", cache_key_fn=_key, persist_result=True, result_serializer="json")
