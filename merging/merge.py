@@ -196,7 +196,7 @@ def merge_checkpoints(
     out = Path(out)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         thresholds, trim_kinds = _global_thresholds(inputs, device, compute)
-        writer = ShardedWriter(tmp, parse_size(config.shard_size), metadata={"merged_by": "mergeflow"})
+        writer = ShardedWriter(tmp, parse_size(config.shard_size))
         out_dtype_name = config.out_dtype or config.dtype
         order = sorted(inputs.plan, key=lambda e: (inputs.base.file_of(e.name), 0))
         for done, entry in enumerate(order, start=1):

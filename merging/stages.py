@@ -300,7 +300,7 @@ def write_model(config: MergeConfig, combine_dir: str | Path, out: str | Path, p
     out_dtype_name = config.out_dtype or config.dtype
     out = Path(out)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        writer = ShardedWriter(tmp, parse_size(config.shard_size), metadata={"merged_by": "mergeflow"})
+        writer = ShardedWriter(tmp, parse_size(config.shard_size))
         entries = sorted(ctx.inputs.plan, key=lambda e: ctx.inputs.base.file_of(e.name))
         for entry in _each(entries, progress):
             raw = ctx.inputs.base.get(entry.name)

@@ -105,10 +105,12 @@ class ShardedWriter:
     """Collects tensors into shards of at most ``max_shard_bytes`` (a single tensor larger
     than that gets a shard of its own) and writes the Hugging Face index at ``finalize``."""
 
-    def __init__(self, folder: Path, max_shard_bytes: int, metadata: dict[str, str] | None = None) -> None:
+    def __init__(self, folder: Path, max_shard_bytes: int) -> None:
         self.folder = folder
         self.max_shard_bytes = max_shard_bytes
-        self.metadata = {"format": "pt", **(metadata or {})}
+        # one metadata key only: safetensors writes a multi-key map in arbitrary order,
+        # which would make identical merges differ byte-wise
+        self.metadata = {"format": "pt"}
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
         self._shards: list[tuple[Path, list[str]]] = []

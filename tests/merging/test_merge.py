@@ -72,6 +72,8 @@ def test_random_method_is_bit_identical_across_shard_sizes_and_runs(tiny_models,
     other = _state(merge_checkpoints(_config("dare_ties", base, models, seed=12), tmp_path / "r3"))
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert any(not torch.equal(first[k], other[k]) for k in first)
+    again = merge_checkpoints(_config("dare_ties", base, models, seed=11), tmp_path / "r4")
+    assert (again / "model.safetensors").read_bytes() == (tmp_path / "r1" / "model.safetensors").read_bytes()
 
 
 def test_sharded_input_is_read(tmp_path):
