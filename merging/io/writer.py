@@ -54,7 +54,7 @@ def remove_stale_temps(target: Path) -> None:
             pid = int(path.name.rsplit("-", 2)[-2])
         except (ValueError, IndexError):
             continue
-        if pid == os.getpid() or not _alive(pid):
+        if not _alive(pid):
             shutil.rmtree(path, ignore_errors=True)
 
 

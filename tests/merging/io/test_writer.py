@@ -46,3 +46,19 @@ def test_failure_leaves_no_trace_and_keeps_existing_target(tmp_path):
         (tmp / "new").write_text("new")
     assert [p.name for p in target.iterdir()] == ["new"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_concurrent_artifact_writers_never_corrupt_the_target(tmp_path):
+    """Two writers of the same content-addressed artifact: both commit, the target is whole."""
+    from merging.io.artifacts import ArtifactReader, ArtifactWriter
+
+    target = tmp_path / "sparsify-abc"
+    one = ArtifactWriter(target, {"stage": "s", "cache_key": "abc"})
+    two = ArtifactWriter(target, {"stage": "s", "cache_key": "abc"})
+    for writer in (one, two):
+        writer.add_group("w", {"x": torch.arange(6.0)})
+    one.commit()
+    two.commit()
+    reader = ArtifactReader(target)
+    assert torch.equal(reader.read_group("w")["x"], torch.arange(6.0))
+    assert [p.name for p in tmp_path.iterdir()] == ["sparsify-abc"]
