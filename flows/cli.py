@@ -162,9 +162,9 @@ def run(
     try:
         overrides = _overrides(set_)
         _pipeline_env()
-        from flows.merge_and_eval import merge_and_eval
+        from flows.merge_and_eval import merge_and_eval, task_runner
 
-        merge_and_eval(params, overrides, refresh)
+        merge_and_eval.with_options(task_runner=task_runner(params, overrides))(params, overrides, refresh)
     except MergeflowError as err:
         _fail(err)
 

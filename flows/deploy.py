@@ -17,15 +17,16 @@ from pathlib import Path
 from prefect import serve
 from prefect.schedules import Cron
 
-from flows.merge_and_eval import merge_and_eval
+from flows.merge_and_eval import merge_and_eval, task_runner
 from tasks.params import load_params
 
 
 def deployments(params_file: str = "params.yaml"):
     params = load_params(params_file)
     defaults = {"params_file": str(Path(params_file).resolve()), "overrides": {}, "refresh": False}
-    manual = merge_and_eval.to_deployment(name="manual", parameters=defaults, tags=["mergeflow"])
-    nightly = merge_and_eval.to_deployment(
+    flow = merge_and_eval.with_options(task_runner=task_runner(params_file))
+    manual = flow.to_deployment(name="manual", parameters=defaults, tags=["mergeflow"])
+    nightly = flow.to_deployment(
         name="nightly", parameters=defaults, tags=["mergeflow", "nightly"],
         schedules=[Cron(params.schedule.cron, timezone=params.schedule.timezone)],
     )

@@ -50,12 +50,29 @@ def merge_and_eval(params_file: str = "params.yaml", overrides: dict[str, Any] |
 
 def evaluate_models(p: dict, fetch_dir: str, model_dir: str, store: str, refresh: bool) -> dict[str, str]:
     """lm-eval on the merged model, the base and every input; inputs and base are cached by
-    their weights' digest, so they are evaluated once across runs and sweeps. One at a time:
-    lm-eval and accelerate keep process-global state that is not thread-safe."""
+    their weights' digest, so they are evaluated once across runs and sweeps. With the Dask
+    task runner (worker processes) the models are evaluated in parallel; with threads one at
+    a time, since lm-eval and accelerate keep process-global state that is not thread-safe."""
     targets = evaluate.eval_targets(p, fetch_dir, model_dir)
     tokenizer = targets["base"][0]
-    results = {}
+    calls = {}
     for name, (folder, digest) in targets.items():
         stale = refresh or not evaluate.result_path(p["eval"], digest, store).is_file()
-        results[name] = evaluate.evaluate.with_options(refresh_cache=stale)(p["eval"], folder, digest, store, tokenizer)
-    return results
+        calls[name] = (evaluate.evaluate.with_options(refresh_cache=stale), (p["eval"], folder, digest, store, tokenizer))
+    if p["pipeline"]["task_runner"] == "dask":
+        futures = {name: task.submit(*args) for name, (task, args) in calls.items()}
+        return {name: future.result() for name, future in futures.items()}
+    return {name: task(*args) for name, (task, args) in calls.items()}
+
+
+def task_runner(params_file: str = "params.yaml", overrides: dict[str, Any] | None = None):
+    """The task runner ``pipeline.task_runner`` asks for: a thread pool, or Dask worker
+    processes (``pip install 'mergeflow[dask]'``) for parallel evaluation or a cluster."""
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    pipeline = load_params(params_file, overrides).pipeline
+    if pipeline.task_runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        return DaskTaskRunner(cluster_kwargs={"n_workers": pipeline.max_workers, "threads_per_worker": 1, "processes": True})
+    return ThreadPoolTaskRunner(max_workers=pipeline.max_workers)

@@ -63,3 +63,19 @@ def test_changed_lambda_reruns_combine_onward_only(prefect_harness, tiny_models,
     report = json.loads((tmp_path / "art" / "report" / "metrics.json").read_text())
     assert report["method"] == "ties"
     assert Path(tmp_path / "art" / "report" / "plots" / "scores.png").stat().st_size > 0
+
+
+def test_cli_run_with_overrides(prefect_harness, tiny_models, tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    params = write_params(tmp_path / "params.yaml", tiny_models, tmp_path / "art")
+    result = CliRunner().invoke(app, ["run", "--params", str(params), "--set", "merge.combine.lambda=0.7"])
+    assert result.exit_code == 0, result.output
+    saved = list((tmp_path / "art" / "store").glob("save-*"))
+    assert len(saved) == 1 and json.loads((saved[0] / "manifest.json").read_text())["method"] == "ties"
+    combine = json.loads(next((tmp_path / "art" / "store").glob("combine-*")).joinpath("manifest.json").read_text())
+    assert combine["params"]["parameters"]["lambda"] == 0.7
+    bad = CliRunner().invoke(app, ["run", "--params", str(params), "--set", "merge.combine.density=0.1"])
+    assert bad.exit_code == 2 and "move it to merge.sparsify" in bad.output
