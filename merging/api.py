@@ -6,7 +6,8 @@ as ``merge_checkpoints`` does per tensor. Spec worked examples and method tests 
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 

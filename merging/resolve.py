@@ -9,7 +9,8 @@ fields are defaults for every model; the rest are the method's shared params.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from pydantic import BaseModel, ValidationError
 

@@ -14,8 +14,9 @@ hands it to ``sparsify`` as ``group.trim_thresholds``.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Mapping
+from typing import Literal
 
 import torch
 

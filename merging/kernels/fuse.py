@@ -16,7 +16,7 @@ import torch
 
 from merging.kernels.sign import TieRule, agreement_mask, elect_sign
 
-__all__ = ["fuse_deltas"]
+__all__ = ["fuse_deltas", "model_weights", "combine_weighted_sum", "combine_sign_elected"]
 
 
 def fuse_deltas(
@@ -46,3 +46,21 @@ def fuse_deltas(
         divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
         merged = merged / divisor
     return merged
+
+
+def model_weights(group) -> torch.Tensor:
+    """The per-model ``weight`` of a tensor group's resolved model params, shape ``(T,)``."""
+    return torch.tensor([p.weight for p in group.model_params])
+
+
+def combine_weighted_sum(group, factors, params) -> torch.Tensor:
+    """Stage ``combine`` of the task-arithmetic family without election: sum_t w_t d_t
+    (divided by sum_t w_t when ``params.normalize``)."""
+    return fuse_deltas(factors["deltas"], model_weights(group), elect=False, normalize=params.normalize)
+
+
+def combine_sign_elected(group, factors, params) -> torch.Tensor:
+    """Stage ``combine`` of the TIES family: sign election, then the (normalized) sum of the
+    agreeing weighted entries, with the method's election conventions."""
+    return fuse_deltas(factors["deltas"], model_weights(group), elect=True, normalize=params.normalize,
+                       weight_before_election=params.weight_before_election, tie_rule=params.sign_tie_rule)

@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from merging.kernels.fuse import fuse_deltas
+from merging.kernels.fuse import combine_sign_elected, combine_weighted_sum
 from merging.kernels.sparsify import drop_outliers_and_small
 from merging.params import MethodParams, WeightedModelParams
 from merging.spec import Factors, MethodSpec, TensorGroup
@@ -52,23 +52,13 @@ def sparsify(group: TensorGroup, factors: Factors, params: BreadcrumbsParams, rn
     return {"deltas": out}
 
 
-def _weights(group: TensorGroup) -> torch.Tensor:
-    return torch.tensor([p.weight for p in group.model_params])
 
-
-def combine_linear(group: TensorGroup, factors: Factors, params: BreadcrumbsParams) -> torch.Tensor:
-    return fuse_deltas(factors["deltas"], _weights(group), elect=False, normalize=params.normalize)
-
-
-def combine_ties(group: TensorGroup, factors: Factors, params: BreadcrumbsTiesParams) -> torch.Tensor:
-    return fuse_deltas(factors["deltas"], _weights(group), elect=True, normalize=params.normalize,
-                       weight_before_election=params.weight_before_election, tie_rule=params.sign_tie_rule)
 
 
 PAPER = "Davari & Belilovsky 2024, Model Breadcrumbs, arXiv 2312.06795"
 LINEAR_SPEC = MethodSpec(name="breadcrumbs", params=BreadcrumbsParams, model_params=BreadcrumbsModelParams,
-                         sparsify=sparsify, combine=combine_linear, paper=PAPER,
+                         sparsify=sparsify, combine=combine_weighted_sum, paper=PAPER,
                        param_stages={"density": "sparsify", "gamma": "sparsify", "per_row": "sparsify"})
 TIES_SPEC = MethodSpec(name="breadcrumbs_ties", params=BreadcrumbsTiesParams, model_params=BreadcrumbsModelParams,
-                       sparsify=sparsify, combine=combine_ties, paper=PAPER,
+                       sparsify=sparsify, combine=combine_sign_elected, paper=PAPER,
                        param_stages={"density": "sparsify", "gamma": "sparsify", "per_row": "sparsify"})

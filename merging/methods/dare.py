@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 from pydantic import Field, field_validator
 
-from merging.kernels.fuse import fuse_deltas
+from merging.kernels.fuse import combine_sign_elected, combine_weighted_sum
 from merging.kernels.rescale import Rescale, apply_rescale, parse_rescale
 from merging.params import MethodParams, WeightedModelParams
 from merging.rng import uniform
@@ -61,23 +61,13 @@ def sparsify(group: TensorGroup, factors: Factors, params: DareParams, rng: torc
     return {"deltas": drop_and_rescale(group, factors["deltas"], params.rescale, rng)}
 
 
-def _weights(group: TensorGroup) -> torch.Tensor:
-    return torch.tensor([p.weight for p in group.model_params])
 
-
-def combine_linear(group: TensorGroup, factors: Factors, params: DareParams) -> torch.Tensor:
-    return fuse_deltas(factors["deltas"], _weights(group), elect=False, normalize=params.normalize)
-
-
-def combine_ties(group: TensorGroup, factors: Factors, params: DareTiesParams) -> torch.Tensor:
-    return fuse_deltas(factors["deltas"], _weights(group), elect=True, normalize=params.normalize,
-                       weight_before_election=params.weight_before_election, tie_rule=params.sign_tie_rule)
 
 
 PAPER = "Yu et al. 2024, Language Models are Super Mario (DARE), arXiv 2311.03099"
 LINEAR_SPEC = MethodSpec(name="dare_linear", params=DareParams, model_params=DareModelParams,
-                         sparsify=sparsify, combine=combine_linear, random=True, paper=PAPER,
+                         sparsify=sparsify, combine=combine_weighted_sum, random=True, paper=PAPER,
                        param_stages={"density": "sparsify", "rescale": "sparsify"})
 TIES_SPEC = MethodSpec(name="dare_ties", params=DareTiesParams, model_params=DareModelParams,
-                       sparsify=sparsify, combine=combine_ties, random=True, paper=PAPER,
+                       sparsify=sparsify, combine=combine_sign_elected, random=True, paper=PAPER,
                        param_stages={"density": "sparsify", "rescale": "sparsify"})

@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from merging.kernels.fuse import fuse_deltas
+from merging.kernels.fuse import combine_sign_elected, combine_weighted_sum
 from merging.kernels.rescale import Rescale, apply_rescale, parse_rescale
 from merging.kernels.sparsify import magprune_rank_probabilities
 from merging.params import MethodParams, WeightedModelParams
@@ -38,7 +38,7 @@ class DellaModelParams(WeightedModelParams):
     epsilon: float = Field(0.07, ge=0.0, lt=0.5, description="Half-width of the keep-probability window.")
 
     @model_validator(mode="after")
-    def _window_inside_unit_interval(self) -> "DellaModelParams":
+    def _window_inside_unit_interval(self) -> DellaModelParams:
         if self.density < 1 and not (0 < self.density - self.epsilon and self.density + self.epsilon < 1):
             raise ValueError(
                 f"density ± epsilon must lie in (0, 1); got density={self.density}, epsilon={self.epsilon}"
@@ -73,23 +73,13 @@ def sparsify(group: TensorGroup, factors: Factors, params: DellaParams, rng: tor
     return {"deltas": out}
 
 
-def _weights(group: TensorGroup) -> torch.Tensor:
-    return torch.tensor([p.weight for p in group.model_params])
 
-
-def combine_ties(group: TensorGroup, factors: Factors, params: DellaParams) -> torch.Tensor:
-    return fuse_deltas(factors["deltas"], _weights(group), elect=True, normalize=params.normalize,
-                       weight_before_election=params.weight_before_election, tie_rule=params.sign_tie_rule)
-
-
-def combine_linear(group: TensorGroup, factors: Factors, params: DellaLinearParams) -> torch.Tensor:
-    return fuse_deltas(factors["deltas"], _weights(group), elect=False, normalize=params.normalize)
 
 
 PAPER = "Deep, Bhardwaj & Poria 2024, DELLA-Merging, arXiv 2406.11617"
 TIES_SPEC = MethodSpec(name="della", params=DellaParams, model_params=DellaModelParams,
-                       sparsify=sparsify, combine=combine_ties, random=True, paper=PAPER,
+                       sparsify=sparsify, combine=combine_sign_elected, random=True, paper=PAPER,
                        param_stages={"density": "sparsify", "epsilon": "sparsify", "rescale": "sparsify"})
 LINEAR_SPEC = MethodSpec(name="della_linear", params=DellaLinearParams, model_params=DellaModelParams,
-                         sparsify=sparsify, combine=combine_linear, random=True, paper=PAPER,
+                         sparsify=sparsify, combine=combine_weighted_sum, random=True, paper=PAPER,
                        param_stages={"density": "sparsify", "epsilon": "sparsify", "rescale": "sparsify"})

@@ -12,12 +12,11 @@ as in mergekit. No randomness, no data. Follows ``../shared/specs/svd-methods.md
 
 from __future__ import annotations
 
-import torch
 from pydantic import Field
 
-from merging.kernels.fuse import fuse_deltas
+from merging.kernels.fuse import combine_weighted_sum
 from merging.params import MethodParams, WeightedModelParams
-from merging.spec import Factors, MethodSpec, TensorGroup
+from merging.spec import MethodSpec
 
 
 class TaskArithmeticParams(MethodParams):
@@ -25,15 +24,10 @@ class TaskArithmeticParams(MethodParams):
     int8_mask: bool = Field(False, description="Accepted for mergekit configs; has no effect here.")
 
 
-def combine(group: TensorGroup, factors: Factors, params: TaskArithmeticParams) -> torch.Tensor:
-    weights = torch.tensor([p.weight for p in group.model_params])
-    return fuse_deltas(factors["deltas"], weights, elect=False, normalize=params.normalize)
-
-
 SPEC = MethodSpec(
     name="task_arithmetic",
     params=TaskArithmeticParams,
     model_params=WeightedModelParams,
-    combine=combine,
+    combine=combine_weighted_sum,
     paper="Ilharco et al. 2023, Editing Models with Task Arithmetic, arXiv 2212.04089",
 )

@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from merging.kernels.fuse import fuse_deltas
+from merging.kernels.fuse import combine_sign_elected
 from merging.kernels.sparsify import keep_topk, trim_below
 from merging.params import MethodParams, WeightedModelParams
 from merging.spec import Factors, GlobalTrim, MethodSpec, TensorGroup
@@ -66,14 +66,6 @@ def sparsify(group: TensorGroup, factors: Factors, params: TiesParams, rng: torc
     return {"deltas": trim_by_magnitude(group, factors["deltas"], densities)}
 
 
-def combine(group: TensorGroup, factors: Factors, params: TiesParams) -> torch.Tensor:
-    weights = torch.tensor([p.weight for p in group.model_params])
-    return fuse_deltas(
-        factors["deltas"], weights, elect=True, normalize=params.normalize,
-        weight_before_election=params.weight_before_election, tie_rule=params.sign_tie_rule,
-    )
-
-
 def model_scope_trim(params: TiesParams) -> GlobalTrim | None:
     if params.trim_scope != "model":
         return None
@@ -88,7 +80,7 @@ SPEC = MethodSpec(
     params=TiesParams,
     model_params=TiesModelParams,
     sparsify=sparsify,
-    combine=combine,
+    combine=combine_sign_elected,
     global_trim=model_scope_trim,
     paper="Yadav et al. 2023, TIES-Merging, arXiv 2306.01708",
     param_stages={"density": "sparsify", "trim_scope": "sparsify"},

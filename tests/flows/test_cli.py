@@ -14,7 +14,6 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from flows.cli import app
-from tests.conftest import save_tiny_model
 
 runner = CliRunner()
 

@@ -2,6 +2,7 @@
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from merging.config import DEFAULT_EXCLUDE, load_merge_config, parse_merge_config
 from merging.errors import MergeConfigError
@@ -103,5 +104,5 @@ def test_missing_and_malformed_files(tmp_path):
 
 def test_config_is_frozen():
     config = parse_merge_config({"merge_method": "ties", "models": ["a"]})
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         config.seed = 3

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from merging import merge_checkpoints, parse_merge_config
 from merging.io import checkpoint as checkpoint_module
 from merging.io import writer as writer_module
-from tests.conftest import save_tiny_model, save_tokenizer
+from tests.conftest import save_tiny_model
 
 
 def _state(folder: Path) -> dict[str, torch.Tensor]:

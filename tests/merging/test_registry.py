@@ -26,5 +26,5 @@ def test_every_method_has_frozen_strict_params_and_a_paper(name):
         assert model.model_config.get("frozen") and model.model_config.get("extra") == "forbid"
     assert "lambda" in {f.alias for f in spec.params.model_fields.values()}
     assert spec.paper
-    module = __import__(spec.combine.__module__, fromlist=["__doc__"])
+    module = __import__(spec.params.__module__, fromlist=["__doc__"])
     assert module.__doc__ and any(cite in module.__doc__ for cite in ("arXiv", "Shoemake", "github"))
