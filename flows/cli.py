@@ -8,11 +8,12 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 import yaml
 
+from flows.progress import progress_bar
 from merging.errors import MergeConfigError, MergeflowError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Merge fine-tuned models of one base model.")
@@ -23,46 +24,27 @@ def _fail(err: Exception) -> None:
     raise typer.Exit(code=2)
 
 
-def _progress_bar(quiet: bool):
-    if quiet:
-        return None, None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    bar = Progress(TextColumn("[bold]merging"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TextColumn("{task.description}"), transient=False)
-    task_id = bar.add_task("", total=None)
-
-    def update(done: int, total: int, name: str) -> None:
-        bar.update(task_id, completed=done, total=total, description=name)
-
-    return bar, update
-
-
-def _run_merge(config, out: Optional[str], overwrite: bool, quiet: bool) -> None:
+def _run_merge(config, out: str | None, overwrite: bool, quiet: bool) -> None:
     from merging.merge import merge_checkpoints
 
     target = out or config.out
     if not target:
         raise MergeConfigError("no output folder: pass --out DIR (or OUT), or set 'out' / 'save_path' / 'output_dir' in the config")
-    bar, update = _progress_bar(quiet)
-    if bar is None:
-        result = merge_checkpoints(config, target, overwrite=overwrite)
-    else:
-        with bar:
-            result = merge_checkpoints(config, target, overwrite=overwrite, progress=update)
+    with progress_bar("merging", enabled=not quiet) as update:
+        result = merge_checkpoints(config, target, overwrite=overwrite, progress=update)
     typer.echo(f"wrote {result}")
 
 
 @app.command()
 def merge(
-    config_file: Annotated[Optional[Path], typer.Argument(metavar="CONFIG", help="Merge config YAML (mergekit, DRM or Circuit-Merge format).")] = None,
-    out_arg: Annotated[Optional[str], typer.Argument(metavar="OUT", help="Output folder (as mergekit-yaml).")] = None,
-    config_path: Annotated[Optional[Path], typer.Option("--config-path", help="Same as CONFIG (the DRM CLI's spelling).")] = None,
-    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output folder.")] = None,
+    config_file: Annotated[Path | None, typer.Argument(metavar="CONFIG", help="Merge config YAML (mergekit, DRM or Circuit-Merge format).")] = None,
+    out_arg: Annotated[str | None, typer.Argument(metavar="OUT", help="Output folder (as mergekit-yaml).")] = None,
+    config_path: Annotated[Path | None, typer.Option("--config-path", help="Same as CONFIG (the DRM CLI's spelling).")] = None,
+    out: Annotated[str | None, typer.Option("--out", "-o", help="Output folder.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
-    device: Annotated[Optional[str], typer.Option(help="cpu | cuda | auto (default: the config's, else auto).")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed for random methods (overrides the config).")] = None,
-    shard_size: Annotated[Optional[str], typer.Option(help="Max bytes per output shard, e.g. 5GB, 500MB.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu | cuda | auto (default: the config's, else auto).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for random methods (overrides the config).")] = None,
+    shard_size: Annotated[str | None, typer.Option(help="Max bytes per output shard, e.g. 5GB, 500MB.")] = None,
     allow_pickle: Annotated[bool, typer.Option(help="Allow pytorch_model.bin inputs (weights-only load).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -87,15 +69,15 @@ def merge(
 
 @app.command("circuit-merge")
 def circuit_merge(
-    paths: Annotated[Optional[list[str]], typer.Argument(metavar="BASE VARIANT [VARIANT ...] OUTPUT", help="Base model, variants (first = highest priority), output folder.")] = None,
-    config_file: Annotated[Optional[Path], typer.Option("--config", help="Circuit-Merge YAML (base_model, variant_models, output_dir, parameters).")] = None,
-    temperature: Annotated[Optional[float], typer.Option("--temperature")] = None,
-    base_droprate: Annotated[Optional[float], typer.Option("--base_droprate", "--base-droprate")] = None,
-    meaningful_change_threshold: Annotated[Optional[float], typer.Option("--meaningful_change_threshold", "--meaningful-change-threshold")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed")] = None,
+    paths: Annotated[list[str] | None, typer.Argument(metavar="BASE VARIANT [VARIANT ...] OUTPUT", help="Base model, variants (first = highest priority), output folder.")] = None,
+    config_file: Annotated[Path | None, typer.Option("--config", help="Circuit-Merge YAML (base_model, variant_models, output_dir, parameters).")] = None,
+    temperature: Annotated[float | None, typer.Option("--temperature")] = None,
+    base_droprate: Annotated[float | None, typer.Option("--base_droprate", "--base-droprate")] = None,
+    meaningful_change_threshold: Annotated[float | None, typer.Option("--meaningful_change_threshold", "--meaningful-change-threshold")] = None,
+    seed: Annotated[int | None, typer.Option("--seed")] = None,
     skip_rescaling: Annotated[bool, typer.Option("--skip_rescaling", "--skip-rescaling")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
-    device: Annotated[Optional[str], typer.Option(help="cpu | cuda | auto")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu | cuda | auto")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Circuit-Merge (the seed script's command line): priority-ordered DELLA-style merge."""
@@ -155,7 +137,7 @@ def _pipeline_env() -> None:
 @app.command()
 def run(
     params: Annotated[str, typer.Option("--params", help="Pipeline params file.")] = "params.yaml",
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a dotted key: --set merge.sparsify.density=0.3")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a dotted key: --set merge.sparsify.density=0.3")] = None,
     refresh: Annotated[bool, typer.Option(help="Recompute every stage, ignoring caches.")] = False,
 ) -> None:
     """Run the merge-and-eval flow once (Prefect; cached stages are skipped)."""
