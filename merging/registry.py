@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 
 from merging.errors import UnknownMethodError
-from merging.methods import breadcrumbs, circuit, dare, della, linear, model_stock, slerp, task_arithmetic, ties
+from merging.methods import breadcrumbs, circuit, dare, della, drm, linear, model_stock, slerp, task_arithmetic, ties
 from merging.spec import MethodSpec
 
 __all__ = ["METHODS", "get_method", "method_names"]
@@ -24,6 +24,7 @@ _SPECS: tuple[MethodSpec, ...] = (
     slerp.NUSLERP_SPEC,
     model_stock.SPEC,
     circuit.SPEC,
+    drm.SPEC,
 )
 
 

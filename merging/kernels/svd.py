@@ -1,0 +1,64 @@
+"""SVD kernels shared by the SVD-space methods (DRM, TSV-M, Iso-C / Iso-CTS, Scale-SVD).
+
+* ``thin_svd``: ``A = U diag(s) Vh`` with ``full_matrices=False``, batched over leading dims,
+  computed in float32 or float64 (torch has no half-precision SVD);
+* ``relative_rank``: ``r = #{j : s_j > tol * max(s)}`` (strict ``>``; 0 for an all-zero spectrum);
+* ``low_rank``: the best rank-``k`` approximation ``U_k diag(s_k) Vh_k``;
+* ``polar``: the orthogonal polar factor ``P Q^T`` of ``A = P D Q^T`` (the nearest matrix with
+  orthonormal columns, or rows for a wide ``A``; ``../shared/specs/svd-methods.md`` §0).
+
+Every SVD of the method files goes through ``torch.linalg.svd`` here, so a test can count them.
+Functions are pure and return tensors in the dtype they computed in; callers cast once.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+__all__ = ["SVD_DTYPES", "SvdDtype", "low_rank", "polar", "relative_rank", "thin_svd"]
+
+SvdDtype = Literal["float32", "float64"]
+SVD_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
+
+
+def thin_svd(matrix: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD of ``matrix`` ``(..., m, n)``.
+
+    Args:
+        matrix: one matrix or a batch of them.
+        dtype: float32 or float64 to compute in; default the input's dtype, or float32 for
+            half-precision inputs.
+
+    Returns:
+        ``(U, s, Vh)`` with shapes ``(..., m, p)``, ``(..., p)``, ``(..., p, n)``, ``p = min(m, n)``,
+        ``s`` descending, in the compute dtype.
+    """
+    if dtype is None:
+        dtype = matrix.dtype if matrix.dtype in (torch.float32, torch.float64) else torch.float32
+    u, s, vh = torch.linalg.svd(matrix.to(dtype), full_matrices=False)
+    return u, s, vh
+
+
+def relative_rank(singular_values: torch.Tensor, rel_tol: float) -> int:
+    """Number of singular values strictly above ``rel_tol * max(s)`` (0 if all are zero)."""
+    if singular_values.numel() == 0:
+        return 0
+    return int((singular_values > rel_tol * singular_values.max()).sum())
+
+
+def low_rank(matrix: torch.Tensor, rank: int) -> torch.Tensor:
+    """Best rank-``rank`` approximation of ``matrix`` ``(..., m, n)`` (Eckart-Young), same dtype."""
+    u, s, vh = thin_svd(matrix)
+    return ((u[..., :rank] * s[..., None, :rank]) @ vh[..., :rank, :]).to(matrix.dtype)
+
+
+def polar(matrix: torch.Tensor) -> torch.Tensor:
+    """Orthogonal polar factor ``P Q^T`` of ``matrix = P D Q^T`` (thin SVD), same shape and dtype.
+
+    For a full-rank tall matrix it equals ``A (A^T A)^(-1/2)``; where ``A`` is rank-deficient the
+    factor includes the null-space basis the SVD returns (as in the reference implementations).
+    """
+    u, _, vh = thin_svd(matrix)
+    return (u @ vh).to(matrix.dtype)
