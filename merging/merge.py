@@ -85,6 +85,9 @@ class MergeInputs:
             if entry.kind != "ignore":
                 self.params_for(entry)
         self.stats = _load_stats(config.stats) if config.stats else None
+        if self.spec.uses_stats and self.stats is None:
+            log.warning("%s: no activation statistics given (create them with 'mergeflow collect-stats' and set "
+                        "'stats: FILE'); running unscaled", self.spec.name)
 
     def params_for(self, entry: TensorEntry):
         """(method params, per-model params) for one tensor, cached by resolved values."""

@@ -5,7 +5,22 @@ from __future__ import annotations
 import difflib
 
 from merging.errors import UnknownMethodError
-from merging.methods import breadcrumbs, circuit, dare, della, drm, linear, model_stock, slerp, task_arithmetic, ties
+from merging.methods import (
+    breadcrumbs,
+    circuit,
+    dare,
+    della,
+    drm,
+    iso,
+    linear,
+    model_stock,
+    scale_svd,
+    slerp,
+    tall,
+    task_arithmetic,
+    ties,
+    tsv_m,
+)
 from merging.spec import MethodSpec
 
 __all__ = ["METHODS", "get_method", "method_names"]
@@ -25,6 +40,12 @@ _SPECS: tuple[MethodSpec, ...] = (
     model_stock.SPEC,
     circuit.SPEC,
     drm.SPEC,
+    tsv_m.SPEC,
+    iso.ISO_C_SPEC,
+    iso.ISO_CTS_SPEC,
+    tall.CONSENSUS_SPEC,
+    tall.TALL_SPEC,
+    scale_svd.SPEC,
 )
 
 

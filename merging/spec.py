@@ -92,6 +92,7 @@ class MethodSpec:
         random: whether the method draws random numbers (then ``seed`` matters).
         global_trim: whole-model trim declared by the params, if any.
         paper: citation shown in docs and the model card.
+        uses_stats: reads per-tensor activation statistics (``group.stats``) when given.
         param_stages: which pipeline stage reads each parameter (``"decompose"`` or
             ``"sparsify"``); every parameter not listed is read by ``"combine"``. A changed
             parameter reruns its stage and the ones after it, never those before.
@@ -110,6 +111,7 @@ class MethodSpec:
     global_trim: Callable[[MethodParams], GlobalTrim | None] | None = None
     paper: str = ""
     param_stages: Mapping[str, str] = field(default_factory=dict)
+    uses_stats: bool = False
 
     def stage_of(self, key: str) -> str:
         """The pipeline stage that reads parameter ``key``."""

@@ -183,7 +183,8 @@ def test_no_base_linear_uses_first_model_as_reference(tiny_models, tmp_path):
     assert all(torch.allclose(out[k], (sa[k] + sb[k]) / 2, atol=1e-7) for k in sa)
 
 
-@pytest.mark.parametrize("method", ["ties", "dare_linear", "breadcrumbs", "della", "model_stock", "task_arithmetic"])
+@pytest.mark.parametrize("method", ["ties", "dare_linear", "breadcrumbs", "della", "model_stock", "task_arithmetic", "drm",
+                                    "tsv_m", "iso_c", "iso_cts", "consensus", "tall_masks", "scale_svd", "circuit_merge"])
 def test_every_registered_elementwise_method_runs_end_to_end(tiny_models, tmp_path, method):
     from transformers import AutoModelForCausalLM
 

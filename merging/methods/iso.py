@@ -1,0 +1,94 @@
+"""Iso-C and Iso-CTS — isotropic merging in the common (and task-specific) subspaces.
+
+Paper: Marczak et al., ICML 2025, "No Task Left Behind: Isotropic Model Merging with Common
+and Task-Specific Subspaces", arXiv 2502.04959. Follows ``../shared/specs/svd-methods.md``
+§5-6.
+
+Iso-C, per 2-D matrix: M = sum_t tau_t = U diag(s) V^T; merged = mean(s) U V^T (mean over
+all r = min(m, n) singular values, near-zero ones included; ||merged||_F = mean(s) sqrt(r)).
+Iso-CTS, per 2-D matrix, f = common_space_fraction (0.8):
+  sizes     kc = floor(r f); K = round((r - kc) / T) * T (Python's half-to-even round);
+            kc = r - K; kt = K / T. If kt = 0 the matrix is merged by Iso-C.
+  common    U_c, s_c, V_c^T = the top-kc triplets of the SVD of M;
+  specific  R_t = tau_t - U_c U_c^T tau_t; its top-kt triplets;
+  merged    U_cat = [task blocks | common], s_cat, V_cat^T likewise (r slots);
+            merged = mean(s_cat) polar(U_cat) polar(V_cat^T).
+Other tensors: mean over tasks. theta = theta_0 + lambda * merged. Stages: decompose holds
+every SVD and polar factor; combine is one product, so a lambda sweep reuses them. No data,
+no randomness. ``iso_cts_subspaces`` is shared with Scale-SVD.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from merging.kernels.svd import polar
+from merging.params import MethodParams
+from merging.spec import Factors, MethodSpec, TensorGroup
+
+PAPER = "Marczak et al. 2025, Isotropic Model Merging (Iso-C, Iso-CTS), arXiv 2502.04959"
+
+
+class IsoCParams(MethodParams):
+    pass
+
+
+class IsoCtsParams(MethodParams):
+    common_space_fraction: float = Field(0.8, gt=0.0, le=1.0, description="Fraction f of the rank given to the common subspace.")
+
+
+def subspace_sizes(rank: int, tasks: int, fraction: float) -> tuple[int, int]:
+    """(kc, kt): common dims and per-task dims, Iso-CTS's exact rule."""
+    kc = int(rank * fraction)
+    total_task = round((rank - kc) / tasks) * tasks
+    kt = total_task // tasks
+    if kt == 0:
+        return rank, 0
+    return rank - total_task, kt
+
+
+def iso_c_factors(deltas: torch.Tensor) -> Factors:
+    """Iso-C's isotropic factors of a task stack (T, m, n): merged = scale * u @ vh."""
+    u, s, vh = torch.linalg.svd(deltas.sum(dim=0), full_matrices=False)
+    return {"u": u, "vh": vh, "scale": s.mean().reshape(1)}
+
+
+def iso_cts_factors(deltas: torch.Tensor, fraction: float) -> Factors:
+    """Iso-CTS's isotropic factors of a task stack (T, m, n)."""
+    t, m, n = deltas.shape
+    r = min(m, n)
+    kc, kt = subspace_sizes(r, t, fraction)
+    if kt == 0:
+        return iso_c_factors(deltas)
+    u, s, vh = torch.linalg.svd(deltas.sum(dim=0), full_matrices=False)
+    u_c, s_c, vh_c = u[:, :kc], s[:kc], vh[:kc]
+    residual = deltas - u_c @ (u_c.T @ deltas)  # (T, m, n): remove the common left subspace
+    ru, rs, rvh = torch.linalg.svd(residual, full_matrices=False)
+    u_cat = torch.cat([ru[:, :, :kt].permute(1, 0, 2).reshape(m, t * kt), u_c], dim=1)  # (m, r)
+    s_cat = torch.cat([rs[:, :kt].reshape(t * kt), s_c])
+    vh_cat = torch.cat([rvh[:, :kt, :].reshape(t * kt, n), vh_c], dim=0)  # (r, n)
+    return {"u": polar(u_cat), "vh": polar(vh_cat), "scale": s_cat.mean().reshape(1)}
+
+
+def decompose_c(group: TensorGroup, params: IsoCParams) -> Factors:
+    if group.kind != "matrix":
+        return {"mean": group.deltas.mean(dim=0)}
+    return iso_c_factors(group.deltas)
+
+
+def decompose_cts(group: TensorGroup, params: IsoCtsParams) -> Factors:
+    if group.kind != "matrix":
+        return {"mean": group.deltas.mean(dim=0)}
+    return iso_cts_factors(group.deltas, params.common_space_fraction)
+
+
+def combine(group: TensorGroup, factors: Factors, params: MethodParams) -> torch.Tensor:
+    if "mean" in factors:
+        return factors["mean"]
+    return factors["scale"] * (factors["u"] @ factors["vh"])
+
+
+ISO_C_SPEC = MethodSpec(name="iso_c", params=IsoCParams, decompose=decompose_c, combine=combine, paper=PAPER)
+ISO_CTS_SPEC = MethodSpec(name="iso_cts", params=IsoCtsParams, decompose=decompose_cts, combine=combine, paper=PAPER,
+                          param_stages={"common_space_fraction": "decompose"})
