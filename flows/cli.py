@@ -179,6 +179,24 @@ def serve(params: Annotated[str, typer.Option("--params")] = "params.yaml") -> N
         _fail(err)
 
 
+@app.command("collect-stats")
+def collect_stats(
+    base: Annotated[Path, typer.Argument(help="Base model folder.")],
+    data: Annotated[Path, typer.Argument(help="Calibration text: .txt (one sample a line) or .jsonl ('text' field).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Statistics file (safetensors).")] = Path("stats.safetensors"),
+    max_samples: Annotated[int, typer.Option(help="Samples to run.")] = 256,
+    max_length: Annotated[int, typer.Option(help="Tokens per sample.")] = 256,
+    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+) -> None:
+    """Record per-layer input statistics of the base model (for scale_svd: set 'stats: FILE')."""
+    try:
+        from tasks.stats import collect_activation_stats
+
+        typer.echo(f"wrote {collect_activation_stats(base, data, out, max_samples=max_samples, max_length=max_length, device=device)}")
+    except MergeflowError as err:
+        _fail(err)
+
+
 @app.command()
 def methods() -> None:
     """List the merge methods and their parameters."""

@@ -54,7 +54,7 @@ class ModelsSection(BaseModel):
     inputs: tuple[ModelRef, ...] = Field(min_length=1)
 
     @model_validator(mode="after")
-    def _unique_names(self) -> "ModelsSection":
+    def _unique_names(self) -> ModelsSection:
         names = [self.base.name, *(m.name for m in self.inputs)]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
@@ -106,7 +106,7 @@ class EvalSection(BaseModel):
 
 
     @model_validator(mode="after")
-    def _aligned(self) -> "EvalSection":
+    def _aligned(self) -> EvalSection:
         if self.validation_tasks and len(self.validation_tasks) != len(self.tasks):
             raise ValueError("eval.validation_tasks must list one validation task per entry of eval.tasks, in the same order")
         return self
@@ -130,7 +130,7 @@ class PipelineParams(BaseModel):
     schedule: ScheduleSection = ScheduleSection()
 
     @model_validator(mode="after")
-    def _keys_in_their_stage(self) -> "PipelineParams":
+    def _keys_in_their_stage(self) -> PipelineParams:
         spec = get_method(self.merge.method)
         valid = field_names(spec.params) | field_names(spec.model_params)
         problems = []

@@ -1,0 +1,113 @@
+"""GGUF import: a llama.cpp ``.gguf`` file (quantized or not) becomes a plain Hugging Face
+safetensors folder, so every later stage sees an ordinary model.
+
+transformers reads the file (``from_pretrained(folder, gguf_file=name)``), dequantizes every
+tensor to float32 and undoes llama.cpp's q/k row permutation; the tokenizer is rebuilt from
+the same file's ``tokenizer.ggml.*`` metadata. The GGUF quantizer and ``quantization_config``
+are dropped before ``save_pretrained`` (the weights are dense by then, and a quantized model
+refuses to save). The folder is written atomically and carries ``gguf_source.json`` with the
+GGUF's sha256: a second import of the same file is a no-op.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+import time
+from pathlib import Path
+
+from merging.errors import CheckpointNotFoundError, MergeConfigError
+from merging.io.artifacts import file_digest
+from merging.io.writer import atomic_output_dir
+
+__all__ = ["import_gguf", "find_gguf", "MARKER"]
+
+MARKER = "gguf_source.json"
+log = logging.getLogger(__name__)
+
+
+def find_gguf(source: Path, gguf_file: str | None = None) -> Path:
+    """The ``.gguf`` file that ``source`` (a file, or a folder holding one) names.
+
+    Raises:
+        CheckpointNotFoundError: ``source`` or the named file does not exist, or the folder has no ``.gguf``.
+        MergeConfigError: several candidates and no ``gguf_file``, or ``gguf_file`` contradicts ``source``.
+    """
+    source = Path(source).expanduser()
+    if source.is_file():
+        if source.suffix != ".gguf":
+            raise MergeConfigError(f"{source} is not a .gguf file; point 'source' at a .gguf file or a folder holding one")
+        if gguf_file is not None and Path(gguf_file).name != source.name:
+            raise MergeConfigError(f"gguf_file {gguf_file!r} does not match source file {source.name!r}; drop gguf_file or fix it")
+        return source
+    if not source.is_dir():
+        raise CheckpointNotFoundError(f"GGUF source {source} does not exist")
+    candidates = sorted(str(p.relative_to(source)) for p in source.rglob("*.gguf") if p.is_file())
+    if gguf_file is not None:
+        path = source / gguf_file
+        if not path.is_file():
+            raise CheckpointNotFoundError(f"gguf_file {gguf_file!r} not found in {source}; candidates: {candidates or 'none'}")
+        return path
+    if not candidates:
+        raise CheckpointNotFoundError(f"no .gguf file in {source}; point 'source' at a GGUF file or a folder holding one")
+    if len(candidates) > 1:
+        raise MergeConfigError(f"{source} holds {len(candidates)} .gguf files ({', '.join(candidates)}); "
+                               "name the one to use with 'gguf_file'")
+    return source / candidates[0]
+
+
+def _converted(out_dir: Path, digest: str) -> bool:
+    marker = out_dir / MARKER
+    if not (marker.is_file() and (out_dir / "config.json").is_file()):
+        return False
+    try:
+        return json.loads(marker.read_text()).get("gguf_sha256") == digest
+    except json.JSONDecodeError:
+        return False
+
+
+def import_gguf(source: Path, gguf_file: str | None, out_dir: Path) -> Path:
+    """Dequantize a GGUF model into a Hugging Face safetensors folder at ``out_dir``.
+
+    Args:
+        source: a ``.gguf`` file, or a folder holding one (``gguf_file`` picks among several).
+        gguf_file: the file's name inside ``source`` (relative path), or None.
+        out_dir: the folder to write; left as is when it already holds this GGUF's conversion.
+
+    Returns:
+        ``out_dir``: config, float32 safetensors weights, tokenizer and ``gguf_source.json``.
+
+    Raises:
+        CheckpointNotFoundError: no such file or folder.
+        MergeConfigError: ambiguous or unreadable file, or an architecture transformers cannot load.
+    """
+    path = find_gguf(Path(source), gguf_file)
+    out_dir = Path(out_dir)
+    digest = file_digest(path)
+    if _converted(out_dir, digest):
+        log.info("GGUF %s already converted in %s", path.name, out_dir)
+        return out_dir
+    start = time.perf_counter()
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except (ValueError, KeyError, IndexError, OSError, ImportError, struct.error) as err:  # unreadable or unsupported file
+        raise MergeConfigError(f"cannot convert GGUF {path}: {type(err).__name__}: {err}. Check that the file is complete "
+                               f"(sha256 {digest[:12]}...) and its architecture is one transformers "
+                               f"{transformers.__version__} reads from GGUF (llama, mistral, qwen2, gemma, ...)") from None
+    # The weights are dense float32 now; the quantizer only stops save_pretrained.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_output_dir(out_dir, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        marker = {"gguf_file": path.name, "gguf_sha256": digest, "transformers": transformers.__version__}
+        (tmp / MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
+    log.info("converted GGUF %s to %s in %.1f s", path.name, out_dir, time.perf_counter() - start)
+    return out_dir
