@@ -19,8 +19,9 @@ Other tensors (1-D, embeddings, LM head): a whole-model per-model trim of rate
 (``enable_sign_resolution``), times c_t, disjoint or plain mean.
 
 Defaults: rho = 0.8 and horizontal (the reference CLI's), rel_rank_tol 1e-2, disjoint mean on.
-Guards (``reference_compat: false``, the default): a task whose block row/column norm is
-<= 1e-12 * s_max gets sigma = 0 and a zero normalized row (the reference divides 0/0 -> NaN);
+Guards (``reference_compat: false``, the default): a task whose block row/column norm is at
+the SVD's noise level (<= 1e-12 in float64, 32 eps in float32; the rows of Vh and columns of U
+have unit norm) gets sigma = 0 and a zero normalized row (the reference divides 0/0 -> NaN);
 an all-zero matrix merges to zero (the reference crashes); a drop rate that prunes nothing
 keeps everything (the reference crashes when k = 0). ``reference_compat: true`` reproduces the
 reference: unguarded division, and rho = 0 bypasses the SVD (disjoint/plain mean of the raw
@@ -43,7 +44,14 @@ from merging.kernels.svd import relative_rank, thin_svd
 from merging.params import MethodParams, ModelParams
 from merging.spec import Factors, GlobalTrim, MethodSpec, TensorGroup
 
-NORM_EPS = 1e-12
+NORM_EPS = 1e-12  # relative norm guard in float64; float32 SVDs use a larger one (see _norm_eps)
+
+
+def _norm_eps(dtype: torch.dtype) -> float:
+    """Relative size below which a task's block row/column is numerical noise of the SVD:
+    1e-12 in float64, 32 machine epsilons in float32 (its SVD leaves ~1e-7-relative noise in
+    the blocks of a task whose delta is exactly zero)."""
+    return max(NORM_EPS, 32 * torch.finfo(dtype).eps)
 
 
 class DrmModelParams(ModelParams):
@@ -96,7 +104,7 @@ def decompose(group: TensorGroup, params: DrmParams) -> Factors:
     if params.reference_compat:
         safe = norms
     else:
-        tiny = norms <= NORM_EPS * (s.max() if r else 1.0)
+        tiny = norms <= _norm_eps(dtype)  # rows/columns of Vh / U have unit norm: relative to 1
         safe = torch.where(tiny, torch.ones_like(norms), norms)
     normalized = blocks / (safe.unsqueeze(2) if horizontal else safe.unsqueeze(1))
     sigma = s.unsqueeze(0) * norms  # (T, r)

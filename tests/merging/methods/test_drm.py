@@ -103,7 +103,7 @@ def _reference(deltas, c, rho, direction, tol=1e-2, disjoint=True):
         U, s, Vh = U[:, :r], s[:r], Vh[:r]
         B = np.stack(np.split(Vh, T, 1))
         nu = np.linalg.norm(B, axis=2, keepdims=True)
-        ok = nu > 1e-12 * s.max()
+        ok = nu > 1e-12
         X = s[None, :, None] * np.where(ok, nu, 0) * prune(np.where(ok, B / np.where(ok, nu, 1), 0))
         return U @ mean(elect(X) * c)
     U, s, Vh = np.linalg.svd(np.concatenate(deltas, 0), full_matrices=False)
@@ -111,7 +111,7 @@ def _reference(deltas, c, rho, direction, tol=1e-2, disjoint=True):
     U, s, Vh = U[:, :r], s[:r], Vh[:r]
     A = np.stack(np.split(U, T, 0))
     mu = np.linalg.norm(A, axis=1, keepdims=True)
-    ok = mu > 1e-12 * s.max()
+    ok = mu > 1e-12
     X = prune(np.where(ok, A / np.where(ok, mu, 1), 0)) * (s[None, None, :] * np.where(ok, mu, 0))
     return mean(elect(X) * c) @ Vh
 
