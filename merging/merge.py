@@ -70,8 +70,9 @@ class MergeInputs:
         self.base = CheckpointReader(self.base_folder, name=base_ref, allow_pickle=config.allow_pickle)
         base_shapes = self.base.shapes()
         self.entries = entries
+        read_dtype = _DTYPES[config.dtype] if config.dtype else None
         self.sources: list[ModelSource] = [
-            open_source(m.model, self.base_folder, base_shapes, config.allow_pickle) for m in entries
+            open_source(m.model, self.base_folder, base_shapes, config.allow_pickle, read_dtype) for m in entries
         ]
         self.model_names = [m.model for m in entries]
         self.shared, self.model_defaults = split_global_parameters(self.spec, config.parameters)

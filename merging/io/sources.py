@@ -62,12 +62,16 @@ class FullModelSource:
 
     name: str
     reader: CheckpointReader
+    read_dtype: torch.dtype | None = None  # mergekit's ``dtype``: inputs are cast to it first
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return self.reader.shapes()
 
     def delta(self, key: str, base: torch.Tensor) -> torch.Tensor:
-        return self.reader.get(key).to(device=base.device, dtype=base.dtype) - base
+        tensor = self.reader.get(key)
+        if self.read_dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(self.read_dtype)
+        return tensor.to(device=base.device, dtype=base.dtype) - base
 
 
 @dataclass
@@ -85,7 +89,8 @@ class AdapterSource:
         return None if d is None else d.to(device=base.device, dtype=base.dtype)
 
 
-def open_source(ref: str, base_folder: Path, base_shapes: dict[str, tuple[int, ...]], allow_pickle: bool = False) -> ModelSource:
+def open_source(ref: str, base_folder: Path, base_shapes: dict[str, tuple[int, ...]], allow_pickle: bool = False,
+                read_dtype: torch.dtype | None = None) -> ModelSource:
     """Open a model reference as a delta source, checked against the base's tensors."""
     from merging.errors import MergeConfigError
     from merging.plan import check_same_tensors
@@ -107,4 +112,4 @@ def open_source(ref: str, base_folder: Path, base_shapes: dict[str, tuple[int, .
         return AdapterSource(name=adapter_ref or ref, adapter=adapter)
     reader = CheckpointReader(folder, name=ref, allow_pickle=allow_pickle)
     check_same_tensors(base_shapes, reader.shapes(), ref)
-    return FullModelSource(name=ref, reader=reader)
+    return FullModelSource(name=ref, reader=reader, read_dtype=read_dtype)

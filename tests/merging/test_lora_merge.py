@@ -32,7 +32,7 @@ def test_adapters_merge_like_their_merged_full_models(tiny_models, tmp_path):
     a, a_full = _adapter(base, tmp_path / "a", 1, ["q_proj", "v_proj"])
     b, b_full = _adapter(base, tmp_path / "b", 2, ["q_proj", "up_proj", "down_proj"], rank=2, rslora=True)
     for method, params in (("ties", {"density": 0.5}), ("drm", {"singular_matrices_drop_rate": 0.5}), ("task_arithmetic", {})):
-        def run(x, y, name):
+        def run(x, y, name, method=method, params=params):
             config = parse_merge_config({"merge_method": method, "base_model": str(base),
                                          "models": [{"model": str(x)}, {"model": str(y)}], "parameters": params})
             return load_file(merge_checkpoints(config, tmp_path / name) / "model.safetensors")

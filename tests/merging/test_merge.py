@@ -194,3 +194,17 @@ def test_every_registered_elementwise_method_runs_end_to_end(tiny_models, tmp_pa
     model = AutoModelForCausalLM.from_pretrained(out)
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_tokenizer_source_and_input_dtype(tiny_models, tmp_path):
+    other = tmp_path / "tok"
+    other.mkdir()
+    (other / "tokenizer.json").write_text('{"marker": "other tokenizer"}')
+    base, a = tiny_models["base"], tiny_models["ft_a"]
+    out = merge_checkpoints(_config("task_arithmetic", base, [(a, {})], tokenizer_source=str(other)), tmp_path / "t")
+    assert (out / "tokenizer.json").read_text() == '{"marker": "other tokenizer"}'
+    bf = _state(merge_checkpoints(_config("task_arithmetic", base, [(a, {})], dtype="bfloat16"), tmp_path / "bf"))
+    sb, sa = _state(base), _state(a)
+    key = "model.layers.0.mlp.up_proj.weight"
+    expected = sb[key].bfloat16().float() + (sa[key].bfloat16().float() - sb[key].bfloat16().float())
+    assert bf[key].dtype == torch.bfloat16 and torch.equal(bf[key], expected.bfloat16())
