@@ -3,24 +3,18 @@
 * ``thin_svd``: ``A = U diag(s) Vh`` with ``full_matrices=False``, batched over leading dims,
   computed in float32 or float64 (torch has no half-precision SVD);
 * ``relative_rank``: ``r = #{j : s_j > tol * max(s)}`` (strict ``>``; 0 for an all-zero spectrum);
-* ``low_rank``: the best rank-``k`` approximation ``U_k diag(s_k) Vh_k``;
 * ``polar``: the orthogonal polar factor ``P Q^T`` of ``A = P D Q^T`` (the nearest matrix with
   orthonormal columns, or rows for a wide ``A``; ``../shared/specs/svd-methods.md`` §0).
 
-Every SVD of the method files goes through ``torch.linalg.svd`` here, so a test can count them.
-Functions are pure and return tensors in the dtype they computed in; callers cast once.
+Functions are pure and return tensors in the dtype they computed in; callers cast once. They
+call ``torch.linalg.svd`` at call time, so a test can count SVDs by patching it.
 """
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
-__all__ = ["SVD_DTYPES", "SvdDtype", "low_rank", "polar", "relative_rank", "thin_svd"]
-
-SvdDtype = Literal["float32", "float64"]
-SVD_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
+__all__ = ["polar", "relative_rank", "thin_svd"]
 
 
 def thin_svd(matrix: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -46,12 +40,6 @@ def relative_rank(singular_values: torch.Tensor, rel_tol: float) -> int:
     if singular_values.numel() == 0:
         return 0
     return int((singular_values > rel_tol * singular_values.max()).sum())
-
-
-def low_rank(matrix: torch.Tensor, rank: int) -> torch.Tensor:
-    """Best rank-``rank`` approximation of ``matrix`` ``(..., m, n)`` (Eckart-Young), same dtype."""
-    u, s, vh = thin_svd(matrix)
-    return ((u[..., :rank] * s[..., None, :rank]) @ vh[..., :rank, :]).to(matrix.dtype)
 
 
 def polar(matrix: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,8 @@ Iso-C, per 2-D matrix: M = sum_t tau_t = U diag(s) V^T; merged = mean(s) U V^T (
 all r = min(m, n) singular values, near-zero ones included; ||merged||_F = mean(s) sqrt(r)).
 Iso-CTS, per 2-D matrix, f = common_space_fraction (0.8):
   sizes     kc = floor(r f); K = round((r - kc) / T) * T (Python's half-to-even round);
-            kc = r - K; kt = K / T. If kt = 0 the matrix is merged by Iso-C.
+            kc = r - K; kt = K / T. If kt = 0 the matrix is merged by Iso-C; kt is capped
+            at floor(r / T) (the reference's rule can give K > r, a negative kc, when kc < T / 2).
   common    U_c, s_c, V_c^T = the top-kc triplets of the SVD of M;
   specific  R_t = tau_t - U_c U_c^T tau_t; its top-kt triplets;
   merged    U_cat = [task blocks | common], s_cat, V_cat^T likewise (r slots);
@@ -41,11 +42,12 @@ class IsoCtsParams(MethodParams):
 def subspace_sizes(rank: int, tasks: int, fraction: float) -> tuple[int, int]:
     """(kc, kt): common dims and per-task dims, Iso-CTS's exact rule."""
     kc = int(rank * fraction)
-    total_task = round((rank - kc) / tasks) * tasks
-    kt = total_task // tasks
+    # Guard: round() can ask for more task dims than the rank when kc < T / 2 (e.g. r = 3,
+    # T = 2, f = 0.3: kc = 0, round(1.5) * 2 = 4 > 3, a negative kc); cap at floor(r / T).
+    kt = min(round((rank - kc) / tasks), rank // tasks)
     if kt == 0:
         return rank, 0
-    return rank - total_task, kt
+    return rank - kt * tasks, kt
 
 
 def iso_c_factors(deltas: torch.Tensor) -> Factors:

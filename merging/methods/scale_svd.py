@@ -25,6 +25,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from merging.errors import MergeConfigError
 from merging.kernels.sparsify import keep_topk, keep_topk_rows
 from merging.methods.iso import iso_c_factors, iso_cts_factors
 from merging.params import MethodParams
@@ -66,6 +67,11 @@ def decompose(group: TensorGroup, params: ScaleSvdParams) -> Factors:
     deltas = group.deltas
     if group.kind != "matrix":
         return {"mean": deltas.mean(dim=0) if params.merge != "sum" else deltas.sum(dim=0)}
+    if group.stats is not None and tuple(group.stats.shape) != (deltas.shape[-1],):
+        raise MergeConfigError(
+            f"scale_svd: statistics of tensor {group.name!r} have shape {tuple(group.stats.shape)}, expected "
+            f"({deltas.shape[-1]},) (one value per input feature); recollect them with 'mergeflow collect-stats'"
+        )
     cleaned = torch.stack([
         low_rank_plus_sparse(d, group.stats, params.rank_ratio, params.sparsity, params.iterations, params.mask) for d in deltas
     ])

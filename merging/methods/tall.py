@@ -64,7 +64,7 @@ def task_masks(deltas: torch.Tensor, tau_mtl: torch.Tensor, lambdas: torch.Tenso
 
 def _factors(group: TensorGroup, params: ConsensusParams) -> tuple[torch.Tensor, torch.Tensor]:
     tau_mtl = multitask_vector(group.deltas, params.mtl, params.ties_density)
-    lambdas = torch.tensor([p.tall_lambda for p in group.model_params])
+    lambdas = torch.tensor([p.tall_lambda for p in group.model_params], dtype=group.deltas.dtype, device=group.deltas.device)
     return tau_mtl, task_masks(group.deltas, tau_mtl, lambdas)
 
 

@@ -44,7 +44,7 @@ def np_iso_cts(deltas, f):
     m, n = deltas[0].shape
     r = min(m, n)
     kc = int(np.floor(r * f))
-    K = round((r - kc) / T) * T
+    K = min(round((r - kc) / T), r // T) * T  # capped: the reference fails when K > r
     kc, kt = r - K, K // T
     if kt == 0:
         return np_iso_c(deltas)
