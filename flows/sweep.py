@@ -6,7 +6,7 @@ validation tasks, the winners re-evaluated on the test tasks, and a leaderboard.
 Sweep file (YAML)::
 
     grid:
-      - method: ties
+      - method: ties                  # optional "name:" tells apart rows of one method (drm_h, drm_v)
         sparsify: {density: [0.2, 0.4]}
         combine: {lambda: [0.5, 1.0]}
       - method: drm
@@ -41,7 +41,7 @@ def expand_grid(grid: list[dict[str, Any]]) -> list[dict[str, Any]]:
         axes = [(f"merge.{section}.{key}", values if isinstance(values, list) else [values])
                 for section in SECTIONS for key, values in (entry.get(section) or {}).items()]
         for combo in itertools.product(*(values for _, values in axes)):
-            override: dict[str, Any] = {"merge.method": entry["method"]}
+            override: dict[str, Any] = {"merge.method": entry["method"], "name": entry.get("name", entry["method"])}
             for section in SECTIONS:
                 override[f"merge.{section}"] = {}
             for (key, _), value in zip(axes, combo):
@@ -52,7 +52,7 @@ def expand_grid(grid: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def label(override: dict[str, Any]) -> str:
-    parts = [override["merge.method"]]
+    parts = [override.get("name", override["merge.method"])]
     for section in SECTIONS:
         parts += [f"{k}={v}" for k, v in override[f"merge.{section}"].items()]
     return " ".join(parts)
@@ -74,17 +74,19 @@ def sweep(sweep_file: str = "sweep.yaml", params_file: str = "params.yaml", refr
     logger.info("sweeping %d grid points (%s on %s)", len(points), select, "validation" if validation else "test")
     scored = []
     for override in points:
-        on_validation = {**override, "eval.tasks": validation, "eval.validation_tasks": []} if validation else override
+        params_override = {k: v for k, v in override.items() if k != "name"}
+        on_validation = {**params_override, "eval.tasks": validation, "eval.validation_tasks": []} if validation else params_override
         metrics = merge_and_eval.with_options(flow_run_name=label(override))(params_file, on_validation, refresh)
         scored.append((override, metrics))
     best: dict[str, tuple[dict, dict]] = {}
     for override, metrics in scored:
-        method = override["merge.method"]
+        method = override["name"]
         if method not in best or _score(metrics, select) > _score(best[method][1], select):
             best[method] = (override, metrics)
     rows = []
     for method, (override, val_metrics) in best.items():
-        test_metrics = merge_and_eval(params_file, override, refresh) if validation else val_metrics
+        params_override = {k: v for k, v in override.items() if k != "name"}
+        test_metrics = merge_and_eval(params_file, params_override, refresh) if validation else val_metrics
         rows.append({"method": method, "setting": label(override), "validation": _score(val_metrics, select),
                      "test_mean": test_metrics["mean"]["merged"],
                      "normalized_accuracy": test_metrics["normalized_accuracy"]["mean"],
