@@ -78,6 +78,12 @@ def test_rerun_sets(project):
     _edit(project / "params.yaml", tasks)
     assert _ran(_run(["dvc", "repro"], project)) == {"evaluate", "report"}
 
+    for cmd in (["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "repro"]):
+        _run(cmd, project)
+    experiment = _run(["dvc", "exp", "run", "-S", "eval.limit=2"], project)
+    assert _ran(experiment) == {"evaluate", "report"}
+    assert "eval.limit" in _run(["dvc", "exp", "show", "--md"], project)
+
     def models(params):
         params["models"]["inputs"] = params["models"]["inputs"][:2]
 

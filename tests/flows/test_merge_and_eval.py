@@ -34,6 +34,13 @@ def test_second_run_is_cached_and_missing_artifacts_are_recomputed(prefect_harne
     assert set(metrics["accuracy"]) == {"merged", "base", "a", "b", "c"} and metrics["method"] == "ties"
     assert set(metrics["normalized_accuracy"]) >= {"demo_arith", "demo_antonym", "mean"}
 
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        keys = {a.key for a in client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["merge-scores", "merge-summary"])))}
+    assert keys == {"merge-scores", "merge-summary"}  # the score table and the markdown summary in the UI
+
     second = merge_and_eval(str(params), return_state=True)
     states = _task_states(second)
     assert set(states) >= {"fetch", "deltas", "decompose", "sparsify", "combine", "save", "evaluate", "report"}

