@@ -12,7 +12,7 @@ from typing import Any
 
 from prefect import flow
 
-from merging.stages import key_for
+from merging.stages import artifact_is_current, key_for, part_key, partition_groups, write_index
 from tasks import combine, decompose, deltas, evaluate, fetch, report, save, sparsify
 from tasks.caching import config_for, keyed_dir, run_cached
 from tasks.params import load_params
@@ -28,11 +28,24 @@ def merge_and_eval(params_file: str = "params.yaml", overrides: dict[str, Any] |
     fetched = run_cached(fetch.fetch, fetch_key, fetch_out, refresh or not fetch_key, params=p, out_dir=str(fetch_out))
     config = config_for(p, fetched)
 
+    partitions = partition_groups(config, params.pipeline.partitions) if params.pipeline.partitions > 1 else None
+
     def stage(task, name: str, inputs: dict[str, str], fused: bool = False) -> str:
         key = key_for(name, config, inputs, fused=fused)
         out = keyed_dir(store, "combine-fused" if fused else name, key)
         dirs = {f"{k}_dir": v for k, v in inputs.items() if k != "fetch"}
-        return run_cached(task, key, out, refresh, params=p, fetch_dir=fetched, out_dir=str(out), **dirs)
+        if partitions is None or name not in ("decompose", "sparsify", "combine"):
+            return run_cached(task, key, out, refresh, params=p, fetch_dir=fetched, out_dir=str(out), **dirs)
+        if not refresh and artifact_is_current(out, key):
+            return str(out)
+        futures = []
+        for groups in partitions:  # mapped over the task runner (threads, or Dask workers)
+            part = part_key(key, groups)
+            part_out = keyed_dir(store, f"{name}-part", part)
+            stale = refresh or not artifact_is_current(part_out, part)
+            futures.append(task.with_options(refresh_cache=stale).submit(
+                params=p, fetch_dir=fetched, out_dir=str(part_out), groups=groups, **dirs))
+        return str(write_index(name, config, inputs, [f.result() for f in futures], out))
 
     if params.pipeline.materialize:
         deltas_dir = stage(deltas.deltas, "deltas", {"fetch": fetched})

@@ -38,6 +38,7 @@ from merging.version import VERSION
 __all__ = [
     "STAGES", "stage_params", "stage_key", "write_deltas", "write_decompose", "write_sparsify",
     "write_combine", "write_fused_combine", "write_model", "artifact_is_current", "key_for", "input_digests",
+    "partition_groups", "write_index", "part_key",
 ]
 
 log = logging.getLogger(__name__)
@@ -95,13 +96,22 @@ def input_digests(dirs: dict[str, str | Path | None]) -> dict[str, str]:
     return {name: _digest(d) if d else "" for name, d in sorted(dirs.items())}
 
 
-def _manifest(stage: str, config: MergeConfig, dirs: dict[str, str | Path | None], fused: bool = False) -> dict[str, Any]:
+def _manifest(stage: str, config: MergeConfig, dirs: dict[str, str | Path | None], fused: bool = False,
+              groups: list[str] | None = None) -> dict[str, Any]:
     params = _fused_params(config) if fused else stage_params(config, stage)
     inputs = input_digests(dirs)
+    key = stage_key("fused-combine" if fused else stage, params, inputs)
+    if groups is not None:
+        key = part_key(key, groups)
     return {
         "stage": stage, "method": config.merge_method, "params": params, "inputs": inputs, "fused": fused,
-        "cache_key": stage_key("fused-combine" if fused else stage, params, inputs), "versions": _versions(),
+        "cache_key": key, "versions": _versions(), **({"partition": len(groups)} if groups is not None else {}),
     }
+
+
+def part_key(stage_key_value: str, groups: list[str]) -> str:
+    """The cache key of one partition of a stage."""
+    return hashlib.sha256((stage_key_value + "\x00" + "\x00".join(groups)).encode()).hexdigest()
 
 
 def _versions() -> dict[str, str]:
@@ -122,6 +132,8 @@ def _digest(folder: str | Path) -> str:
     manifest = read_manifest(folder)
     if manifest.get("passthrough"):
         return manifest["cache_key"]
+    if manifest.get("parts"):
+        return manifest["parts_digest"]
     return manifest["output_digest"]
 
 
@@ -130,8 +142,46 @@ def _passthrough(out: Path, manifest: dict[str, Any], source: str | Path) -> Pat
     return writer.commit()
 
 
-def _groups(inputs: MergeInputs):
-    return [e for e in inputs.plan if e.kind != "ignore"]
+def _groups(inputs: MergeInputs, subset: list[str] | None = None):
+    entries = [e for e in inputs.plan if e.kind != "ignore"]
+    if subset is None:
+        return entries
+    wanted = set(subset)
+    return [e for e in entries if e.name in wanted]
+
+
+def partition_groups(config: MergeConfig, parts: int) -> list[list[str]]:
+    """Split the merged tensor groups into ``parts`` contiguous partitions of similar size
+    (bytes), for stages mapped over workers; ``write_index`` joins their artifacts."""
+    inputs = MergeInputs(config)
+    entries = _groups(inputs)
+    sizes = [max(1, _numel(e.shape)) for e in entries]
+    target = sum(sizes) / max(parts, 1)
+    out: list[list[str]] = [[]]
+    filled = 0.0
+    for entry, size in zip(entries, sizes):
+        if out[-1] and filled + size > target * len(out) and len(out) < parts:
+            out.append([])
+        out[-1].append(entry.name)
+        filled += size
+    return [p for p in out if p]
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def write_index(stage: str, config: MergeConfig, dirs: dict[str, str | Path | None], parts: list[str | Path], out: str | Path) -> Path:
+    """The artifact of a stage mapped over partitions: a manifest listing the partial
+    artifacts (no data copied); readers see the union of their groups."""
+    manifest = _manifest(stage, config, dirs)
+    resolved = [str(Path(p).resolve()) for p in parts]
+    digests = hashlib.sha256("".join(_digest(p) for p in resolved).encode()).hexdigest()
+    writer = ArtifactWriter(Path(out), {**manifest, "parts": resolved, "parts_digest": digests})
+    return writer.commit()
 
 
 def _group(inputs: MergeInputs, entry, base: torch.Tensor, deltas: torch.Tensor, thresholds, trim_kinds) -> TensorGroup:
@@ -178,16 +228,18 @@ def write_deltas(config: MergeConfig, out: str | Path, fetch_dir: str | Path | N
         raise
 
 
-def write_decompose(config: MergeConfig, deltas_dir: str | Path, out: str | Path, progress: Progress = None) -> Path:
-    """Run the method's decomposition per group (passthrough if it has none)."""
+def write_decompose(config: MergeConfig, deltas_dir: str | Path, out: str | Path, progress: Progress = None,
+                    groups: list[str] | None = None) -> Path:
+    """Run the method's decomposition per group (passthrough if it has none); ``groups``
+    restricts it to one partition (see ``partition_groups`` and ``write_index``)."""
     ctx = _Context(config)
-    manifest = _manifest("decompose", config, {"deltas": deltas_dir})
+    manifest = _manifest("decompose", config, {"deltas": deltas_dir}, groups=groups)
     if not ctx.spec.has_decompose:
         return _passthrough(Path(out), manifest, deltas_dir)
     deltas = ArtifactReader(deltas_dir)
     writer = ArtifactWriter(Path(out), manifest, parse_size(config.shard_size))
     try:
-        for entry in _each(_groups(ctx.inputs), progress):
+        for entry in _each(_groups(ctx.inputs, groups), progress):
             group = _group(ctx.inputs, entry, ctx.base(entry.name), deltas.read_group(entry.name)["deltas"].to(ctx.device), None, ())
             params, _ = ctx.inputs.params_for(entry)
             writer.add_group(entry.name, ctx.spec.decompose(group, params))
@@ -228,12 +280,12 @@ def _thresholds(ctx: _Context, delta_source: Callable[[Any], torch.Tensor]):
 
 
 def write_sparsify(config: MergeConfig, decompose_dir: str | Path, deltas_dir: str | Path, out: str | Path,
-                   progress: Progress = None) -> Path:
+                   progress: Progress = None, groups: list[str] | None = None) -> Path:
     """Run the method's sparsification (trim / drop / prune + sign election) per group."""
     from merging.spec import _identity_sparsify
 
     ctx = _Context(config)
-    manifest = _manifest("sparsify", config, {"decompose": decompose_dir, "deltas": deltas_dir})
+    manifest = _manifest("sparsify", config, {"decompose": decompose_dir, "deltas": deltas_dir}, groups=groups)
     if ctx.spec.sparsify is _identity_sparsify:
         return _passthrough(Path(out), manifest, decompose_dir)
     deltas = ArtifactReader(deltas_dir)
@@ -241,7 +293,7 @@ def write_sparsify(config: MergeConfig, decompose_dir: str | Path, deltas_dir: s
     thresholds, kinds = _thresholds(ctx, lambda e: deltas.read_group(e.name)["deltas"])
     writer = ArtifactWriter(Path(out), manifest, parse_size(config.shard_size))
     try:
-        for entry in _each(_groups(ctx.inputs), progress):
+        for entry in _each(_groups(ctx.inputs, groups), progress):
             group = _group(ctx.inputs, entry, ctx.base(entry.name), deltas.read_group(entry.name)["deltas"].to(ctx.device), thresholds, kinds)
             params, _ = ctx.inputs.params_for(entry)
             factors = {k: v.to(ctx.device) for k, v in factors_in.read_group(entry.name).items()}
@@ -253,15 +305,15 @@ def write_sparsify(config: MergeConfig, decompose_dir: str | Path, deltas_dir: s
 
 
 def write_combine(config: MergeConfig, sparsify_dir: str | Path, deltas_dir: str | Path, out: str | Path,
-                  progress: Progress = None) -> Path:
+                  progress: Progress = None, groups: list[str] | None = None) -> Path:
     """Combine the factors of each group into its merged delta (times lambda)."""
     ctx = _Context(config)
-    manifest = _manifest("combine", config, {"sparsify": sparsify_dir, "deltas": deltas_dir})
+    manifest = _manifest("combine", config, {"sparsify": sparsify_dir, "deltas": deltas_dir}, groups=groups)
     deltas = ArtifactReader(deltas_dir)
     factors_in = ArtifactReader(sparsify_dir)
     writer = ArtifactWriter(Path(out), manifest, parse_size(config.shard_size))
     try:
-        for entry in _each(_groups(ctx.inputs), progress):
+        for entry in _each(_groups(ctx.inputs, groups), progress):
             group = _group(ctx.inputs, entry, ctx.base(entry.name), deltas.read_group(entry.name)["deltas"].to(ctx.device), None, ())
             params, _ = ctx.inputs.params_for(entry)
             factors = {k: v.to(ctx.device) for k, v in factors_in.read_group(entry.name).items()}

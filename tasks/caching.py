@@ -45,11 +45,14 @@ def config_for(params: dict, fetch_dir: str):
 def stage_key_fn(stage: str, inputs: tuple[str, ...], fused: bool = False):
     """A Prefect ``cache_key_fn`` for ``stage`` reading the artifact folders named in ``inputs``
     (task parameters ``<name>_dir``)."""
-    from merging.stages import key_for
+    from merging.stages import key_for, part_key
 
     def key(context, parameters) -> str:
         config = config_for(parameters["params"], parameters["fetch_dir"])
-        return f"{stage}-" + key_for(stage, config, {n: parameters[f"{n}_dir"] for n in inputs}, fused=fused)
+        value = key_for(stage, config, {n: parameters[f"{n}_dir"] for n in inputs}, fused=fused)
+        if parameters.get("groups") is not None:
+            value = part_key(value, parameters["groups"])
+        return f"{stage}-{value}"
 
     return key
 

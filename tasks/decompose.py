@@ -9,5 +9,6 @@ from tasks.caching import config_for, log_artifact, stage_key_fn
 
 
 @task(name="decompose", cache_key_fn=stage_key_fn("decompose", ("deltas",)), persist_result=True, result_serializer="json")
-def decompose(params: dict, fetch_dir: str, deltas_dir: str, out_dir: str) -> str:
-    return log_artifact("decompose", lib.write_decompose(config_for(params, fetch_dir), deltas_dir, out_dir))
+def decompose(params: dict, fetch_dir: str, deltas_dir: str, out_dir: str,
+              groups: list[str] | None = None) -> str:
+    return log_artifact("decompose", lib.write_decompose(config_for(params, fetch_dir), deltas_dir, out_dir, groups=groups))

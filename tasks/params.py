@@ -89,6 +89,7 @@ class PipelineSection(BaseModel):
     materialize: bool = Field(True, description="Write deltas/decompose/sparsify artifacts; false streams them in memory (fused).")
     task_runner: Literal["thread", "dask"] = "thread"
     max_workers: int = Field(2, ge=1)
+    partitions: int = Field(1, ge=1, description="Split decompose/sparsify/combine into this many tensor-group partitions, mapped over the task runner.")
     artifacts: str = "artifacts"
     shard_size: str = "2GB"
 

@@ -146,38 +146,47 @@ def _replace_dir(tmp: Path, target: Path) -> None:
                 raise
 
 
+def _follow(folder: Path) -> tuple[Path, dict[str, Any]]:
+    """The folder holding the data of an artifact, following ``passthrough`` manifests."""
+    manifest = read_manifest(folder)
+    seen = {folder.resolve()}
+    while manifest.get("passthrough"):
+        folder = Path(manifest["passthrough"])
+        if folder.resolve() in seen:
+            raise ArtifactError(f"artifact {folder}: passthrough cycle")
+        seen.add(folder.resolve())
+        manifest = read_manifest(folder)
+    return folder, manifest
+
+
 class ArtifactReader:
-    """Reads tensor groups of an artifact, following ``passthrough`` manifests."""
+    """Reads tensor groups of an artifact, following ``passthrough`` manifests and joining
+    the partial artifacts an index manifest (``parts``) lists."""
 
     def __init__(self, folder: str | Path) -> None:
-        folder = Path(folder)
-        manifest = read_manifest(folder)
-        seen = {folder.resolve()}
-        while manifest.get("passthrough"):
-            folder = (folder / manifest["passthrough"]).resolve() if not Path(manifest["passthrough"]).is_absolute() else Path(manifest["passthrough"])
-            if folder in seen:
-                raise ArtifactError(f"artifact {folder}: passthrough cycle")
-            seen.add(folder)
-            manifest = read_manifest(folder)
-        self.folder = folder
-        self.manifest = manifest
-        self._handles: dict[str, Any] = {}
+        self.folder, self.manifest = _follow(Path(folder))
+        self._where: dict[str, tuple[Path, str]] = {}  # group -> (folder, file)
+        for part in self.manifest.get("parts") or [self.folder]:
+            part_folder, part_manifest = _follow(Path(part)) if part != self.folder else (self.folder, self.manifest)
+            for group, file in part_manifest.get("groups", {}).items():
+                self._where[group] = (part_folder, file)
+        self._handles: dict[Path, Any] = {}
         self._keys: dict[str, list[str]] = {}
 
     def groups(self) -> list[str]:
-        return list(self.manifest.get("groups", {}))
+        return list(self._where)
 
     def read_group(self, group: str) -> dict[str, torch.Tensor]:
-        file = self.manifest["groups"].get(group)
-        if not file:
+        if group not in self._where or not self._where[group][1]:
             raise ArtifactError(f"artifact {self.folder} has no tensor group {group!r}")
-        if file not in self._handles:
-            handle = safe_open(self.folder / file, framework="pt")
-            self._handles[file] = handle
+        folder, file = self._where[group]
+        path = folder / file
+        if path not in self._handles:
+            handle = safe_open(path, framework="pt")
+            self._handles[path] = handle
             for key in handle.keys():
-                name = key.split(SEP, 1)[0]
-                self._keys.setdefault(name, []).append(key)
-        handle = self._handles[file]
+                self._keys.setdefault(key.split(SEP, 1)[0], []).append(key)
+        handle = self._handles[path]
         start = len(group) + len(SEP)
         return {key[start:]: handle.get_tensor(key) for key in self._keys.get(group, [])}
 
