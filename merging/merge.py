@@ -26,11 +26,11 @@ from merging.io.checkpoint import CheckpointReader
 from merging.io.model_card import write_support_files
 from merging.io.sources import ModelSource, open_source, resolve_folder
 from merging.io.writer import ShardedWriter, atomic_output_dir, parse_size
-from merging.kernels.global_kth import StreamingKth
 from merging.plan import TensorEntry, build_plan
 from merging.registry import get_method
 from merging.resolve import build_params, split_global_parameters
 from merging.spec import MethodSpec, TensorGroup
+from merging.thresholds import global_thresholds
 
 __all__ = ["merge_checkpoints", "MergeInputs", "open_inputs", "resolve_device"]
 
@@ -141,38 +141,16 @@ def _deltas(inputs: MergeInputs, entry: TensorEntry, base: torch.Tensor) -> torc
 
 
 def _global_thresholds(inputs: MergeInputs, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor | None, frozenset]:
-    """Per-model thresholds of a declared whole-model trim (two streaming passes)."""
-    spec = inputs.spec
-    if spec.global_trim is None:
+    """Per-model thresholds of a declared whole-model trim (streamed first pass)."""
+    entries = [e for e in inputs.plan if e.kind != "ignore"]
+    if not entries:
         return None, frozenset()
-    probe = inputs.params_for(next(e for e in inputs.plan if e.kind != "ignore"))
-    trim = spec.global_trim(probe[0])
-    if trim is None:
-        return None, frozenset()
-    members = [e for e in inputs.plan if e.kind in trim.kinds]
-    counters = [StreamingKth() for _ in inputs.sources]
-    ks = []
+    params, model_params = inputs.params_for(entries[0])
 
-    def feed(method: str) -> None:
-        for entry in members:
-            base = inputs.base.get(entry.name).to(device=device, dtype=dtype)
-            deltas = _deltas(inputs, entry, base)
-            for t, counter in enumerate(counters):
-                getattr(counter, method)(deltas[t])
+    def deltas_of(entry) -> torch.Tensor:
+        return _deltas(inputs, entry, inputs.base.get(entry.name).to(device=device, dtype=dtype))
 
-    if not members:
-        return None, frozenset()
-    feed("count_high")
-    for t, counter in enumerate(counters):
-        k = trim.kth_smallest(counter.total, probe[1][t])
-        ks.append(k)
-        if k > 0:
-            counter.settle_high(k)
-    if any(k > 0 for k in ks):
-        feed("count_low")
-    values = [counters[t].value() if ks[t] > 0 else 0.0 for t in range(len(counters))]
-    log.info("whole-model trim thresholds: %s", ", ".join(f"{v:.3g}" for v in values))
-    return torch.tensor(values, dtype=dtype, device=device), trim.kinds
+    return global_thresholds(inputs.spec, params, model_params, entries, deltas_of, dtype, device)
 
 
 def merge_checkpoints(

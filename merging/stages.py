@@ -29,10 +29,10 @@ from merging.config import MergeConfig
 from merging.io.artifacts import ArtifactReader, ArtifactWriter, read_manifest
 from merging.io.model_card import write_support_files
 from merging.io.writer import ShardedWriter, atomic_output_dir, parse_size
-from merging.kernels.global_kth import StreamingKth
 from merging.merge import _DTYPES, MergeInputs, _deltas, _stats_for, _tokenizer_folder, resolve_device
 from merging.rng import generator_for
 from merging.spec import TensorGroup
+from merging.thresholds import global_thresholds
 from merging.version import VERSION
 
 __all__ = [
@@ -250,33 +250,12 @@ def write_decompose(config: MergeConfig, deltas_dir: str | Path, out: str | Path
 
 
 def _thresholds(ctx: _Context, delta_source: Callable[[Any], torch.Tensor]):
-    """Whole-model per-model thresholds of a declared global trim (two streaming passes)."""
-    spec = ctx.spec
+    """Whole-model per-model thresholds of a declared global trim (streamed first pass)."""
     groups = _groups(ctx.inputs)
-    if spec.global_trim is None or not groups:
+    if not groups:
         return None, frozenset()
     params, model_params = ctx.inputs.params_for(groups[0])
-    trim = spec.global_trim(params)
-    if trim is None:
-        return None, frozenset()
-    members = [e for e in groups if e.kind in trim.kinds]
-    counters = [StreamingKth() for _ in ctx.inputs.sources]
-    for entry in members:
-        d = delta_source(entry)
-        for t, counter in enumerate(counters):
-            counter.count_high(d[t])
-    ks = [trim.kth_smallest(c.total, model_params[t]) if c.total else 0 for t, c in enumerate(counters)]
-    for k, counter in zip(ks, counters):
-        if k > 0:
-            counter.settle_high(k)
-    if any(k > 0 for k in ks):
-        for entry in members:
-            d = delta_source(entry)
-            for t, counter in enumerate(counters):
-                if ks[t] > 0:
-                    counter.count_low(d[t])
-    values = [c.value() if k > 0 else 0.0 for k, c in zip(ks, counters)]
-    return torch.tensor(values, dtype=ctx.dtype, device=ctx.device), trim.kinds
+    return global_thresholds(ctx.spec, params, model_params, groups, delta_source, ctx.dtype, ctx.device)
 
 
 def write_sparsify(config: MergeConfig, decompose_dir: str | Path, deltas_dir: str | Path, out: str | Path,

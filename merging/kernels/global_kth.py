@@ -1,11 +1,11 @@
-"""Exact k-th smallest magnitude over a whole model, streamed in two passes.
+"""Exact k-th smallest magnitude over a whole model, streamed (radix select).
 
-For non-negative float32 values the IEEE bit pattern, read as an integer, is monotonic in
-the value. Pass 1 counts the high 16 bits of every |x| (65,536 bins) and finds the bin that
-holds the k-th smallest; pass 2 counts the low 16 bits of the entries in that bin. The
-result is the exact float32 value, with memory bounded by two histograms per model, never
-by model size. Used for whole-model trims (TIES ``trim_scope: model``, DRM's non-linear
-trim), where the threshold is a statistic over all tensors of a model.
+For non-negative IEEE floats the bit pattern, read as an integer, is monotonic in the value.
+Each pass counts one 16-bit digit of every |x| whose higher digits match the prefix found so
+far (65,536 bins) and fixes that digit of the k-th smallest. float32 needs 2 passes, float64
+4; memory is one histogram per model, never model size. Used for whole-model trims (TIES
+``trim_scope: model``, DRM's non-linear trim), where the threshold is a statistic over all
+tensors of a model.
 """
 
 from __future__ import annotations
@@ -14,44 +14,62 @@ import torch
 
 __all__ = ["StreamingKth"]
 
-_BINS = 1 << 16
-
-
-def _bits(x: torch.Tensor) -> torch.Tensor:
-    return x.detach().abs().to(torch.float32).reshape(-1).cpu().view(torch.int32).to(torch.int64)
+_DIGIT = 16
+_BINS = 1 << _DIGIT
 
 
 class StreamingKth:
-    """Feed every chunk once with ``count_high``, call ``settle_high(k)``, feed every chunk
-    again with ``count_low``, then ``value()`` is the k-th smallest |x| (1-based)."""
+    """Usage: ``while not s.done: for x in chunks: s.feed(x); s.settle(k)``; then ``s.value``.
 
-    def __init__(self) -> None:
-        self.high = torch.zeros(_BINS, dtype=torch.int64)
-        self.low = torch.zeros(_BINS, dtype=torch.int64)
-        self.total = 0
-        self._bin: int | None = None
-        self._rank_in_bin = 0
+    Args:
+        dtype: float32 or float64: the precision the magnitudes are compared in.
+    """
 
-    def count_high(self, x: torch.Tensor) -> None:
-        bits = _bits(x)
-        self.high += torch.bincount(bits >> 16, minlength=_BINS)
-        self.total += bits.numel()
+    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
+        self.dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        self.width = 64 if self.dtype == torch.float64 else 32
+        self._int = torch.int64 if self.width == 64 else torch.int32
+        self.prefix = 0  # the digits fixed so far, as an integer
+        self.fixed = 0  # how many bits are fixed
+        self.rank = 0  # the rank still sought among entries matching the prefix (1-based)
+        self.total = 0  # entries seen in the first pass
+        self._hist = torch.zeros(_BINS, dtype=torch.int64)
 
-    def settle_high(self, k: int) -> None:
-        if not 1 <= k <= self.total:
-            raise ValueError(f"k={k} outside 1..{self.total}")
-        cumulative = torch.cumsum(self.high, 0)
-        b = int(torch.searchsorted(cumulative, torch.tensor(k)).item())
-        self._bin = b
-        self._rank_in_bin = k - (int(cumulative[b - 1]) if b > 0 else 0)
+    @property
+    def done(self) -> bool:
+        return self.fixed == self.width
 
-    def count_low(self, x: torch.Tensor) -> None:
-        bits = _bits(x)
-        in_bin = bits[(bits >> 16) == self._bin]
-        self.low += torch.bincount(in_bin & 0xFFFF, minlength=_BINS)
+    def _bits(self, x: torch.Tensor) -> torch.Tensor:
+        bits = x.detach().abs().to(self.dtype).reshape(-1).cpu().view(self._int).to(torch.int64)
+        return bits & 0xFFFFFFFF if self.width == 32 else bits  # non-negative: the sign bit is 0
 
+    def feed(self, x: torch.Tensor) -> None:
+        """Count the current digit of the entries of ``x`` that match the fixed prefix."""
+        bits = self._bits(x)
+        if self.fixed == 0:
+            self.total += bits.numel()
+        else:
+            bits = bits[(bits >> (self.width - self.fixed)) == self.prefix]
+        shift = self.width - self.fixed - _DIGIT
+        self._hist += torch.bincount((bits >> shift) & (_BINS - 1), minlength=_BINS)
+
+    def settle(self, k: int | None = None) -> None:
+        """Fix the current digit (``k``, 1-based, is given once, after the first pass)."""
+        if self.fixed == 0:
+            if k is None or not 1 <= k <= self.total:
+                raise ValueError(f"k={k} outside 1..{self.total}")
+            self.rank = k
+        cumulative = torch.cumsum(self._hist, 0)
+        digit = int(torch.searchsorted(cumulative, torch.tensor(self.rank)).item())
+        self.rank -= int(cumulative[digit - 1]) if digit > 0 else 0
+        self.prefix = (self.prefix << _DIGIT) | digit
+        self.fixed += _DIGIT
+        self._hist.zero_()
+
+    @property
     def value(self) -> float:
-        cumulative = torch.cumsum(self.low, 0)
-        lo = int(torch.searchsorted(cumulative, torch.tensor(self._rank_in_bin)).item())
-        pattern = torch.tensor([(self._bin << 16) | lo], dtype=torch.int64).to(torch.int32)
-        return float(pattern.view(torch.float32).item())
+        """The k-th smallest magnitude (exact in ``dtype``)."""
+        if not self.done:
+            raise RuntimeError("value is known only after every pass")
+        pattern = self.prefix if self.width == 64 or self.prefix < (1 << 31) else self.prefix - (1 << 32)
+        return float(torch.tensor([pattern], dtype=torch.int64).to(self._int).view(self.dtype).item())
