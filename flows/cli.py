@@ -60,8 +60,10 @@ def merge(
         if allow_pickle:
             overrides["allow_pickle"] = True
         if overrides:
-            config = config.model_copy(update=overrides)
-            config = type(config).model_validate(config.model_dump())
+            from merging.config import parse_merge_config
+
+            config = parse_merge_config({**config.model_dump(exclude_defaults=True), "merge_method": config.merge_method,
+                                         **overrides}, "command line")
         _run_merge(config, out or out_arg, overwrite, quiet)
     except MergeflowError as err:
         _fail(err)

@@ -7,11 +7,14 @@ takes dotted keys like ``{"merge.sparsify.singular_matrices_drop_rate": 0.5}``.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
 from prefect import flow
 
+from merging.io.artifacts import replace_dir
+from merging.io.writer import temp_sibling
 from merging.stages import artifact_is_current, key_for, part_key, partition_groups, write_index
 from tasks import combine, decompose, deltas, evaluate, fetch, report, save, sparsify
 from tasks.caching import config_for, keyed_dir, run_cached
@@ -56,9 +59,14 @@ def merge_and_eval(params_file: str = "params.yaml", overrides: dict[str, Any] |
         combine_dir = stage(combine.fused_combine, "combine", {"fetch": fetched}, fused=True)
     model_dir = stage(save.save, "save", {"combine": combine_dir})
     results = evaluate_models(p, fetched, model_dir, store, refresh)
-    report_dir = Path(store) / "report"
+    report_dir = keyed_dir(store, "report", report.report_key(p, results))
     stale = refresh or not (report_dir / "metrics.json").is_file()
-    return report.report.with_options(refresh_cache=stale)(p, results, str(report_dir))
+    metrics = report.report.with_options(refresh_cache=stale)(p, results, str(report_dir))
+    latest = Path(store) / "report"  # the last run's report, where users look first
+    staging = temp_sibling(latest)
+    shutil.copytree(report_dir, staging)
+    replace_dir(staging, latest)
+    return metrics
 
 
 def evaluate_models(p: dict, fetch_dir: str, model_dir: str, store: str, refresh: bool) -> dict[str, str]:

@@ -52,11 +52,11 @@ def run_stage(name: str, params_file: str = "params.yaml", root: str = "artifact
         tokenizer = targets["base"][0]
         results = {n: evaluate.evaluate_folder(p["eval"], folder, digest, str(a / "store"), tokenizer)
                    for n, (folder, digest) in targets.items()}
-        out = a / "evaluate"
-        out.mkdir(parents=True, exist_ok=True)
         merged = {n: json.loads(Path(r).read_text()) for n, r in results.items()}
-        (out / "results.json").write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
-        return str(out)
+        manifest = {"stage": "evaluate", "params": p["eval"], "inputs": {n: digest for n, (_, digest) in targets.items()}}
+        writer = ArtifactWriter(a / "evaluate", manifest)  # a new folder: never rewrites files DVC hardlinked
+        (writer.folder / "results.json").write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
+        return str(writer.commit(extra_files=["results.json"]))
     if name == "report":
         results = json.loads((a / "evaluate" / "results.json").read_text())
         metrics = report.write_report(p, results, ".", metrics_file="metrics.json")

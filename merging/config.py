@@ -74,6 +74,15 @@ class MergeConfig(BaseModel):
             raise ValueError("the model list is empty; list at least one model under 'models'")
         return models
 
+    @field_validator("shard_size")
+    @classmethod
+    def _readable_size(cls, value: int | str) -> int | str:
+        from merging.io.writer import parse_size
+
+        if parse_size(value) <= 0:
+            raise ValueError("shard_size must be positive")
+        return value
+
     @field_validator("include", "exclude", "ignore", mode="before")
     @classmethod
     def _as_tuple(cls, value: Any) -> Any:

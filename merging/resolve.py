@@ -36,6 +36,8 @@ def resolve_setting(setting: Any, tensor_name: str = "", t: float = 0.0) -> Any:
             return _MISSING
         if all(isinstance(e, Mapping) for e in setting):
             for cond in setting:
+                if "value" not in cond:
+                    raise MergeConfigError(f"filtered setting {dict(cond)} has no 'value'; write {{filter: ..., value: ...}}")
                 flt = cond.get("filter")
                 if flt is None or flt == "*" or (tensor_name and flt in tensor_name):
                     return resolve_setting(cond["value"], tensor_name, t)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,7 @@ def artifact_is_current(folder: str | Path, key: str) -> bool:
 
 
 def _digest(folder: str | Path) -> str:
+    """The content identity of an artifact (what downstream cache keys depend on)."""
     manifest = read_manifest(folder)
     if manifest.get("passthrough"):
         return manifest["cache_key"]
@@ -137,8 +139,13 @@ def _digest(folder: str | Path) -> str:
     return manifest["output_digest"]
 
 
+def _relative(target: str | Path, artifact: Path) -> str:
+    """``target`` relative to ``artifact``'s folder, so a moved or cloned store still reads."""
+    return os.path.relpath(Path(target).resolve(), Path(artifact).resolve())
+
+
 def _passthrough(out: Path, manifest: dict[str, Any], source: str | Path) -> Path:
-    writer = ArtifactWriter(out, {**manifest, "passthrough": str(Path(source).resolve())})
+    writer = ArtifactWriter(out, {**manifest, "passthrough": _relative(source, out)})
     return writer.commit()
 
 
@@ -178,9 +185,9 @@ def write_index(stage: str, config: MergeConfig, dirs: dict[str, str | Path | No
     """The artifact of a stage mapped over partitions: a manifest listing the partial
     artifacts (no data copied); readers see the union of their groups."""
     manifest = _manifest(stage, config, dirs)
-    resolved = [str(Path(p).resolve()) for p in parts]
-    digests = hashlib.sha256("".join(_digest(p) for p in resolved).encode()).hexdigest()
-    writer = ArtifactWriter(Path(out), {**manifest, "parts": resolved, "parts_digest": digests})
+    digests = hashlib.sha256("".join(_digest(p) for p in parts).encode()).hexdigest()
+    relative = [_relative(p, Path(out)) for p in parts]
+    writer = ArtifactWriter(Path(out), {**manifest, "parts": relative, "parts_digest": digests})
     return writer.commit()
 
 

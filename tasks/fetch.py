@@ -15,11 +15,28 @@ from merging.version import VERSION
 from tasks.caching import run_logger
 from tasks.params import PipelineParams, parse_params
 
+FETCH_FIELDS = ("name", "source", "revision", "format", "gguf_file")
+
+
+def fetch_params(params: PipelineParams) -> list[dict]:
+    """The model fields fetch reads (coefficients and task labels are read downstream)."""
+    refs = (params.models.base, *params.models.inputs)
+    return [{k: getattr(ref, k) for k in FETCH_FIELDS} for ref in refs]
+
+
+def _portable(folder: Path) -> str:
+    """A folder inside the working directory is recorded relative to it (clones, DVC temp
+    workspaces); anything else absolutely."""
+    try:
+        return str(folder.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(folder.resolve())
+
 
 def fetch_key(params: PipelineParams) -> str | None:
     """A cheap key for the fetch result: the model refs plus (name, size, mtime) of every file
     of local folders. None when a hub source has no pinned revision (it may move)."""
-    h = hashlib.sha256(json.dumps(params.models.model_dump(mode="json"), sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps(fetch_params(params), sort_keys=True).encode())
     for ref in (params.models.base, *params.models.inputs):
         path = Path(ref.source).expanduser()
         if not path.exists():
@@ -46,8 +63,8 @@ def fetch_models(params: PipelineParams, out_dir: str | Path) -> Path:
 
             folder = import_gguf(folder, ref.gguf_file, out_dir.parent / "gguf" / ref.name)
         entries[ref.name] = {"source": ref.source, "revision": ref.revision, "commit": commit,
-                             "folder": str(folder), "digest": weights_digest(folder, digest_cache)}
-    manifest = {"stage": "fetch", "params": params.models.model_dump(mode="json"), "versions": {"mergeflow": VERSION},
+                             "folder": _portable(folder), "digest": weights_digest(folder, digest_cache)}
+    manifest = {"stage": "fetch", "params": fetch_params(params), "versions": {"mergeflow": VERSION},
                 "cache_key": fetch_key(params) or ""}
     writer = ArtifactWriter(out_dir, manifest)
     (writer.folder / "models.json").write_text(json.dumps(entries, indent=2, sort_keys=True) + "\n")

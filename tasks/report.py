@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 from prefect import task
@@ -25,21 +26,33 @@ def build_metrics(params: dict, results: dict[str, dict]) -> dict:
     return metrics
 
 
+def _replace(path: Path, write) -> None:
+    """Write through a temporary file and rename: an earlier version (perhaps a hardlink into
+    the DVC cache) is replaced, never rewritten in place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
 def write_report(params: dict, results: dict[str, dict], out_dir: str, metrics_file: str | None = None) -> dict:
     """Write metrics.json, plots/scores.csv and plots/scores.png under ``out_dir``."""
     out = Path(out_dir)
-    (out / "plots").mkdir(parents=True, exist_ok=True)
     metrics = build_metrics(params, results)
     text = json.dumps(metrics, indent=2, sort_keys=True) + "\n"
-    (out / "metrics.json").write_text(text)
+    _replace(out / "metrics.json", lambda p: p.write_text(text))
     if metrics_file:
-        Path(metrics_file).write_text(text)
+        _replace(Path(metrics_file), lambda p: p.write_text(text))
     rows = [{"model": model, "task": t, "accuracy": round(score, 6)} for model, scores in metrics["accuracy"].items() for t, score in sorted(scores.items())]
-    with open(out / "plots" / "scores.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["model", "task", "accuracy"])
-        writer.writeheader()
-        writer.writerows(rows)
-    _bar_chart(metrics, out / "plots" / "scores.png")
+
+    def write_csv(path: Path) -> None:
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["model", "task", "accuracy"])
+            writer.writeheader()
+            writer.writerows(rows)
+
+    _replace(out / "plots" / "scores.csv", write_csv)
+    _replace(out / "plots" / "scores.png", lambda p: _bar_chart(metrics, p))
     return metrics
 
 
@@ -61,7 +74,7 @@ def _bar_chart(metrics: dict, path: Path) -> None:
     ax.set_title(f"per-task accuracy ({metrics['method']})")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
 
 
@@ -79,15 +92,19 @@ def format_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def _key(context, parameters) -> str:
+def report_key(params: dict, results: dict[str, str]) -> str:
+    """Content key of a report: the params plus the evaluation results it summarizes."""
     import hashlib
 
-    h = hashlib.sha256(json.dumps(parameters["params"], sort_keys=True).encode())
-    for name, path in sorted(parameters["results"].items()):
+    h = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
+    for name, path in sorted(results.items()):
         h.update(name.encode())
         h.update(Path(path).read_bytes())
-    h.update(parameters["out_dir"].encode())
-    return "report-" + h.hexdigest()
+    return h.hexdigest()
+
+
+def _key(context, parameters) -> str:
+    return "report-" + report_key(parameters["params"], parameters["results"]) + parameters["out_dir"]
 
 
 @task(name="report", cache_key_fn=_key, persist_result=True, result_serializer="json")

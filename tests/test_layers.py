@@ -4,7 +4,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FORBIDDEN = {"merging": {"flows", "tasks", "prefect", "dvc", "lm_eval"}, "tasks": {"flows"}}
+FORBIDDEN = {"merging": {"flows", "tasks", "prefect", "dvc", "lm_eval", "transformers", "peft"}, "tasks": {"flows"}}
 
 
 def _imports(path: Path) -> set[str]:

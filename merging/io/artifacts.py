@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from merging.errors import ArtifactError
 from merging.io.writer import remove_stale_temps, temp_sibling
 
-__all__ = ["ArtifactWriter", "ArtifactReader", "read_manifest", "file_digest", "folder_digest", "MANIFEST"]
+__all__ = ["ArtifactWriter", "ArtifactReader", "read_manifest", "file_digest", "folder_digest", "replace_dir", "MANIFEST"]
 
 MANIFEST = "manifest.json"
 SEP = "::"
@@ -115,7 +115,7 @@ class ArtifactWriter:
             manifest = {**self.manifest, "files": sorted(files), "groups": self._groups,
                         "output_digest": folder_digest(self._tmp, files)}
             (self._tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-            _replace_dir(self._tmp, self.target)
+            replace_dir(self._tmp, self.target)
         except BaseException:
             self.abort()
             raise
@@ -125,7 +125,7 @@ class ArtifactWriter:
         shutil.rmtree(self._tmp, ignore_errors=True)
 
 
-def _replace_dir(tmp: Path, target: Path) -> None:
+def replace_dir(tmp: Path, target: Path) -> None:
     """Rename ``tmp`` onto ``target``; an existing target is moved aside first and removed."""
     if target.exists():
         old = temp_sibling(target, "old")
@@ -146,12 +146,17 @@ def _replace_dir(tmp: Path, target: Path) -> None:
                 raise
 
 
+def _resolve(artifact: Path, link: str) -> Path:
+    """A path recorded in ``artifact``'s manifest: relative to the artifact folder itself."""
+    return Path(link) if Path(link).is_absolute() else (artifact / link).resolve()
+
+
 def _follow(folder: Path) -> tuple[Path, dict[str, Any]]:
     """The folder holding the data of an artifact, following ``passthrough`` manifests."""
     manifest = read_manifest(folder)
     seen = {folder.resolve()}
     while manifest.get("passthrough"):
-        folder = Path(manifest["passthrough"])
+        folder = _resolve(folder, manifest["passthrough"])
         if folder.resolve() in seen:
             raise ArtifactError(f"artifact {folder}: passthrough cycle")
         seen.add(folder.resolve())
@@ -166,8 +171,9 @@ class ArtifactReader:
     def __init__(self, folder: str | Path) -> None:
         self.folder, self.manifest = _follow(Path(folder))
         self._where: dict[str, tuple[Path, str]] = {}  # group -> (folder, file)
-        for part in self.manifest.get("parts") or [self.folder]:
-            part_folder, part_manifest = _follow(Path(part)) if part != self.folder else (self.folder, self.manifest)
+        parts = [_resolve(self.folder, p) for p in self.manifest.get("parts", [])]
+        for part in parts or [self.folder]:
+            part_folder, part_manifest = _follow(part) if parts else (self.folder, self.manifest)
             for group, file in part_manifest.get("groups", {}).items():
                 self._where[group] = (part_folder, file)
         self._handles: dict[Path, Any] = {}

@@ -187,3 +187,20 @@ def test_slices_config_is_refused(tiny_models, tmp_path):
     cfg = _write(tmp_path / "c.yml", {"merge_method": "passthrough", "slices": [{"sources": []}]})
     target = tmp_path / "out"
     _assert_clean_failure(runner.invoke(app, ["merge", str(cfg), str(target), "-q"]), target, "slices")
+
+
+@pytest.mark.parametrize(
+    ("extra_args", "config_extra", "needle"),
+    [
+        (["--device", "gpu"], {}, "device"),
+        (["--shard-size", "lots"], {}, "shard_size"),
+        ([], {"shard_size": "lots"}, "shard_size"),
+        ([], {"parameters": {"lambda": [{"filter": "mlp"}]}}, "no 'value'"),
+    ],
+)
+def test_bad_options_give_one_line_errors(tiny_models, tmp_path, extra_args, config_extra, needle):
+    cfg = _write(tmp_path / "c.yml", _ties(tiny_models["base"], tiny_models["ft_a"]) | config_extra)
+    target = tmp_path / "out"
+    result = runner.invoke(app, ["merge", str(cfg), str(target), "-q", *extra_args])
+    _assert_clean_failure(result, target, needle)
+    assert "Traceback" not in result.output

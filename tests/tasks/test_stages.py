@@ -4,6 +4,8 @@ change only downstream of a changed parameter, passthrough, fused == materialize
 from __future__ import annotations
 
 import json
+from pathlib import Path
+import shutil
 
 import pytest
 import torch
@@ -44,8 +46,11 @@ def test_artifacts_and_manifests(tiny_models, tmp_path):
     group = reader.read_group("model.layers.0.self_attn.q_proj.weight")["deltas"]
     assert group.shape[0] == 3
     assert (tmp_path / "a" / "save" / "config.json").is_file()
+    shutil.copytree(tmp_path / "a", tmp_path / "moved")  # links between artifacts are relative
+    shutil.rmtree(tmp_path / "a" / "deltas")
+    assert ArtifactReader(tmp_path / "moved" / "decompose").folder == (tmp_path / "moved" / "deltas").resolve()
     models = json.loads((tmp_path / "a" / "fetch" / "models.json").read_text())
-    assert models["a"]["folder"] == str(tiny_models["ft_a"].resolve()) and len(models["a"]["digest"]) == 64
+    assert Path(models["a"]["folder"]).resolve() == tiny_models["ft_a"].resolve() and len(models["a"]["digest"]) == 64
 
 
 def test_changed_param_changes_only_downstream_keys(tiny_models, tmp_path):
