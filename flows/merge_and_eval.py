@@ -75,11 +75,11 @@ def evaluate_models(p: dict, fetch_dir: str, model_dir: str, store: str, refresh
     task runner (worker processes) the models are evaluated in parallel; with threads one at
     a time, since lm-eval and accelerate keep process-global state that is not thread-safe."""
     targets = evaluate.eval_targets(p, fetch_dir, model_dir)
-    tokenizer = targets["base"][0]
+    base_folder = targets["base"][0]
     calls = {}
     for name, (folder, digest) in targets.items():
         stale = refresh or not evaluate.result_path(p["eval"], digest, store).is_file()
-        calls[name] = (evaluate.evaluate.with_options(refresh_cache=stale), (p["eval"], folder, digest, store, tokenizer))
+        calls[name] = (evaluate.evaluate.with_options(refresh_cache=stale), (p["eval"], folder, digest, store, base_folder))
     if p["pipeline"]["task_runner"] == "dask":
         futures = {name: task.submit(*args) for name, (task, args) in calls.items()}
         return {name: future.result() for name, future in futures.items()}

@@ -49,8 +49,8 @@ def run_stage(name: str, params_file: str = "params.yaml", root: str = "artifact
         return save.save.fn(p, f, str(a / "combine"), str(a / "save"))
     if name == "evaluate":
         targets = evaluate.eval_targets(p, f, str(a / "save"))
-        tokenizer = targets["base"][0]
-        results = {n: evaluate.evaluate_folder(p["eval"], folder, digest, str(a / "store"), tokenizer)
+        base_folder = targets["base"][0]
+        results = {n: evaluate.evaluate_folder(p["eval"], folder, digest, str(a / "store"), base_folder)
                    for n, (folder, digest) in targets.items()}
         merged = {n: json.loads(Path(r).read_text()) for n, r in results.items()}
         manifest = {"stage": "evaluate", "params": p["eval"], "inputs": {n: digest for n, (_, digest) in targets.items()}}

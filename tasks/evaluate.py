@@ -12,6 +12,7 @@ from typing import Any
 
 from prefect import task
 
+from merging.errors import MergeConfigError
 from merging.io.artifacts import read_manifest
 from tasks.caching import run_logger
 from tasks.fetch import fetched_models
@@ -38,26 +39,33 @@ def eval_targets(params: dict, fetch_dir: str, model_dir: str) -> dict[str, tupl
     if params["eval"].get("evaluate_inputs", True):
         for ref in params["models"]["inputs"]:
             entry = models[ref["name"]]
-            if Path(entry["folder"], "adapter_config.json").is_file():
-                continue  # adapters are evaluated through the merged output only
             targets[ref["name"]] = (entry["folder"], entry["digest"])
     return targets
 
 
-def run_lm_eval(folder: str, settings: dict[str, Any], tokenizer: str | None = None) -> dict[str, Any]:
-    """``lm_eval.simple_evaluate`` on a local Hugging Face folder (tokenizer from
-    ``tokenizer`` when the folder has none); returns its results dict."""
+def run_lm_eval(folder: str, settings: dict[str, Any], base_folder: str | None = None) -> dict[str, Any]:
+    """``lm_eval.simple_evaluate`` on a local Hugging Face folder, or on a PEFT adapter folder
+    (through peft, on ``base_folder``); a folder without tokenizer files borrows the base's.
+    Returns lm-eval's results dict."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     tasks = list(settings["tasks"])
+    if (Path(folder) / "adapter_config.json").is_file():
+        if base_folder is None:
+            raise MergeConfigError(f"evaluating adapter {folder} needs its base model folder")
+        model_args = f"pretrained={base_folder},peft={folder},dtype=float32"
+    else:
+        model_args = f"pretrained={folder},dtype=float32"
+        if base_folder and not has_tokenizer(folder):
+            model_args += f",tokenizer={base_folder}"
     include = settings.get("include_path")
     include = str(Path(include).resolve()) if include else None
     manager = TaskManager(include_path=include, include_defaults=False) if include else None
     if manager is None or not all(t in manager.all_tasks for t in tasks):
         manager = TaskManager(include_path=include)  # registry names need the built-in index
     out = lm_eval.simple_evaluate(
-        model="hf", model_args=f"pretrained={folder},dtype=float32" + (f",tokenizer={tokenizer}" if tokenizer else ""), tasks=tasks, task_manager=manager,
+        model="hf", model_args=model_args, tasks=tasks, task_manager=manager,
         device=settings.get("device", "cpu"), batch_size=settings.get("batch_size", 8), limit=settings.get("limit"),
         log_samples=False,
     )
@@ -88,14 +96,13 @@ def result_path(eval_settings: dict[str, Any], digest: str, store: str) -> Path:
     return Path(store) / "eval-cache" / f"{eval_key(_settings(eval_settings), digest)[:24]}.json"
 
 
-def evaluate_folder(eval_settings: dict[str, Any], folder: str, digest: str, store: str, tokenizer: str | None = None) -> str:
+def evaluate_folder(eval_settings: dict[str, Any], folder: str, digest: str, store: str, base_folder: str | None = None) -> str:
     """Evaluate ``folder`` (or reuse the cached result for its digest); returns the result path."""
     settings = _settings(eval_settings)
     path = result_path(eval_settings, digest, store)
     if path.is_file():
         return str(path)
-    fallback = tokenizer if tokenizer and not has_tokenizer(folder) else None
-    result = {"folder": folder, "digest": digest, "settings": settings, **run_lm_eval(folder, settings, fallback)}
+    result = {"folder": folder, "digest": digest, "settings": settings, **run_lm_eval(folder, settings, base_folder)}
     result["scores"] = primary_scores(result)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp-{os.getpid()}")
@@ -109,7 +116,7 @@ def _key(context, parameters) -> str:
 
 
 @task(name="evaluate", cache_key_fn=_key, persist_result=True, result_serializer="json")
-def evaluate(eval_settings: dict, folder: str, digest: str, store: str, tokenizer: str | None = None) -> str:
-    path = evaluate_folder(eval_settings, folder, digest, store, tokenizer)
+def evaluate(eval_settings: dict, folder: str, digest: str, store: str, base_folder: str | None = None) -> str:
+    path = evaluate_folder(eval_settings, folder, digest, store, base_folder)
     run_logger().info("evaluated %s -> %s", folder, path)
     return path

@@ -4,8 +4,8 @@ change only downstream of a changed parameter, passthrough, fused == materialize
 from __future__ import annotations
 
 import json
-from pathlib import Path
 import shutil
+from pathlib import Path
 
 import pytest
 import torch

@@ -1,0 +1,34 @@
+"""lm-eval on a full model folder and on a PEFT adapter (through peft on its base); results
+cached by weights digest."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from tasks.evaluate import evaluate_folder, primary_scores
+from tests.pipeline_helpers import REPO
+
+
+def test_adapter_and_full_model_evaluate_and_cache(tiny_models, tmp_path):
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["base"], dtype=torch.float32)
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    lora.save_pretrained(tmp_path / "adapter")
+    settings = {"tasks": ["demo_arith"], "include_path": str(REPO / "evals"), "limit": 2, "batch_size": 2, "device": "cpu"}
+    store = tmp_path / "store"
+    adapter_result = evaluate_folder(settings, str(tmp_path / "adapter"), "digest-adapter", str(store), str(tiny_models["base"]))
+    full_result = evaluate_folder(settings, str(tiny_models["ft_a"]), "digest-full", str(store), str(tiny_models["base"]))
+    for path in (adapter_result, full_result):
+        result = json.loads(open(path).read())
+        assert set(result["scores"]) == {"demo_arith"} and 0.0 <= result["scores"]["demo_arith"] <= 1.0
+    assert evaluate_folder(settings, "/nonexistent", "digest-full", str(store)) == full_result  # cached by digest
+
+
+def test_primary_scores_prefers_accuracy():
+    results = {"results": {"t1": {"acc,none": 0.5, "acc_norm,none": 0.6}, "t2": {"exact_match,none": 0.25},
+                           "t3": {"alias": "t3", "word_perplexity,none": 12.0, "word_perplexity_stderr,none": 1.0}}}
+    assert primary_scores(results) == {"t1": 0.5, "t2": 0.25, "t3": 12.0}
