@@ -56,10 +56,9 @@ def test_answers_follow_each_task_rule():
     assert all(r["choices"][r["answer"]] == pairs[r["word"]] for r in rows["antonym"])
     assert all(r["choices"][r["answer"]] == groups[r["word"]] for r in rows["category"])
     assert all(r["choices"][r["answer"]] == r["word"].upper() for r in rows["capitals"])
-    answer_key = {"digits": 0, "successor": 1}
-    for name, offset in answer_key.items():
-        if name in rows:
-            assert all(r["choices"][r["answer"]] == str(numbers[r["word"]] + offset) for r in rows[name])
+    assert all(r["choices"][r["answer"]] == str(numbers[r["word"]] + 1) for r in rows["successor"])
+    for name in ("antonym", "category", "capitals"):  # the distractor the base falls for: the input itself
+        assert all(r["word"] in r["choices"] for r in rows[name]), name
 
 
 def test_content_pools_have_no_duplicates_or_overlaps():
@@ -176,13 +175,17 @@ def test_reduced_build_runs_under_lm_eval_from_another_cwd(tmp_path, monkeypatch
     assert written == json.loads(json.dumps(summary))
     assert written["config"]["tasks"] == [name] and written["config"]["steps"] == 3
     assert set(written["accuracy"][name]) == {"base", "specialist"}
-    assert written["timings"][name]["train_s"] > 0
+    assert written["specialists"][name]["train_s"] > 0 and written["rows"][name]["validation"] > 0
 
-    # the same build again: nothing retrained
+    # the same build again: nothing retrained or rescored; one more task: only its specialist is trained
     adapter = out / name / "adapter_model.safetensors"
     mtime = adapter.stat().st_mtime_ns
     assert zoo.build(base, out, evals, tasks=1, steps=3, seed=0) == written
+    second = zoo.build(base, out, evals, tasks=2, steps=3, seed=0)
     assert adapter.stat().st_mtime_ns == mtime
+    assert second["specialists"][name]["key"] == written["specialists"][name]["key"]
+    assert (out / zoo.TASKS[1].name / "adapter_model.safetensors").is_file()
+    assert set(second["cross_validation_accuracy"][name]) == {name, zoo.TASKS[1].name}
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
