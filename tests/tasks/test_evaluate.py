@@ -32,3 +32,20 @@ def test_primary_scores_prefers_accuracy():
     results = {"results": {"t1": {"acc,none": 0.5, "acc_norm,none": 0.6}, "t2": {"exact_match,none": 0.25},
                            "t3": {"alias": "t3", "word_perplexity,none": 12.0, "word_perplexity_stderr,none": 1.0}}}
     assert primary_scores(results) == {"t1": 0.5, "t2": 0.25, "t3": 12.0}
+
+
+def test_cached_scores_are_keyed_on_the_task_files(tmp_path):
+    from tasks.evaluate import result_path
+
+    include = tmp_path / "evals"
+    (include / "t").mkdir(parents=True)
+    (include / "t.yaml").write_text("task: t\n")
+    (include / "t" / "test.jsonl").write_text('{"answer": 0}\n')
+    settings = {"tasks": ["t"], "include_path": str(include), "limit": None, "batch_size": 8, "device": "cpu"}
+    first = result_path(settings, "digest", str(tmp_path / "store"))
+    assert result_path(settings, "digest", str(tmp_path / "store")) == first
+    (include / "__pycache__").mkdir()
+    (include / "__pycache__" / "loader.pyc").write_bytes(b"\0")  # bytecode lm-eval leaves behind: ignored
+    assert result_path(settings, "digest", str(tmp_path / "store")) == first
+    (include / "t" / "test.jsonl").write_text('{"answer": 1}\n')  # same task name, other data (another zoo seed)
+    assert result_path(settings, "digest", str(tmp_path / "store")) != first
