@@ -14,7 +14,8 @@ params models, nowhere else):
 * ``plan``: ``include`` / ``exclude`` / ``ignore`` regexes;
 * ``pipeline``: device, compute/output dtype, ``materialize``, task runner, artifact store;
 * ``eval``: lm-eval tasks, include path, limit, batch size, device;
-* ``schedule``: the nightly deployment's cron and timezone.
+* ``schedule``: the nightly deployment's cron and timezone;
+* ``zoo``: how the demo zoo is built (base and output folders, seed, task count, steps).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from merging.errors import MergeConfigError
 from merging.registry import get_method
 from merging.resolve import field_names
 
-__all__ = ["PipelineParams", "ModelRef", "load_params", "merge_config"]
+__all__ = ["PipelineParams", "ModelRef", "ZooSection", "load_params", "merge_config"]
 
 _STRICT = ConfigDict(frozen=True, extra="forbid")
 
@@ -113,6 +114,20 @@ class EvalSection(BaseModel):
         return self
 
 
+class ZooSection(BaseModel):
+    """The demo zoo (``python -m flows.zoo build --params params.yaml``, the ``zoo`` DVC stage)."""
+
+    model_config = _STRICT
+
+    base: str = Field("demo/base", description="Hugging Face folder of the base (python -m flows.zoo base DIR).")
+    out: str = Field("demo/zoo", description="Where the specialists, zoo.json and the lm-eval tasks (OUT/evals) go.")
+    seed: int = 0
+    tasks: int = Field(4, ge=1, description="The first K zoo tasks.")
+    steps: int = Field(120, ge=1, description="Optimizer steps per specialist (batch 16).")
+    full_finetune: bool = Field(False, description="Full fine-tunes instead of LoRA adapters.")
+    lr: float | None = Field(None, gt=0, description="Learning rate; default 3e-4 for LoRA, 3e-5 for full fine-tunes.")
+
+
 class ScheduleSection(BaseModel):
     model_config = _STRICT
 
@@ -129,6 +144,7 @@ class PipelineParams(BaseModel):
     pipeline: PipelineSection = PipelineSection()
     eval: EvalSection = EvalSection()
     schedule: ScheduleSection = ScheduleSection()
+    zoo: ZooSection = ZooSection()
 
     @model_validator(mode="after")
     def _keys_in_their_stage(self) -> PipelineParams:

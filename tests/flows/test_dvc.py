@@ -45,6 +45,17 @@ def project(tmp_path) -> Path:
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
 
+    # the project's pipeline on the tiny demo models instead of the zoo (minutes to build)
+    shutil.copy(REPO / "tests" / "flows" / "tiny_params.yaml", dest / "params.yaml")
+    stages = yaml.safe_load((dest / "dvc.yaml").read_text())
+    assert {"base_model", "zoo"} <= set(stages["stages"])
+    del stages["stages"]["base_model"], stages["stages"]["zoo"]
+    tiny = {"demo_models": {"cmd": "python -m flows.demo_models demo/models",
+                            "deps": ["flows/demo_models.py", "evals/demo"], "outs": ["demo/models"]}}
+    stages["stages"] = tiny | stages["stages"]
+    stages["stages"]["fetch"]["deps"] = ["demo/models", *(d for d in stages["stages"]["fetch"]["deps"] if "zoo" not in d)]
+    (dest / "dvc.yaml").write_text(yaml.safe_dump(stages, sort_keys=False))
+
     def fast(params):
         params["eval"]["limit"] = 3
         params["pipeline"]["device"] = "cpu"
