@@ -171,6 +171,23 @@ def sweep(
 
 
 @app.command()
+def leaderboard(
+    seeds: Annotated[list[int], typer.Option("--seed", help="Zoo seed (repeat: --seed 0 --seed 1).")] = [0, 1],  # noqa: B006
+    sweep_file: Annotated[str, typer.Option("--sweep", help="Grid of methods and parameters.")] = "sweep.yaml",
+    params: Annotated[str, typer.Option("--params")] = "params.yaml",
+    refresh: Annotated[bool, typer.Option()] = False,
+) -> None:
+    """Build the demo zoo for each seed, sweep the grid on it and print the per-method table (mean and range over seeds)."""
+    try:
+        _pipeline_env()
+        from flows.leaderboard import format_markdown, run
+
+        typer.echo(format_markdown(run(params, sweep_file, list(seeds), refresh), list(seeds)))
+    except MergeflowError as err:
+        _fail(err)
+
+
+@app.command()
 def serve(params: Annotated[str, typer.Option("--params")] = "params.yaml") -> None:
     """Serve the 'merge-and-eval/manual' and 'merge-and-eval/nightly' deployments."""
     try:

@@ -2,7 +2,8 @@
 evaluate -> report, every stage a cached task over content-addressed artifacts.
 
 Default parameters come from ``params.yaml`` (the same file DVC reads); ``overrides``
-takes dotted keys like ``{"merge.sparsify.singular_matrices_drop_rate": 0.5}``.
+takes dotted keys like ``{"merge.sparsify.singular_matrices_drop_rate": 0.5}``. The flow
+returns the metrics (as ``metrics.json``) plus ``artifacts``: the store folder of each stage.
 """
 
 from __future__ import annotations
@@ -50,14 +51,17 @@ def merge_and_eval(params_file: str = "params.yaml", overrides: dict[str, Any] |
                 params=p, fetch_dir=fetched, out_dir=str(part_out), groups=groups, **dirs))
         return str(write_index(name, config, inputs, [f.result() for f in futures], out))
 
+    produced: dict[str, str] = {}
     if params.pipeline.materialize:
         deltas_dir = stage(deltas.deltas, "deltas", {"fetch": fetched})
         decompose_dir = stage(decompose.decompose, "decompose", {"deltas": deltas_dir})
         sparsify_dir = stage(sparsify.sparsify, "sparsify", {"decompose": decompose_dir, "deltas": deltas_dir})
         combine_dir = stage(combine.combine, "combine", {"sparsify": sparsify_dir, "deltas": deltas_dir})
+        produced |= {"deltas": deltas_dir, "decompose": decompose_dir, "sparsify": sparsify_dir}
     else:
         combine_dir = stage(combine.fused_combine, "combine", {"fetch": fetched}, fused=True)
     model_dir = stage(save.save, "save", {"combine": combine_dir})
+    produced |= {"combine": combine_dir, "save": model_dir}
     results = evaluate_models(p, fetched, model_dir, store, refresh)
     report_dir = keyed_dir(store, "report", report.report_key(p, results))
     stale = refresh or not (report_dir / "metrics.json").is_file()
@@ -66,7 +70,7 @@ def merge_and_eval(params_file: str = "params.yaml", overrides: dict[str, Any] |
     staging = temp_sibling(latest)
     shutil.copytree(report_dir, staging)
     replace_dir(staging, latest)
-    return metrics
+    return metrics | {"artifacts": produced}
 
 
 def evaluate_models(p: dict, fetch_dir: str, model_dir: str, store: str, refresh: bool) -> dict[str, str]:

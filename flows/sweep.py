@@ -13,12 +13,15 @@ Sweep file (YAML)::
         decompose: {direction: [horizontal, vertical]}
         sparsify: {singular_matrices_drop_rate: [0.5, 0.8]}
     select: normalized_accuracy        # or mean, gain_recovery
+    prune: true                        # delete each point's sparsify/combine/save artifacts once
+                                       # no later point uses them (the winners are rebuilt for test)
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -72,17 +75,25 @@ def sweep(sweep_file: str = "sweep.yaml", params_file: str = "params.yaml", refr
     validation = list(params.eval.validation_tasks)
     points = expand_grid(spec["grid"])
     logger.info("sweeping %d grid points (%s on %s)", len(points), select, "validation" if validation else "test")
+    prune = bool(spec.get("prune", False))
     scored = []
+    held: set[str] = set()
     for override in points:
         params_override = {k: v for k, v in override.items() if k != "name"}
         on_validation = {**params_override, "eval.tasks": validation, "eval.validation_tasks": []} if validation else params_override
         metrics = merge_and_eval.with_options(flow_run_name=label(override))(params_file, on_validation, refresh)
         scored.append((override, metrics))
+        if prune:  # points are in grid order (lambda innermost): neighbours share their sparsify artifact
+            used = {d for stage, d in metrics.get("artifacts", {}).items() if stage in PRUNED}
+            _remove(held - used)
+            held = used
+    _remove(held)
     best: dict[str, tuple[dict, dict]] = {}
     for override, metrics in scored:
         method = override["name"]
         if method not in best or _score(metrics, select) > _score(best[method][1], select):
             best[method] = (override, metrics)
+    inputs = [m.name for m in params.models.inputs]
     rows = []
     for method, (override, val_metrics) in best.items():
         params_override = {k: v for k, v in override.items() if k != "name"}
@@ -91,10 +102,27 @@ def sweep(sweep_file: str = "sweep.yaml", params_file: str = "params.yaml", refr
                      "test_mean": test_metrics["mean"]["merged"],
                      "normalized_accuracy": test_metrics["normalized_accuracy"]["mean"],
                      "gain_recovery": test_metrics["gain_recovery"]["mean"],
+                     "best_specialist_mean": _best_specialist_mean(test_metrics, inputs),
                      "per_task": test_metrics["accuracy"]["merged"]})
     rows.sort(key=lambda r: -(r["normalized_accuracy"] or r["test_mean"] or 0))
     _publish(rows, Path(params.pipeline.artifacts) / "leaderboard.json")
     return rows
+
+
+PRUNED = ("sparsify", "combine", "save")
+
+
+def _remove(folders: set[str]) -> None:
+    """Delete point artifacts; a later run that needs one recomputes it (a missing artifact is
+    never trusted from the cache)."""
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _best_specialist_mean(metrics: dict, inputs: list[str]) -> float | None:
+    """The highest all-task mean of a single input model (the bar a merge has to clear)."""
+    means = [metrics["mean"][name] for name in inputs if name in metrics["mean"]]
+    return max(means) if means else None
 
 
 def format_leaderboard(rows: list[dict]) -> str:

@@ -30,9 +30,13 @@ def test_sweep_selects_on_validation_and_reuses_upstream(prefect_harness, tiny_m
     grid = tmp_path / "sweep.yaml"
     grid.write_text(yaml.safe_dump({"grid": [{"method": "ties", "sparsify": {"density": [0.3, 0.6]}},
                                               {"method": "task_arithmetic", "combine": {"lambda": [0.5]}}],
-                                    "select": "mean"}))
+                                    "select": "mean", "prune": True}))
     rows = sweep(str(grid), str(params))
     assert {r["method"] for r in rows} == {"ties", "task_arithmetic"}
     assert all(set(r["per_task"]) == {"demo_arith", "demo_antonym"} for r in rows)  # reported on test
+    # the same inputs on the same test tasks: one best-specialist bar for every row
+    assert len({r["best_specialist_mean"] for r in rows}) == 1 and 0.0 <= rows[0]["best_specialist_mean"] <= 1.0
     assert len(list((tmp_path / "art" / "store").glob("deltas-*"))) == 1  # one deltas artifact for every point
+    # pruned: of the three points' models only the two winners' (rebuilt for the test split) remain
+    assert len(list((tmp_path / "art" / "store").glob("save-*"))) == 2
     assert json.loads((tmp_path / "art" / "leaderboard.json").read_text()) == rows

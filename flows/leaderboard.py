@@ -1,0 +1,124 @@
+"""The merge leaderboard over several zoo seeds (``mergeflow leaderboard --seeds 0 1``).
+
+For each seed: the demo zoo of that seed is built or reused (the ``zoo`` section of
+params.yaml; the params' own seed keeps ``zoo.out``, another seed S goes to
+``<zoo.out>-s<S>``), a copy of params.yaml is pointed at it (input models, lm-eval include
+folder, an artifact store per seed) and the sweep flow runs the grid (select on validation,
+report on test); a seed's rows are kept in ``sweep-s<seed>-<key>.json``, keyed by the sweep
+file, the derived params and the zoo's ``zoo.json``, so seeds can run in separate processes
+and a rerun only aggregates. The rows of all seeds are then aggregated per method: mean and range over
+seeds of test normalized accuracy, gain recovery, 4-task mean and the margin of the 4-task
+mean over the best single specialist's. Writes ``<artifacts>/leaderboard/leaderboard.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from statistics import fmean
+from typing import Any
+
+import yaml
+
+from merging.errors import MergeConfigError
+from merging.version import VERSION
+
+COLUMNS = (("normalized_accuracy", "norm. acc"), ("gain_recovery", "gain rec."), ("test_mean", "4-task mean"),
+           ("margin", "margin vs best specialist"))
+
+
+def seed_params(raw: dict[str, Any], seed: int) -> dict[str, Any]:
+    """params.yaml (as loaded YAML) re-pointed at the zoo of ``seed``."""
+    zoo = dict(raw.get("zoo") or {})
+    from tasks.params import ZooSection
+
+    section = ZooSection.model_validate(zoo)
+    old_out = section.out.rstrip("/")
+    new_out = old_out if seed == section.seed else f"{old_out}-s{seed}"
+    out = json.loads(json.dumps(raw))  # a deep copy
+    out["zoo"] = section.model_dump() | {"seed": seed, "out": new_out}
+    for ref in out["models"]["inputs"]:
+        source = str(ref["source"])
+        if not source.startswith(old_out + "/"):
+            raise MergeConfigError(f"models.inputs[{ref['name']}].source {source} is not inside zoo.out {old_out}: "
+                                   "the leaderboard re-points the zoo's specialists per seed")
+        ref["source"] = new_out + source[len(old_out):]
+    out["eval"]["include_path"] = f"{new_out}/evals"
+    if not out["eval"].get("validation_tasks"):
+        raise MergeConfigError("eval.validation_tasks is empty: the leaderboard selects on validation and reports test")
+    artifacts = (out.get("pipeline") or {}).get("artifacts", "artifacts")
+    out.setdefault("pipeline", {})["artifacts"] = artifacts if new_out == old_out else f"{artifacts}-s{seed}"
+    return out
+
+
+def aggregate(per_seed: dict[int, list[dict]]) -> list[dict]:
+    """One row per method: mean and (min, max) over seeds of each column; the setting picked
+    per seed."""
+    methods: dict[str, dict[int, dict]] = {}
+    for seed, rows in per_seed.items():
+        for row in rows:
+            entry = dict(row)
+            if row.get("test_mean") is not None and row.get("best_specialist_mean") is not None:
+                entry["margin"] = row["test_mean"] - row["best_specialist_mean"]
+            methods.setdefault(row["method"], {})[seed] = entry
+    out = []
+    for method, by_seed in methods.items():
+        row: dict[str, Any] = {"method": method, "seeds": sorted(by_seed),
+                               "settings": {str(s): r["setting"] for s, r in sorted(by_seed.items())}}
+        for key, _ in COLUMNS:
+            values = [r[key] for r in by_seed.values() if r.get(key) is not None]
+            row[key] = {"mean": fmean(values), "min": min(values), "max": max(values)} if values else None
+        out.append(row)
+    out.sort(key=lambda r: -(r["normalized_accuracy"]["mean"] if r["normalized_accuracy"] else -1.0))
+    return out
+
+
+def format_markdown(rows: list[dict], seeds: list[int]) -> str:
+    def cell(stat):
+        if stat is None:
+            return "-"
+        spread = f" ({stat['min']:.3f}-{stat['max']:.3f})" if len(seeds) > 1 else ""
+        return f"{stat['mean']:.3f}{spread}"
+
+    header = "| method | " + " | ".join(title for _, title in COLUMNS) + " | setting per seed (picked on validation) |"
+    lines = [header, "|" + "---|" * (len(COLUMNS) + 2)]
+    for r in rows:
+        settings = "; ".join(f"s{s}: {v.split(' ', 1)[1] if ' ' in v else '-'}" for s, v in r["settings"].items())
+        lines.append(f"| {r['method']} | " + " | ".join(cell(r[k]) for k, _ in COLUMNS) + f" | {settings} |")
+    return "\n".join(lines)
+
+
+def run(params_file: str, sweep_file: str, seeds: list[int], refresh: bool = False) -> list[dict]:
+    """Build each seed's zoo, sweep it, aggregate; returns the aggregated rows."""
+    from flows import zoo
+    from flows.sweep import sweep
+    from tasks.params import parse_params
+
+    if not seeds:
+        raise MergeConfigError("--seeds: give at least one zoo seed")
+    raw = yaml.safe_load(Path(params_file).read_text())
+    parse_params(raw, params_file)
+    folder = Path((raw.get("pipeline") or {}).get("artifacts", "artifacts")) / "leaderboard"
+    folder.mkdir(parents=True, exist_ok=True)
+    per_seed: dict[int, list[dict]] = {}
+    for seed in seeds:
+        derived = seed_params(raw, seed)
+        settings = parse_params(derived, f"{params_file} (seed {seed})").zoo
+        zoo.fetch_base(Path(settings.base))
+        zoo.build(Path(settings.base), Path(settings.out), tasks=settings.tasks, steps=settings.steps, seed=seed,
+                  full_finetune=settings.full_finetune, lr=settings.lr)
+        path = folder / f"params-s{seed}.yaml"
+        path.write_text(yaml.safe_dump(derived, sort_keys=False))
+        key = hashlib.sha256(json.dumps({"sweep": Path(sweep_file).read_text(), "params": derived, "version": VERSION,
+                                         "zoo": (Path(settings.out) / "zoo.json").read_text()}, sort_keys=True).encode())
+        done = folder / f"sweep-s{seed}-{key.hexdigest()[:16]}.json"
+        if done.is_file() and not refresh:
+            per_seed[seed] = json.loads(done.read_text())
+            continue
+        per_seed[seed] = sweep.with_options(flow_run_name=f"sweep-seed-{seed}")(sweep_file, str(path), refresh)
+        done.write_text(json.dumps(per_seed[seed], indent=2) + "\n")
+    rows = aggregate(per_seed)
+    (folder / "leaderboard.json").write_text(json.dumps({"seeds": seeds, "rows": rows, "per_seed": per_seed}, indent=2) + "\n")
+    (folder / "leaderboard.md").write_text(format_markdown(rows, seeds) + "\n")
+    return rows
