@@ -31,8 +31,27 @@ def thin_svd(matrix: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[to
     """
     if dtype is None:
         dtype = matrix.dtype if matrix.dtype in (torch.float32, torch.float64) else torch.float32
-    u, s, vh = torch.linalg.svd(matrix.to(dtype), full_matrices=False)
-    return u, s, vh
+    try:
+        return torch.linalg.svd(matrix.to(dtype), full_matrices=False)
+    except torch.linalg.LinAlgError:
+        # divide and conquer (gesdd, torch's CPU driver) can fail to converge on matrices with
+        # many repeated or zero singular values (e.g. Iso-CTS's stacked bases); QR iteration
+        # (gesvd) in float64 is slower but converges
+        u, s, vh = _gesvd(matrix.to(torch.float64))
+        return u.to(dtype), s.to(dtype), vh.to(dtype)
+
+
+def _gesvd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if matrix.is_cuda:
+        return torch.linalg.svd(matrix, full_matrices=False, driver="gesvd")
+    import numpy as np
+    from scipy.linalg import svd
+
+    flat = matrix.reshape(-1, *matrix.shape[-2:]).numpy()
+    parts = [svd(m, full_matrices=False, lapack_driver="gesvd") for m in flat]
+    u, s, vh = (torch.from_numpy(np.stack([p[i] for p in parts])) for i in range(3))
+    lead = matrix.shape[:-2]
+    return u.reshape(*lead, *u.shape[-2:]), s.reshape(*lead, s.shape[-1]), vh.reshape(*lead, *vh.shape[-2:])
 
 
 def relative_rank(singular_values: torch.Tensor, rel_tol: float) -> int:

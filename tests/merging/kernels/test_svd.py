@@ -54,3 +54,23 @@ def test_polar_ignores_svd_sign_conventions_and_zero_columns():
     assert torch.allclose(polar(a * signs), polar(a) * signs, atol=1e-12)  # polar(A S) = polar(A) S
     padded = polar(torch.cat([a, torch.zeros(6, 2, dtype=F64)], dim=1))
     assert torch.allclose(padded[:, :3], polar(a), atol=1e-12)  # TSV-M's empty slots change nothing
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (4, 6), (2, 5, 3)])
+def test_thin_svd_falls_back_to_gesvd_when_gesdd_does_not_converge(monkeypatch, shape):
+    torch.manual_seed(0)
+    a = torch.randn(*shape, dtype=torch.float32)
+    expected_s = torch.linalg.svd(a.double(), full_matrices=False).S
+    real_svd = torch.linalg.svd
+
+    def gesdd_fails(matrix, *args, **kwargs):
+        if kwargs.get("driver") is None:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return real_svd(matrix, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", gesdd_fails)
+    u, s, vh = thin_svd(a)
+    assert u.dtype == s.dtype == vh.dtype == torch.float32
+    assert u.shape == (*shape[:-2], shape[-2], min(shape[-2:])) and vh.shape == (*shape[:-2], min(shape[-2:]), shape[-1])
+    torch.testing.assert_close(s.double(), expected_s, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(u @ torch.diag_embed(s) @ vh, a, rtol=1e-4, atol=1e-5)
