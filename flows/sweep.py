@@ -75,12 +75,17 @@ def sweep(sweep_file: str = "sweep.yaml", params_file: str = "params.yaml", refr
     validation = list(params.eval.validation_tasks)
     points = expand_grid(spec["grid"])
     logger.info("sweeping %d grid points (%s on %s)", len(points), select, "validation" if validation else "test")
+    # on validation, each specialist is the specialist of its task's validation twin (for
+    # normalized accuracy and gain recovery)
+    twin = dict(zip(params.eval.tasks, validation))
+    validation_overrides = {"eval.tasks": validation, "eval.validation_tasks": [], "models.inputs": [
+        m.model_dump(mode="json") | ({"task": twin[m.task]} if m.task in twin else {}) for m in params.models.inputs]}
     prune = bool(spec.get("prune", False))
     scored = []
     held: set[str] = set()
     for override in points:
         params_override = {k: v for k, v in override.items() if k != "name"}
-        on_validation = {**params_override, "eval.tasks": validation, "eval.validation_tasks": []} if validation else params_override
+        on_validation = {**params_override, **validation_overrides} if validation else params_override
         metrics = merge_and_eval.with_options(flow_run_name=label(override))(params_file, on_validation, refresh)
         scored.append((override, metrics))
         if prune:  # points are in grid order (lambda innermost): neighbours share their sparsify artifact

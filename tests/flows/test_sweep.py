@@ -30,10 +30,12 @@ def test_sweep_selects_on_validation_and_reuses_upstream(prefect_harness, tiny_m
     grid = tmp_path / "sweep.yaml"
     grid.write_text(yaml.safe_dump({"grid": [{"method": "ties", "sparsify": {"density": [0.3, 0.6]}},
                                               {"method": "task_arithmetic", "combine": {"lambda": [0.5]}}],
-                                    "select": "mean", "prune": True}))
+                                    "select": "normalized_accuracy", "prune": True}))
     rows = sweep(str(grid), str(params))
     assert {r["method"] for r in rows} == {"ties", "task_arithmetic"}
     assert all(set(r["per_task"]) == {"demo_arith", "demo_antonym"} for r in rows)  # reported on test
+    # selected on the validation twins, whose specialists are the test tasks' specialists
+    assert all(0.0 <= r["validation"] < float("inf") for r in rows), rows
     # the same inputs on the same test tasks: one best-specialist bar for every row
     assert len({r["best_specialist_mean"] for r in rows}) == 1 and 0.0 <= rows[0]["best_specialist_mean"] <= 1.0
     assert len(list((tmp_path / "art" / "store").glob("deltas-*"))) == 1  # one deltas artifact for every point
