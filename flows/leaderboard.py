@@ -30,14 +30,13 @@ COLUMNS = (("normalized_accuracy", "norm. acc"), ("gain_recovery", "gain rec."),
 
 def seed_params(raw: dict[str, Any], seed: int) -> dict[str, Any]:
     """params.yaml (as loaded YAML) re-pointed at the zoo of ``seed``."""
-    zoo = dict(raw.get("zoo") or {})
-    from tasks.params import ZooSection
+    from tasks.params import parse_params
 
-    section = ZooSection.model_validate(zoo)
-    old_out = section.out.rstrip("/")
-    new_out = old_out if seed == section.seed else f"{old_out}-s{seed}"
+    params = parse_params(raw)
+    old_out = params.zoo.out.rstrip("/")
+    new_out = old_out if seed == params.zoo.seed else f"{old_out}-s{seed}"
     out = json.loads(json.dumps(raw))  # a deep copy
-    out["zoo"] = section.model_dump() | {"seed": seed, "out": new_out}
+    out["zoo"] = params.zoo.model_dump() | {"seed": seed, "out": new_out}
     for ref in out["models"]["inputs"]:
         source = str(ref["source"])
         if not source.startswith(old_out + "/"):
@@ -47,7 +46,7 @@ def seed_params(raw: dict[str, Any], seed: int) -> dict[str, Any]:
     out["eval"]["include_path"] = f"{new_out}/evals"
     if not out["eval"].get("validation_tasks"):
         raise MergeConfigError("eval.validation_tasks is empty: the leaderboard selects on validation and reports test")
-    artifacts = (out.get("pipeline") or {}).get("artifacts", "artifacts")
+    artifacts = params.pipeline.artifacts
     out.setdefault("pipeline", {})["artifacts"] = artifacts if new_out == old_out else f"{artifacts}-s{seed}"
     return out
 
@@ -98,8 +97,7 @@ def run(params_file: str, sweep_file: str, seeds: list[int], refresh: bool = Fal
     if not seeds:
         raise MergeConfigError("--seeds: give at least one zoo seed")
     raw = yaml.safe_load(Path(params_file).read_text())
-    parse_params(raw, params_file)
-    folder = Path((raw.get("pipeline") or {}).get("artifacts", "artifacts")) / "leaderboard"
+    folder = Path(parse_params(raw, params_file).pipeline.artifacts) / "leaderboard"
     folder.mkdir(parents=True, exist_ok=True)
     per_seed: dict[int, list[dict]] = {}
     for seed in seeds:
