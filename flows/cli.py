@@ -15,8 +15,10 @@ import yaml
 
 from flows.progress import progress_bar
 from merging.errors import MergeConfigError, MergeflowError
+from zoo.cli import app as zoo_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Merge fine-tuned models of one base model.")
+app.add_typer(zoo_app, name="zoo")
 
 
 def _fail(err: Exception) -> None:
@@ -209,7 +211,7 @@ def collect_stats(
 ) -> None:
     """Record per-layer input statistics of the base model (for scale_svd: set 'stats: FILE')."""
     try:
-        from tasks.stats import collect_activation_stats
+        from evaluation.stats import collect_activation_stats
 
         typer.echo(f"wrote {collect_activation_stats(base, data, out, max_samples=max_samples, max_length=max_length, device=device)}")
     except MergeflowError as err:

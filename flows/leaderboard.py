@@ -90,7 +90,7 @@ def format_markdown(rows: list[dict], seeds: list[int]) -> str:
 
 def run(params_file: str, sweep_file: str, seeds: list[int], refresh: bool = False) -> list[dict]:
     """Build each seed's zoo, sweep it, aggregate; returns the aggregated rows."""
-    from flows import zoo
+    import zoo
     from flows.sweep import sweep
     from tasks.params import parse_params
 

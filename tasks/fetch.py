@@ -59,7 +59,7 @@ def fetch_models(params: PipelineParams, out_dir: str | Path) -> Path:
     for ref in (params.models.base, *params.models.inputs):
         folder, commit = fetch_folder(ref.source, ref.revision)
         if ref.format == "gguf" or folder.suffix == ".gguf":
-            from tasks.gguf import import_gguf
+            from merging.io.gguf import import_gguf
 
             folder = import_gguf(folder, ref.gguf_file, out_dir.parent / "gguf" / ref.name)
         entries[ref.name] = {"source": ref.source, "revision": ref.revision, "commit": commit,

@@ -7,6 +7,7 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+DEMO_EVALS = REPO / "tests" / "fixtures" / "evals"  # the demo_arith / demo_antonym lm-eval tasks
 
 
 def write_params(path: Path, models: dict[str, Path], artifacts: Path, method: str = "ties", **merge) -> Path:
@@ -24,7 +25,7 @@ def write_params(path: Path, models: dict[str, Path], artifacts: Path, method: s
         },
         "merge": {"method": method, "seed": 0, **{k: sections.get(k, {}) for k in ("decompose", "sparsify", "combine")}},
         "pipeline": {"device": "cpu", "artifacts": str(artifacts), "out_dtype": None, "shard_size": "2GB"},
-        "eval": {"tasks": ["demo_arith", "demo_antonym"], "include_path": str(REPO / "evals"), "limit": 3, "batch_size": 4},
+        "eval": {"tasks": ["demo_arith", "demo_antonym"], "include_path": str(DEMO_EVALS), "limit": 3, "batch_size": 4},
     }
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path

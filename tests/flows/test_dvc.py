@@ -50,8 +50,8 @@ def project(tmp_path) -> Path:
     stages = yaml.safe_load((dest / "dvc.yaml").read_text())
     assert {"base_model", "zoo"} <= set(stages["stages"])
     del stages["stages"]["base_model"], stages["stages"]["zoo"]
-    tiny = {"demo_models": {"cmd": "python -m flows.demo_models demo/models",
-                            "deps": ["flows/demo_models.py", "evals/demo"], "outs": ["demo/models"]}}
+    tiny = {"demo_models": {"cmd": "python -m tests.fixtures.demo_models demo/models",
+                            "deps": ["tests/fixtures/demo_models.py", "tests/fixtures/evals/demo"], "outs": ["demo/models"]}}
     stages["stages"] = tiny | stages["stages"]
     stages["stages"]["fetch"]["deps"] = ["demo/models", *(d for d in stages["stages"]["fetch"]["deps"] if "zoo" not in d)]
     (dest / "dvc.yaml").write_text(yaml.safe_dump(stages, sort_keys=False))

@@ -8,7 +8,7 @@ import json
 import torch
 
 from tasks.evaluate import evaluate_folder, primary_scores
-from tests.pipeline_helpers import REPO
+from tests.pipeline_helpers import DEMO_EVALS
 
 
 def test_adapter_and_full_model_evaluate_and_cache(tiny_models, tmp_path):
@@ -18,7 +18,7 @@ def test_adapter_and_full_model_evaluate_and_cache(tiny_models, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_models["base"], dtype=torch.float32)
     lora = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
     lora.save_pretrained(tmp_path / "adapter")
-    settings = {"tasks": ["demo_arith"], "include_path": str(REPO / "evals"), "limit": 2, "batch_size": 2, "device": "cpu"}
+    settings = {"tasks": ["demo_arith"], "include_path": str(DEMO_EVALS), "limit": 2, "batch_size": 2, "device": "cpu"}
     store = tmp_path / "store"
     adapter_result = evaluate_folder(settings, str(tmp_path / "adapter"), "digest-adapter", str(store), str(tiny_models["base"]))
     full_result = evaluate_folder(settings, str(tiny_models["ft_a"]), "digest-full", str(store), str(tiny_models["base"]))

@@ -14,6 +14,8 @@ from safetensors.torch import save_file
 from merging.errors import MergeConfigError
 from merging.io.writer import remove_stale_temps, temp_sibling
 
+__all__ = ["collect_activation_stats", "read_texts"]
+
 
 def read_texts(path: Path, max_samples: int) -> list[str]:
     """Lines of a .txt file, or the ``text`` field (else question/prompt) of a .jsonl file."""

@@ -7,6 +7,9 @@ the same file's ``tokenizer.ggml.*`` metadata. The GGUF quantizer and ``quantiza
 are dropped before ``save_pretrained`` (the weights are dense by then, and a quantized model
 refuses to save). The folder is written atomically and carries ``gguf_source.json`` with the
 GGUF's sha256: a second import of the same file is a no-op.
+
+This is the one module of ``merging`` that imports transformers (inside ``import_gguf``, so
+importing the module stays light): reading GGUF is transformers' job.
 """
 
 from __future__ import annotations

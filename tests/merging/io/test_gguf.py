@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from merging.errors import CheckpointNotFoundError, MergeConfigError
-from tasks.gguf import MARKER, find_gguf, import_gguf
+from merging.io.gguf import MARKER, find_gguf, import_gguf
 
 HIDDEN, LAYERS, HEADS, KV_HEADS, FFN = 16, 2, 4, 2, 32
 HEAD_DIM = HIDDEN // HEADS
@@ -186,8 +186,8 @@ def test_truncated_file_is_a_config_error(tiny_gguf, tmp_path):
 
 
 def test_fetch_converts_gguf_sources(tiny_gguf, tmp_path):
+    from merging.pipeline_params import parse_params
     from tasks.fetch import fetch_models, fetched_models
-    from tasks.params import parse_params
 
     path, _ = tiny_gguf
     other = tmp_path / "other"
