@@ -1,6 +1,6 @@
 """The ``mergeflow`` command line: wires commands to library calls and flows.
 
-Every ``MergeflowError`` becomes a one-line message on stderr and exit code 2.
+Every ``MergeflowError`` becomes a one-line message on stderr and exit code 2 (``flows.errors``).
 """
 
 from __future__ import annotations
@@ -14,20 +14,15 @@ import typer
 import yaml
 
 from flows.progress import progress_bar
-from merging.errors import MergeConfigError, MergeflowError
+from merging.errors import MergeConfigError, exit_on_error
 from zoo.cli import app as zoo_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Merge fine-tuned models of one base model.")
 app.add_typer(zoo_app, name="zoo")
 
 
-def _fail(err: Exception) -> None:
-    typer.echo(f"error: {err}", err=True)
-    raise typer.Exit(code=2)
-
-
 def _run_merge(config, out: str | None, overwrite: bool, quiet: bool) -> None:
-    from merging.merge import merge_checkpoints
+    from merging.pipeline import merge_checkpoints
 
     target = out or config.out
     if not target:
@@ -53,7 +48,7 @@ def merge(
     """Merge models as a config describes, streaming one tensor at a time."""
     from merging.config import load_merge_config
 
-    try:
+    with exit_on_error():
         path = config_file or config_path
         if path is None:
             raise MergeConfigError("no config given: mergeflow merge CONFIG.yaml [OUT]")
@@ -67,8 +62,6 @@ def merge(
             config = parse_merge_config({**config.model_dump(exclude_defaults=True), "merge_method": config.merge_method,
                                          **overrides}, "command line")
         _run_merge(config, out or out_arg, overwrite, quiet)
-    except MergeflowError as err:
-        _fail(err)
 
 
 @app.command("circuit-merge")
@@ -85,17 +78,12 @@ def circuit_merge(
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Circuit-Merge (the seed script's command line): priority-ordered DELLA-style merge."""
-    from merging.config import parse_merge_config
+    from merging.config import parse_merge_config, read_yaml
 
-    try:
+    with exit_on_error():
         raw: dict = {}
         if config_file is not None:
-            if not config_file.is_file():
-                raise MergeConfigError(f"config file {config_file} does not exist")
-            try:
-                raw = yaml.safe_load(config_file.read_text()) or {}
-            except yaml.YAMLError as err:
-                raise MergeConfigError(f"{config_file}: malformed YAML: {err}") from None
+            raw = read_yaml(config_file) or {}
             if not isinstance(raw, dict):
                 raise MergeConfigError(f"{config_file}: the config must be a YAML mapping")
         paths = paths or []
@@ -118,8 +106,6 @@ def circuit_merge(
             raw["device"] = device
         config = parse_merge_config(raw, str(config_file or "command line"))
         _run_merge(config, None, overwrite, quiet)
-    except MergeflowError as err:
-        _fail(err)
 
 
 def _overrides(values: list[str] | None) -> dict:
@@ -145,14 +131,12 @@ def run(
     refresh: Annotated[bool, typer.Option(help="Recompute every stage, ignoring caches.")] = False,
 ) -> None:
     """Run the merge-and-eval flow once (Prefect; cached stages are skipped)."""
-    try:
+    with exit_on_error():
         overrides = _overrides(set_)
         _pipeline_env()
         from flows.merge_and_eval import merge_and_eval, task_runner
 
         merge_and_eval.with_options(task_runner=task_runner(params, overrides))(params, overrides, refresh)
-    except MergeflowError as err:
-        _fail(err)
 
 
 @app.command()
@@ -162,14 +146,12 @@ def sweep(
     refresh: Annotated[bool, typer.Option()] = False,
 ) -> None:
     """Run a grid of merges (subflows sharing cached artifacts) and print the leaderboard."""
-    try:
+    with exit_on_error():
         _pipeline_env()
         from flows.sweep import format_leaderboard
         from flows.sweep import sweep as sweep_flow
 
         typer.echo(format_leaderboard(sweep_flow(sweep_file, params, refresh)))
-    except MergeflowError as err:
-        _fail(err)
 
 
 @app.command()
@@ -180,24 +162,20 @@ def leaderboard(
     refresh: Annotated[bool, typer.Option()] = False,
 ) -> None:
     """Build the demo zoo for each seed, sweep the grid on it and print the per-method table (mean and range over seeds)."""
-    try:
+    with exit_on_error():
         _pipeline_env()
         from flows.leaderboard import format_markdown, run
 
         typer.echo(format_markdown(run(params, sweep_file, list(seeds), refresh), list(seeds)))
-    except MergeflowError as err:
-        _fail(err)
 
 
 @app.command()
 def serve(params: Annotated[str, typer.Option("--params")] = "params.yaml") -> None:
     """Serve the 'merge-and-eval/manual' and 'merge-and-eval/nightly' deployments."""
-    try:
+    with exit_on_error():
         from flows.deploy import main as serve_main
 
         serve_main(["--params", params])
-    except MergeflowError as err:
-        _fail(err)
 
 
 @app.command("collect-stats")
@@ -210,12 +188,47 @@ def collect_stats(
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
 ) -> None:
     """Record per-layer input statistics of the base model (for scale_svd: set 'stats: FILE')."""
-    try:
+    with exit_on_error():
         from evaluation.stats import collect_activation_stats
 
         typer.echo(f"wrote {collect_activation_stats(base, data, out, max_samples=max_samples, max_length=max_length, device=device)}")
-    except MergeflowError as err:
-        _fail(err)
+
+
+@app.command("dvc-yaml")
+def dvc_yaml(
+    params: Annotated[str, typer.Option("--params")] = "params.yaml",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write it.")] = Path("dvc.yaml"),
+    check: Annotated[bool, typer.Option(help="Exit 1 if the file differs from the generated one (write nothing).")] = False,
+) -> None:
+    """Write dvc.yaml from the stage table (one DVC stage per pipeline stage)."""
+    from flows.dvc_yaml import render_dvc_yaml
+
+    with exit_on_error():
+        text = render_dvc_yaml(params)
+        if check:
+            if not out.is_file() or out.read_text() != text:
+                typer.echo(f"{out} is out of date: run 'mergeflow dvc-yaml'", err=True)
+                raise typer.Exit(code=1)
+            return
+        out.write_text(text)
+        typer.echo(f"wrote {out}")
+
+
+@app.command()
+def gc(
+    params: Annotated[str, typer.Option("--params")] = "params.yaml",
+    keep_runs: Annotated[int, typer.Option(help="Also keep what the last N runs used.")] = 5,
+    dry_run: Annotated[bool, typer.Option(help="List what would be removed.")] = False,
+) -> None:
+    """Remove store artifacts that neither the current params nor the last N runs use."""
+    from flows.gc import collect_garbage
+    from merging.pipeline_params import load_params
+
+    with exit_on_error():
+        removed = collect_garbage(load_params(params), keep_runs, dry_run)
+        for path in removed:
+            typer.echo(f"{'would remove' if dry_run else 'removed'} {path}")
+        typer.echo(f"{len(removed)} artifact(s) {'to remove' if dry_run else 'removed'}")
 
 
 @app.command()

@@ -90,9 +90,10 @@ def format_markdown(rows: list[dict], seeds: list[int]) -> str:
 
 def run(params_file: str, sweep_file: str, seeds: list[int], refresh: bool = False) -> list[dict]:
     """Build each seed's zoo, sweep it, aggregate; returns the aggregated rows."""
+    from tasks.params import parse_params
+
     import zoo
     from flows.sweep import sweep
-    from tasks.params import parse_params
 
     if not seeds:
         raise MergeConfigError("--seeds: give at least one zoo seed")

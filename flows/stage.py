@@ -1,85 +1,46 @@
-"""DVC's entry point: ``python -m flows.stage NAME [--params params.yaml]`` runs one pipeline
-stage with fixed artifact folders ``artifacts/<stage>`` (DVC decides what is stale).
-
-The same task functions as the Prefect flow run here through ``.fn`` (no Prefect engine,
-no server). With ``pipeline.materialize: false`` the deltas, decompose and sparsify stages
-write a small "fused" marker and ``combine`` streams all merge stages in memory.
-"""
+"""The DVC entry point: ``python -m flows.stage NAME [--params params.yaml] [--artifacts DIR]``
+runs one stage of the table with fixed artifact folders ``<artifacts>/<stage>`` (DVC decides
+what is stale; the runner still skips a stage whose folder holds the artifact of its key).
+``python -m flows.stage show`` prints the last report's table."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from merging.errors import MergeflowError
-from merging.io.artifacts import ArtifactWriter
-from tasks import combine, decompose, deltas, evaluate, fetch, report, save, sparsify
-from tasks.params import load_params
+from flows.progress import progress_bar
+from merging import pipeline
+from merging.errors import exit_on_error
+from merging.pipeline_params import load_params
 
-STAGE_NAMES = ("fetch", "deltas", "decompose", "sparsify", "combine", "save", "evaluate", "report", "show")
-
-
-def _fused_marker(out: Path, stage: str) -> str:
-    return str(ArtifactWriter(out, {"stage": stage, "fused": True, "cache_key": "fused"}).commit())
+__all__ = ["run_named_stage", "main"]
 
 
-def run_stage(name: str, params_file: str = "params.yaml", root: str = "artifacts") -> str:
+def run_named_stage(name: str, params_file: str = "params.yaml", root: str = "artifacts", quiet: bool = True) -> Path:
+    """Run stage ``name`` reading and writing ``<root>/<stage>`` folders."""
     params = load_params(params_file)
-    p = params.model_dump(mode="json")
-    a = Path(root)
-    f = str(a / "fetch")
+    stage, artifacts = pipeline.get_stage(name), Path(root)
     fused = not params.pipeline.materialize
-    if name == "fetch":
-        return fetch.fetch.fn(p, f)
-    if name in ("deltas", "decompose", "sparsify") and fused:
-        return _fused_marker(a / name, name)
-    if name == "deltas":
-        return deltas.deltas.fn(p, f, str(a / "deltas"))
-    if name == "decompose":
-        return decompose.decompose.fn(p, f, str(a / "deltas"), str(a / "decompose"))
-    if name == "sparsify":
-        return sparsify.sparsify.fn(p, f, str(a / "decompose"), str(a / "deltas"), str(a / "sparsify"))
-    if name == "combine":
-        if fused:
-            return combine.fused_combine.fn(p, f, str(a / "combine"))
-        return combine.combine.fn(p, f, str(a / "sparsify"), str(a / "deltas"), str(a / "combine"))
-    if name == "save":
-        return save.save.fn(p, f, str(a / "combine"), str(a / "save"))
-    if name == "evaluate":
-        targets = evaluate.eval_targets(p, f, str(a / "save"))
-        base_folder = targets["base"][0]
-        results = {n: evaluate.evaluate_folder(p["eval"], folder, digest, str(a / "store"), base_folder)
-                   for n, (folder, digest) in targets.items()}
-        merged = {n: json.loads(Path(r).read_text()) for n, r in results.items()}
-        manifest = {"stage": "evaluate", "params": p["eval"], "inputs": {n: digest for n, (_, digest) in targets.items()}}
-        writer = ArtifactWriter(a / "evaluate", manifest)  # a new folder: never rewrites files DVC hardlinked
-        (writer.folder / "results.json").write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
-        return str(writer.commit(extra_files=["results.json"]))
-    if name == "report":
-        results = json.loads((a / "evaluate" / "results.json").read_text())
-        metrics = report.write_report(p, results, ".", metrics_file="metrics.json")
-        print(report.format_table(metrics))
-        return "metrics.json"
-    if name == "show":
-        metrics = json.loads(Path("metrics.json").read_text())
-        print(report.format_table(metrics))
-        return ""
-    raise SystemExit(f"unknown stage {name!r}; stages: {', '.join(STAGE_NAMES)}")
+    inputs = {n: artifacts / n for n in pipeline.stage_inputs(stage, fused)}
+    with progress_bar(name, enabled=not quiet and stage.is_merge) as update:
+        return pipeline.run_stage(name, params, inputs, artifacts / name, artifacts / "store", fused=fused,
+                                  progress=update)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m flows.stage", description=__doc__.splitlines()[0])
-    parser.add_argument("name", choices=STAGE_NAMES)
+    parser.add_argument("name", choices=[s.name for s in pipeline.STAGES] + ["show"])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--artifacts", default="artifacts")
     args = parser.parse_args(argv)
-    try:
-        print(run_stage(args.name, args.params, args.artifacts))
-    except MergeflowError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    with exit_on_error():
+        if args.name == "show":
+            from evaluation.report import format_table
+
+            print(format_table(json.loads((Path(args.artifacts) / "report" / "metrics.json").read_text())))
+        else:
+            print(run_named_stage(args.name, args.params, args.artifacts))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ never prefect or dvc.
 
 from merging.api import merge_tensors
 from merging.config import MergeConfig, load_merge_config, parse_merge_config
-from merging.merge import merge_checkpoints
+from merging.pipeline import merge_checkpoints
 from merging.registry import get_method, method_names
 
 __all__ = [

@@ -17,7 +17,7 @@ from merging.resolve import build_params, split_global_parameters
 from merging.rng import generator_for
 from merging.spec import MethodSpec, TensorGroup, TensorKind
 
-__all__ = ["merge_tensors", "run_stages", "check_model_count"]
+__all__ = ["merge_tensors", "run_stages", "scaled_combine", "check_model_count"]
 
 
 def check_model_count(spec: MethodSpec, count: int) -> None:
@@ -29,13 +29,17 @@ def check_model_count(spec: MethodSpec, count: int) -> None:
         raise MergeConfigError(f"method {spec.name!r} needs {bound} model(s){base_note}; got {count}")
 
 
-def run_stages(spec: MethodSpec, group: TensorGroup, params: Any, seed: int) -> torch.Tensor:
-    """decompose -> sparsify -> combine; returns the merged delta scaled by ``lambda``."""
-    rng = generator_for(seed, group.name)
-    factors = spec.decompose(group, params)
-    factors = spec.sparsify(group, factors, params, rng)
+def scaled_combine(spec: MethodSpec, group: TensorGroup, factors: dict[str, torch.Tensor], params: Any) -> torch.Tensor:
+    """The method's combine, scaled by ``lambda`` (the one place lambda is applied)."""
     merged_delta = spec.combine(group, factors, params)
     return merged_delta * params.lambda_ if params.lambda_ != 1 else merged_delta
+
+
+def run_stages(spec: MethodSpec, group: TensorGroup, params: Any, seed: int) -> torch.Tensor:
+    """decompose -> sparsify -> combine; returns the merged delta scaled by ``lambda``."""
+    factors = spec.decompose(group, params)
+    factors = spec.sparsify(group, factors, params, generator_for(seed, group.name))
+    return scaled_combine(spec, group, factors, params)
 
 
 def merge_tensors(

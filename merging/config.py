@@ -23,15 +23,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from merging.errors import MergeConfigError
 
-__all__ = ["ModelEntry", "MergeConfig", "load_merge_config", "parse_merge_config", "DEFAULT_EXCLUDE"]
+__all__ = ["ModelEntry", "MergeConfig", "load_merge_config", "parse_merge_config", "read_yaml", "DEFAULT_EXCLUDE"]
 
 # 2-D tensors that are not merged as matrices by default (embeddings and LM heads).
 DEFAULT_EXCLUDE = (
     r".*(embed_tokens|lm_head|wte|wpe|shared|embed_positions|word_embeddings|position_embeddings"
     r"|token_type_embeddings|embed_out|output_layer|relative_attention_bias)\b.*",
 )
-
-DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
 class ModelEntry(BaseModel):
@@ -184,13 +182,17 @@ def parse_merge_config(raw: Any, source: str = "<config>") -> MergeConfig:
         raise MergeConfigError(f"{source}: invalid merge config: {problems}") from None
 
 
-def load_merge_config(path: str | Path) -> MergeConfig:
-    """Read and validate a YAML config file."""
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file's content, or a ``MergeConfigError`` naming the file."""
     path = Path(path)
     if not path.is_file():
         raise MergeConfigError(f"config file {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
+        return yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise MergeConfigError(f"{path}: malformed YAML: {err}") from None
-    return parse_merge_config(raw, str(path))
+
+
+def load_merge_config(path: str | Path) -> MergeConfig:
+    """Read and validate a YAML config file."""
+    return parse_merge_config(read_yaml(path), str(path))

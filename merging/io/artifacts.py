@@ -4,52 +4,32 @@ An artifact folder holds safetensors shards of tensor groups (key ``"<group>::<f
 and ``manifest.json``: the stage, method, the params that stage read, the digests of its
 inputs, library versions, the cache key, the list of files and the output digest. Writes
 go to a temporary folder beside the target and are renamed into place when complete, so a
-reader never sees half an artifact; when two writers produce the same target, the first
-complete one wins and the other is discarded. A stage that changes nothing (a method
+reader never sees half an artifact; artifacts live at content addresses, so two writers of
+one target write the same content and the last rename wins. A stage that changes nothing (a method
 without a decomposition) writes a manifest with ``passthrough`` naming its input instead of
 copying data.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from merging.digests import folder_digest
 from merging.errors import ArtifactError
-from merging.io.writer import remove_stale_temps, temp_sibling
+from merging.io.writer import INDEX, ShardedWriter, commit_dir, remove_stale_temps, temp_sibling
 
-__all__ = ["ArtifactWriter", "ArtifactReader", "read_manifest", "file_digest", "folder_digest", "replace_dir", "MANIFEST"]
+__all__ = ["ArtifactWriter", "ArtifactReader", "read_manifest", "artifact_digest", "is_current", "relative_link", "MANIFEST"]
 
 MANIFEST = "manifest.json"
 SEP = "::"
-
-
-def file_digest(path: Path, chunk: int = 1 << 22) -> str:
-    """sha256 of a file's content."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def folder_digest(folder: Path, files: list[str]) -> str:
-    """sha256 over (name, content digest) of the listed files, in sorted order."""
-    h = hashlib.sha256()
-    for name in sorted(files):
-        h.update(name.encode())
-        h.update(file_digest(folder / name).encode())
-    return h.hexdigest()
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
@@ -63,87 +43,71 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
         raise ArtifactError(f"artifact {folder}: unreadable {MANIFEST} ({err}); delete the folder and rerun") from None
 
 
-@dataclass
 class ArtifactWriter:
-    """Collects tensor groups into shards in a temporary folder; ``commit`` renames it onto
-    ``target`` together with the manifest."""
+    """Collects tensor groups into byte-bounded shards in a temporary folder beside
+    ``target``; ``commit`` writes the manifest and renames the folder into place."""
 
-    target: Path
-    manifest: dict[str, Any]
-    max_shard_bytes: int = 1 << 30
-    _tmp: Path = field(init=False)
-    _pending: dict[str, torch.Tensor] = field(default_factory=dict, init=False)
-    _pending_bytes: int = field(default=0, init=False)
-    _files: list[str] = field(default_factory=list, init=False)
-    _groups: dict[str, str] = field(default_factory=dict, init=False)
-
-    def __post_init__(self) -> None:
-        self.target = Path(self.target)
+    def __init__(self, target: Path, manifest: dict[str, Any], max_shard_bytes: int = 1 << 30) -> None:
+        self.target = Path(target)
+        self.manifest = manifest
         self.target.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(self.target)
-        self._tmp = temp_sibling(self.target)
-        self._tmp.mkdir()
-
-    @property
-    def folder(self) -> Path:
-        """The temporary folder (extra files may be written here before ``commit``)."""
-        return self._tmp
+        self.folder = temp_sibling(self.target)  # extra files may be written here before ``commit``
+        self.folder.mkdir()
+        self._shards = ShardedWriter(self.folder, max_shard_bytes)
+        self._groups: dict[str, str] = {}
 
     def add_group(self, group: str, factors: dict[str, torch.Tensor]) -> None:
-        size = sum(t.numel() * t.element_size() for t in factors.values())
-        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
-            self._flush()
-        for name, tensor in factors.items():
-            self._pending[f"{group}{SEP}{name}"] = tensor.detach().to("cpu").contiguous()
         self._groups[group] = ""
-        self._pending_bytes += size
+        self._shards.add_group({f"{group}{SEP}{name}": tensor for name, tensor in factors.items()})
 
-    def _flush(self) -> None:
-        name = f"tensors-{len(self._files):05d}.safetensors"
-        save_file(self._pending, str(self._tmp / name), metadata={"format": "pt"})
-        for key in self._pending:
-            self._groups[key.split(SEP, 1)[0]] = name
-        self._files.append(name)
-        self._pending, self._pending_bytes = {}, 0
-
-    def commit(self, extra_files: list[str] | None = None) -> Path:
-        """Write the last shard and the manifest, then move the folder into place."""
+    def commit(self, extra_files: list[str] | None = None, extra: dict[str, Any] | None = None) -> Path:
+        """Write the last shard and the manifest, then move the folder into place (a complete
+        artifact already there is replaced: keys are content addresses, so it is the same)."""
         try:
-            if self._pending:
-                self._flush()
-            files = self._files + list(extra_files or [])
+            files = list(extra_files or [])
+            if self._groups:
+                weight_map = self._shards.finalize()
+                for key, file in weight_map.items():
+                    self._groups[key.split(SEP, 1)[0]] = file
+                files += sorted(set(weight_map.values())) + ([INDEX] if (self.folder / INDEX).is_file() else [])
             manifest = {**self.manifest, "files": sorted(files), "groups": self._groups,
-                        "output_digest": folder_digest(self._tmp, files)}
-            (self._tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-            replace_dir(self._tmp, self.target)
+                        "output_digest": folder_digest(self.folder, files), **(extra or {})}
+            (self.folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            commit_dir(self.folder, self.target, overwrite=True)
         except BaseException:
             self.abort()
             raise
         return self.target
 
     def abort(self) -> None:
-        shutil.rmtree(self._tmp, ignore_errors=True)
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def replace_dir(tmp: Path, target: Path) -> None:
-    """Rename ``tmp`` onto ``target``; an existing target is moved aside first and removed."""
-    if target.exists():
-        old = temp_sibling(target, "old")
-        try:
-            os.rename(target, old)
-        except FileNotFoundError:
-            old = None
-        os.rename(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    else:
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if (target / MANIFEST).is_file():  # a concurrent writer finished first: keep theirs
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                raise
+def is_current(folder: str | Path, key: str) -> bool:
+    """Whether ``folder`` holds a complete artifact made with cache key ``key`` (its manifest
+    says so and every file it lists is still there)."""
+    manifest_path = Path(folder) / MANIFEST
+    if not manifest_path.is_file():
+        return False
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return manifest.get("cache_key") == key and all((Path(folder) / f).is_file() for f in manifest.get("files", []))
+
+
+def artifact_digest(folder: str | Path) -> str:
+    """The content identity of an artifact (what downstream cache keys depend on)."""
+    manifest = read_manifest(folder)
+    if manifest.get("passthrough"):
+        return manifest["cache_key"]
+    return manifest["output_digest"]
+
+
+def relative_link(target: str | Path, artifact: str | Path) -> str:
+    """``target`` relative to ``artifact``'s folder, so a moved or cloned store still reads."""
+    return os.path.relpath(Path(target).resolve(), Path(artifact).resolve())
 
 
 def _resolve(artifact: Path, link: str) -> Path:

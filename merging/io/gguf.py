@@ -20,8 +20,8 @@ import struct
 import time
 from pathlib import Path
 
+from merging.digests import file_digest
 from merging.errors import CheckpointNotFoundError, MergeConfigError
-from merging.io.artifacts import file_digest
 from merging.io.writer import atomic_output_dir
 
 __all__ = ["import_gguf", "find_gguf", "MARKER"]

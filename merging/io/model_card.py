@@ -10,16 +10,9 @@ import json
 import shutil
 from pathlib import Path
 
-from merging.config import MergeConfig
-from merging.spec import MethodSpec
+from merging.digests import TOKENIZER_FILES
 
-__all__ = ["write_support_files", "TOKENIZER_FILES"]
-
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
-    "vocab.txt", "spiece.model",
-)
+__all__ = ["write_support_files", "model_card"]
 
 
 def _write_config(base_folder: Path, out: Path, out_dtype: str | None) -> None:
@@ -34,7 +27,8 @@ def _write_config(base_folder: Path, out: Path, out_dtype: str | None) -> None:
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def _card(config: MergeConfig, spec: MethodSpec, model_names: list[str]) -> str:
+def model_card(method: str, paper: str, base_model: str | None, model_names: list[str], recipe_yaml: str) -> str:
+    """The README.md of a merged model: what was merged, how, and the recipe."""
     lines = [
         "---",
         "library_name: transformers",
@@ -44,16 +38,15 @@ def _card(config: MergeConfig, spec: MethodSpec, model_names: list[str]) -> str:
         "---",
         "# Merged model",
         "",
-        f"Merged with mergeflow using **{spec.name}**"
-        + (f" ({spec.paper})." if spec.paper else "."),
+        f"Merged with mergeflow using **{method}**" + (f" ({paper})." if paper else "."),
         "",
-        f"- base model: `{config.base_model}`" if config.base_model else "- base model: none (reference: first model)",
+        f"- base model: `{base_model}`" if base_model else "- base model: none (reference: first model)",
         *[f"- model: `{name}`" for name in model_names],
         "",
         "## Recipe",
         "",
         "```yaml",
-        config.to_yaml().rstrip(),
+        recipe_yaml.rstrip(),
         "```",
         "",
     ]
@@ -65,10 +58,9 @@ def write_support_files(
     base_folder: Path,
     tokenizer_folder: Path | None,
     out: Path,
-    config: MergeConfig,
     out_dtype: str | None,
-    spec: MethodSpec,
-    model_names: list[str],
+    card: str,
+    recipe_yaml: str,
 ) -> None:
     """Write config.json (dtype updated), generation_config.json, tokenizer files, the
     model card README.md and the recipe ``mergeflow_config.yml`` into ``out``."""
@@ -80,5 +72,5 @@ def write_support_files(
         for name in TOKENIZER_FILES:
             if (tokenizer_folder / name).is_file():
                 shutil.copy2(tokenizer_folder / name, out / name)
-    (out / "README.md").write_text(_card(config, spec, model_names))
-    (out / "mergeflow_config.yml").write_text(config.to_yaml())
+    (out / "README.md").write_text(card)
+    (out / "mergeflow_config.yml").write_text(recipe_yaml)

@@ -15,10 +15,10 @@ from typing import Protocol
 
 import torch
 
-from merging.errors import CheckpointNotFoundError
+from merging.errors import CheckpointNotFoundError, MergeConfigError
 from merging.io.checkpoint import CheckpointReader
 
-__all__ = ["ModelSource", "FullModelSource", "AdapterSource", "resolve_folder", "open_source", "is_adapter_folder"]
+__all__ = ["ModelSource", "FullModelSource", "AdapterSource", "resolve_folder", "resolve_source", "is_local_ref", "open_source", "is_adapter_folder"]
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja", "*.tiktoken"]
 
@@ -27,25 +27,47 @@ def is_adapter_folder(path: Path) -> bool:
     return (path / "adapter_config.json").is_file()
 
 
-def resolve_folder(ref: str) -> Path:
-    """A local folder for ``ref``: the path itself, or a hub snapshot (pinned ``@revision``)."""
+def is_local_ref(ref: str) -> bool:
+    """The one rule: a reference is a local path if it exists, starts with ``.``, ``/`` or
+    ``~``, or its first path component is an existing folder; otherwise a hub id."""
+    first = Path(ref).parts[0] if ref else ""
+    return Path(ref).expanduser().exists() or ref.startswith((".", "/", "~")) or bool(first and Path(first).is_dir())
+
+
+def resolve_source(ref: str, revision: str | None = None) -> tuple[Path, str | None]:
+    """(local folder, resolved hub commit or None) for a model reference.
+
+    One rule: ``ref`` is local if it exists, starts with ``.``, ``/`` or ``~``, or its first
+    path component is an existing folder; otherwise it is a Hugging Face id ``owner/name``
+    (optionally ``@revision``), downloaded with ``snapshot_download`` at ``revision``.
+    """
     path = Path(ref).expanduser()
     if path.exists():
-        return path
-    looks_local = ref.startswith((".", "/", "~")) or os.sep + os.sep in ref or ref.count("/") != 1
-    if looks_local:
-        raise CheckpointNotFoundError(f"model {ref!r}: folder {path} does not exist")
-    repo_id, _, revision = ref.partition("@")
+        return path, None
+    if is_local_ref(ref):
+        raise CheckpointNotFoundError(f"model {ref!r}: local folder {path} does not exist (read as a local path "
+                                      "because it starts with ./, / or ~ or its first folder exists)")
+    repo_id, _, pinned = ref.partition("@")
+    revision = revision or pinned or None
+    if repo_id.count("/") != 1:
+        raise CheckpointNotFoundError(f"model {ref!r}: {path} does not exist, and it is not a Hugging Face id (owner/name)")
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=HUB_PATTERNS))
-    except Exception as err:  # huggingface_hub raises many types (offline, 404, auth)
-        raise CheckpointNotFoundError(
-            f"model {ref!r} is not a local folder and could not be fetched from the Hugging Face Hub "
-            f"({type(err).__name__}: {err}). Download it first (huggingface-cli download {repo_id}) "
-            "and give its local path, or run with network access (HF_HUB_OFFLINE unset)"
-        ) from None
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+    except Exception as err:  # huggingface_hub raises many types (offline, 404, auth): all mean "cannot fetch"
+        offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True")
+        hint = ("HF_HUB_OFFLINE is set: unset it to download, or download the model elsewhere "
+                f"(huggingface-cli download {repo_id}" + (f" --revision {revision}" if revision else "") + ") "
+                "and give its local folder") if offline else "check the id, the revision and your network or token"
+        raise CheckpointNotFoundError(f"model {ref!r} is not a local folder and could not be fetched from the "
+                                      f"Hugging Face Hub at {revision or 'main'} ({type(err).__name__}); {hint}") from None
+    return folder, folder.name
+
+
+def resolve_folder(ref: str) -> Path:
+    """The local folder of a model reference (see ``resolve_source``)."""
+    return resolve_source(ref)[0]
 
 
 class ModelSource(Protocol):
@@ -91,10 +113,8 @@ class AdapterSource:
 
 def open_source(ref: str, base_folder: Path, base_shapes: dict[str, tuple[int, ...]], allow_pickle: bool = False,
                 read_dtype: torch.dtype | None = None) -> ModelSource:
-    """Open a model reference as a delta source, checked against the base's tensors."""
-    from merging.errors import MergeConfigError
-    from merging.plan import check_same_tensors
-
+    """Open a model reference as a delta source (an adapter is checked against the base's
+    tensors here; a full model's tensors are checked by the caller's plan)."""
     adapter_ref = None
     if "+" in ref and not Path(ref).exists():
         ref, adapter_ref = ref.split("+", 1)
@@ -111,5 +131,4 @@ def open_source(ref: str, base_folder: Path, base_shapes: dict[str, tuple[int, .
         adapter.check_against(base_shapes)
         return AdapterSource(name=adapter_ref or ref, adapter=adapter)
     reader = CheckpointReader(folder, name=ref, allow_pickle=allow_pickle)
-    check_same_tensors(base_shapes, reader.shapes(), ref)
     return FullModelSource(name=ref, reader=reader, read_dtype=read_dtype)

@@ -1,4 +1,4 @@
-"""Writing a merged model: atomic output folder and byte-bounded safetensors shards.
+"""Writing folders atomically, and byte-bounded safetensors shards (models and artifacts).
 
 ``atomic_output_dir`` yields a temporary folder beside the target and renames it into place
 only when the body completes; on any error the temporary folder is removed and an existing
@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -21,7 +21,9 @@ from safetensors.torch import save_file
 
 from merging.errors import OutputExistsError, OutputWriteError
 
-__all__ = ["atomic_output_dir", "ShardedWriter", "parse_size", "temp_sibling", "remove_stale_temps"]
+__all__ = ["atomic_output_dir", "atomic_write", "atomic_write_text", "commit_dir", "ShardedWriter", "parse_size", "temp_sibling", "remove_stale_temps", "INDEX"]
+
+INDEX = "model.safetensors.index.json"
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -68,9 +70,51 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Write a file through a temporary sibling and rename it into place: readers see the old
+    or the new content, never half of it, and a hardlinked earlier version is never rewritten."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def commit_dir(tmp: Path, target: Path, overwrite: bool) -> None:
+    """Rename the complete folder ``tmp`` onto ``target``. An existing target is refused
+    unless ``overwrite``, and then moved aside first and removed after the rename."""
+    if not target.exists():
+        try:
+            tmp.rename(target)
+            return
+        except OSError:
+            if not target.exists():
+                raise
+    if not overwrite:
+        raise OutputExistsError(f"output {target} already exists; choose another path or pass --overwrite")
+    old = temp_sibling(target, "old")
+    try:
+        target.rename(old)
+    except FileNotFoundError:
+        old = None
+    tmp.rename(target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_output_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """A temporary folder that becomes ``target`` when the ``with`` body completes."""
+    """A temporary folder that becomes ``target`` when the ``with`` body completes; on any
+    error (or signal-raised exception) it is removed and an existing target is untouched."""
     target = Path(target).absolute()
     if target.exists() and not overwrite:
         raise OutputExistsError(f"output {target} already exists; choose another path or pass --overwrite")
@@ -89,13 +133,7 @@ def atomic_output_dir(target: str | Path, overwrite: bool = False) -> Iterator[P
         raise OutputWriteError(f"cannot create a temporary folder in {parent}: {err}") from None
     try:
         yield tmp
-        if target.exists():
-            old = temp_sibling(target, "old")
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
+        commit_dir(tmp, target, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -116,13 +154,18 @@ class ShardedWriter:
         self._shards: list[tuple[Path, list[str]]] = []
         self.total_bytes = 0
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
+    def add_group(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Add tensors that must share a shard (a tensor group's factors)."""
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
         if self._pending and self._pending_bytes + size > self.max_shard_bytes:
             self._flush()
-        self._pending[name] = tensor.detach().to("cpu").contiguous()
+        for name, tensor in tensors.items():
+            self._pending[name] = tensor.detach().to("cpu").contiguous()
         self._pending_bytes += size
         self.total_bytes += size
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        self.add_group({name: tensor})
 
     def _flush(self) -> None:
         path = self.folder / f"shard-{len(self._shards):05d}.safetensors.partial"
@@ -132,21 +175,20 @@ class ShardedWriter:
         self._pending = {}
         self._pending_bytes = 0
 
-    def finalize(self) -> list[str]:
-        """Write the last shard, name the shards, write the index; returns the file names."""
+    def finalize(self) -> dict[str, str]:
+        """Write the last shard, name the shards, write the index (when there are several);
+        returns the weight map, tensor name -> file name."""
         if self._pending or not self._shards:
             self._flush()
         count = len(self._shards)
         if count == 1:
             self._shards[0][0].rename(self.folder / "model.safetensors")
-            return ["model.safetensors"]
+            return dict.fromkeys(self._shards[0][1], "model.safetensors")
         weight_map: dict[str, str] = {}
-        names = []
         for i, (path, tensors) in enumerate(self._shards, start=1):
             name = f"model-{i:05d}-of-{count:05d}.safetensors"
             path.rename(self.folder / name)
-            names.append(name)
             weight_map.update({t: name for t in tensors})
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        return names
+        (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        return weight_map

@@ -64,9 +64,11 @@ def test_changed_lambda_reruns_combine_onward_only(prefect_harness, tiny_models,
     changed = merge_and_eval(str(params), {"merge.combine": {"lambda": 0.5}}, return_state=True)
     states = _task_states(changed)
     assert states["deltas"] == states["decompose"] == states["sparsify"] == "Cached"
-    assert states["combine"] == states["save"] == "Completed"
-    evaluated = states["evaluate"].split(",")
-    assert evaluated.count("Completed") == 1 and evaluated.count("Cached") == 4  # only the merged model
+    assert states["combine"] == states["save"] == states["evaluate"] == "Completed"
+    results = json.loads(next((tmp_path / "art" / "store").glob("evaluate-*")).joinpath("results.json").read_text())
+    assert set(results) == {"merged", "base", "a", "b", "c"}
+    cached = list((tmp_path / "art" / "store" / "eval-cache").glob("*.json"))
+    assert len(cached) == 6  # base, three inputs and two merged models: the inputs were evaluated once
     report = json.loads((tmp_path / "art" / "report" / "metrics.json").read_text())
     assert report["method"] == "ties"
     assert Path(tmp_path / "art" / "report" / "plots" / "scores.png").stat().st_size > 0
@@ -83,7 +85,7 @@ def test_cli_run_with_overrides(prefect_harness, tiny_models, tmp_path):
     saved = list((tmp_path / "art" / "store").glob("save-*"))
     assert len(saved) == 1 and json.loads((saved[0] / "manifest.json").read_text())["method"] == "ties"
     combine = json.loads(next((tmp_path / "art" / "store").glob("combine-*")).joinpath("manifest.json").read_text())
-    assert combine["params"]["parameters"]["lambda"] == 0.7
+    assert combine["params"]["combine"]["parameters"]["lambda"] == 0.7
     bad = CliRunner().invoke(app, ["run", "--params", str(params), "--set", "merge.combine.density=0.1"])
     assert bad.exit_code == 2 and "move it to merge.sparsify" in bad.output
 
@@ -101,3 +103,29 @@ def test_partitioned_stages_give_the_same_model(prefect_harness, tiny_models, tm
     assert len(list(store.glob("decompose-part-*"))) == 3 and len(list(store.glob("combine-part-*"))) == 3
     (split,), (whole,) = list(store.glob("save-*")), list((tmp_path / "one" / "store").glob("save-*"))
     assert (split / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
+
+
+def test_resharded_model_reuses_its_scores_and_a_changed_tokenizer_does_not(prefect_harness, tiny_models, tmp_path):
+    """The merged model's digest covers tensors by name and content plus config and tokenizer
+    files: a new shard size rewrites the model but its evaluation is a cache hit; a tokenizer
+    change (here: in the base, which the merged model copies) is evaluated anew."""
+    from flows.merge_and_eval import merge_and_eval
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_models["base"], base)
+    params = write_params(tmp_path / "params.yaml", {**tiny_models, "base": base}, tmp_path / "art")
+    merge_and_eval(str(params), {"eval.evaluate_inputs": False})
+    cache = tmp_path / "art" / "store" / "eval-cache"
+    assert len(list(cache.glob("*.json"))) == 2  # merged and base
+    resharded = merge_and_eval(str(params), {"eval.evaluate_inputs": False, "pipeline.shard_size": "8KB"}, return_state=True)
+    states = _task_states(resharded)
+    assert states["save"] == "Completed" and states["evaluate"] == "Cached" and states["report"] == "Cached"
+    assert len(list((tmp_path / "art" / "store").glob("save-*"))) == 2 and len(list(cache.glob("*.json"))) == 2
+
+    config = base / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "model_max_length": 77}))
+    changed = merge_and_eval(str(params), {"eval.evaluate_inputs": False, "pipeline.shard_size": "8KB"}, return_state=True)
+    assert _task_states(changed)["evaluate"] == "Completed"
+    saved = sorted((tmp_path / "art" / "store").glob("save-*"), key=lambda p: p.stat().st_mtime_ns)[-1]
+    assert json.loads((saved / "tokenizer_config.json").read_text())["model_max_length"] == 77
+    assert len(list(cache.glob("*.json"))) == 4  # the merged model and the base, with the new tokenizer

@@ -3,7 +3,7 @@
 import pytest
 
 from merging.errors import MergeConfigError
-from tasks.params import load_params, merge_config, parse_params
+from merging.pipeline_params import load_params, merge_config, parse_params
 
 
 def _raw(**merge):

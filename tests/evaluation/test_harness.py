@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from tasks.evaluate import evaluate_folder, primary_scores
+from evaluation.harness import evaluate_folder, primary_scores
 from tests.pipeline_helpers import DEMO_EVALS
 
 
@@ -35,7 +35,7 @@ def test_primary_scores_prefers_accuracy():
 
 
 def test_cached_scores_are_keyed_on_the_task_files(tmp_path):
-    from tasks.evaluate import result_path
+    from evaluation.harness import result_path
 
     include = tmp_path / "evals"
     (include / "t").mkdir(parents=True)

@@ -1,4 +1,5 @@
-"""``params.yaml``, validated: the single source of truth of the pipeline.
+"""``params.yaml``, validated: the single source of truth of the pipeline (its stages read
+the sections named in ``merging.pipeline.STAGES``).
 
 Sections (``PipelineParams`` mirrors them; the defaults live here and in the method
 params models, nowhere else):
@@ -23,10 +24,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from merging.config import DEFAULT_EXCLUDE, MergeConfig, parse_merge_config
+from merging.config import DEFAULT_EXCLUDE, MergeConfig, parse_merge_config, read_yaml
 from merging.errors import MergeConfigError
 from merging.registry import get_method
 from merging.resolve import field_names
@@ -115,7 +115,7 @@ class EvalSection(BaseModel):
 
 
 class ZooSection(BaseModel):
-    """The demo zoo (``python -m flows.zoo build --params params.yaml``, the ``zoo`` DVC stage)."""
+    """The demo zoo (``mergeflow zoo build --params params.yaml``, the ``zoo`` DVC stage)."""
 
     model_config = _STRICT
 
@@ -164,13 +164,7 @@ class PipelineParams(BaseModel):
 
 def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> PipelineParams:
     """Read and validate ``params.yaml`` (``overrides``: dotted keys, as ``dvc exp run -S``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise MergeConfigError(f"params file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise MergeConfigError(f"{path}: malformed YAML: {err}") from None
+    raw = read_yaml(path) or {}
     for dotted, value in (overrides or {}).items():
         node = raw
         *parents, leaf = dotted.split(".")

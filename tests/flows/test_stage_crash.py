@@ -14,17 +14,17 @@ KILL_AFTER_TENSORS = textwrap.dedent(
     """
     import os, signal, sys
     from merging.io import writer
-    from flows.stage import run_stage
+    from flows.stage import run_named_stage
 
-    original, count = writer.ShardedWriter.add, [0]
-    def add(self, name, tensor):
-        original(self, name, tensor)
+    original, count = writer.ShardedWriter.add_group, [0]
+    def add_group(self, tensors):
+        original(self, tensors)
         count[0] += 1
         if count[0] == 7:
             self._flush()                      # at least one shard is on disk ...
             os.kill(os.getpid(), signal.SIGKILL)  # ... when the process dies
-    writer.ShardedWriter.add = add
-    run_stage("save", sys.argv[1], sys.argv[2])
+    writer.ShardedWriter.add_group = add_group
+    run_named_stage("save", sys.argv[1], sys.argv[2])
     """
 )
 
@@ -49,9 +49,12 @@ def test_killed_save_leaves_nothing_partial_and_rerun_matches(tiny_models, tmp_p
     digest = read_manifest(root / "save")["output_digest"]
     assert not list(root.glob(".save.tmp-*"))  # stale temporaries of dead writers are cleaned up
 
-    killed_again = subprocess.run([sys.executable, "-c", KILL_AFTER_TENSORS, str(params), str(root)], capture_output=True)
+    # a rerun with another shard size rewrites the folder: killed midway, the complete model stays
+    resharded = tmp_path / "resharded.yaml"
+    resharded.write_text(params.read_text().replace("shard_size: 2GB", "shard_size: 8KB"))
+    killed_again = subprocess.run([sys.executable, "-c", KILL_AFTER_TENSORS, str(resharded), str(root)], capture_output=True)
     assert killed_again.returncode == -9
-    assert read_manifest(root / "save")["output_digest"] == digest  # the complete model is untouched
+    assert read_manifest(root / "save")["output_digest"] == digest and (root / "save" / "model.safetensors").is_file()
 
     reference = tmp_path / "reference"
     _stages(params, reference, ["fetch", "deltas", "decompose", "sparsify", "combine", "save"])

@@ -1,0 +1,82 @@
+"""The report stage: ``metrics.json`` (per-task accuracy per model, means, normalized accuracy,
+gain recovery), ``plots/scores.csv`` for ``dvc plots`` and a PNG bar chart, in one artifact
+folder of the same shape on both routes (``artifacts/report`` under DVC, the store's report
+and its latest copy ``<artifacts>/report`` under Prefect)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from merging.metrics import summarize_scores
+from merging.pipeline_params import PipelineParams
+
+__all__ = ["write_report", "build_metrics", "format_table", "METRICS_FILE", "SCORES_CSV", "SCORES_PNG"]
+
+METRICS_FILE = "metrics.json"
+SCORES_CSV = "plots/scores.csv"
+SCORES_PNG = "plots/scores.png"
+
+
+def build_metrics(params: PipelineParams, results: dict[str, dict]) -> dict:
+    """metrics.json content from evaluation results (name -> result dict)."""
+    accuracy = {name: result["scores"] for name, result in results.items()}
+    specialists = {ref.task: ref.name for ref in params.models.inputs if ref.task}
+    validation = dict(zip(params.eval.tasks, params.eval.validation_tasks))
+    specialists |= {validation[t]: name for t, name in specialists.items() if t in validation}
+    metrics = summarize_scores(accuracy, specialists)
+    metrics["method"] = params.merge.method
+    return metrics
+
+
+def write_report(params: PipelineParams, inputs: dict[str, Path], folder: Path, store: Path) -> list[str]:
+    """Write metrics.json, plots/scores.csv and plots/scores.png into ``folder``."""
+    results = json.loads((inputs["evaluate"] / "results.json").read_text())
+    metrics = build_metrics(params, results)
+    (folder / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    (folder / "plots").mkdir()
+    rows = [{"model": model, "task": t, "accuracy": round(score, 6)}
+            for model, scores in metrics["accuracy"].items() for t, score in sorted(scores.items())]
+    with open(folder / SCORES_CSV, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["model", "task", "accuracy"])
+        writer.writeheader()
+        writer.writerows(rows)
+    _bar_chart(metrics, folder / SCORES_PNG)
+    return [METRICS_FILE, SCORES_CSV, SCORES_PNG]
+
+
+def _bar_chart(metrics: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(metrics["accuracy"])
+    tasks = metrics["tasks"]
+    width = 0.8 / max(len(models), 1)
+    fig, ax = plt.subplots(figsize=(max(6, 1.5 * len(tasks)), 4))
+    for i, model in enumerate(models):
+        ax.bar([j + i * width for j in range(len(tasks))], [metrics["accuracy"][model].get(t, 0) for t in tasks], width, label=model)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks)
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"per-task accuracy ({metrics['method']})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, format="png", metadata={"Software": None})
+    plt.close(fig)
+
+
+def format_table(metrics: dict) -> str:
+    tasks = metrics["tasks"]
+    lines = [f"{'model':16s} " + " ".join(f"{t[:14]:>14s}" for t in tasks) + f" {'mean':>8s}"]
+    for model, scores in metrics["accuracy"].items():
+        mean = metrics["mean"].get(model)
+        lines.append(f"{model:16s} " + " ".join(f"{scores.get(t, float('nan')):14.3f}" for t in tasks) + (f" {mean:8.3f}" if mean is not None else ""))
+    n, g = metrics["normalized_accuracy"].get("mean"), metrics["gain_recovery"].get("mean")
+    if n is not None:
+        lines.append(f"normalized accuracy (merged / specialist): {n:.3f}")
+    if g is not None:
+        lines.append(f"gain recovery ((merged - base) / (specialist - base)): {g:.3f}")
+    return "\n".join(lines)

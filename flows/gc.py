@@ -1,0 +1,85 @@
+"""``mergeflow gc``: remove the store's orphaned artifacts.
+
+Keys change whenever params, inputs or code change, so old artifacts are never reused and
+never overwritten: they pile up. ``gc`` keeps what the current params use (the artifacts a
+run would reuse, found by walking the stage table with the same keys) and what the last N
+runs recorded in ``<store>/runs.jsonl`` used, with the partial artifacts, passthrough
+targets and cached per-model scores those reference; everything else goes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from evaluation.harness import cache_file_name
+from flows.merge_and_eval import RUNS_LOG, artifact_dir, store_of, walk
+from merging import pipeline
+from merging.io.artifacts import MANIFEST, is_current
+from merging.pipeline_params import PipelineParams
+
+__all__ = ["collect_garbage"]
+
+_KEPT_FOLDERS = ("gguf", "eval-cache")
+
+
+def _current(params: PipelineParams, store: Path) -> set[Path]:
+    fused = not params.pipeline.materialize
+
+    def visit(stage: pipeline.Stage, inputs: dict[str, str]) -> Path | None:
+        key = pipeline.stage_key(stage.name, params, inputs, fused=fused)
+        folder = artifact_dir(store, stage, key)
+        return folder if is_current(folder, key) else None
+
+    return {Path(p) for p in walk(params, visit).values()}
+
+
+def _recent(store: Path, runs: int) -> set[Path]:
+    log = store / RUNS_LOG
+    lines = log.read_text().splitlines()[-runs:] if runs > 0 and log.is_file() else []
+    return {Path(p) for line in lines for p in json.loads(line)["artifacts"].values()}
+
+
+def _referenced(folder: Path) -> set[Path]:
+    """The folder plus the partial artifacts and passthrough targets its manifest names."""
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        return {folder}
+    manifest = json.loads(manifest_path.read_text())
+    links = list(manifest.get("parts", [])) + ([manifest["passthrough"]] if manifest.get("passthrough") else [])
+    found = {folder}
+    for link in links:
+        found |= _referenced((folder / link).resolve())
+    return found
+
+
+def _scores_of(folder: Path) -> set[str]:
+    """Names of the eval-cache files an evaluate artifact's results came from."""
+    results = folder / "results.json"
+    if not results.is_file():
+        return set()
+    return {cache_file_name(r["digest"], r["settings"]) for r in json.loads(results.read_text()).values()}
+
+
+def collect_garbage(params: PipelineParams, keep_runs: int = 5, dry_run: bool = False) -> list[Path]:
+    """Remove (or with ``dry_run`` only list) the store's artifacts nothing keeps."""
+    store = store_of(params)
+    if not store.is_dir():
+        return []
+    keep: set[Path] = set()
+    for folder in _current(params, store) | _recent(store, keep_runs):
+        keep |= {p.resolve() for p in _referenced(Path(folder))}
+    scores = set().union(*(_scores_of(p) for p in keep))
+    doomed = [p for p in sorted(store.iterdir())
+              if p.is_dir() and p.name not in _KEPT_FOLDERS and not p.name.startswith(".") and p.resolve() not in keep]
+    cache = store / "eval-cache"
+    if cache.is_dir():
+        doomed += [p for p in sorted(cache.glob("*.json")) if p.name not in scores]
+    if not dry_run:
+        for path in doomed:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+    return doomed

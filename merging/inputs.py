@@ -1,0 +1,139 @@
+"""The inputs of a merge, opened and checked before any tensor is merged.
+
+``MergeInputs`` resolves and opens every model (checking names and shapes against the
+base), builds the tensor plan and validates the parameters of every tensor; ``task_deltas``
+reads the (T, ...) deltas of one tensor group.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from merging.api import check_model_count
+from merging.config import MergeConfig
+from merging.errors import MergeConfigError, NonFiniteDeltaError
+from merging.io.checkpoint import CheckpointReader
+from merging.io.sources import FullModelSource, ModelSource, open_source, resolve_folder
+from merging.plan import TensorEntry, build_plan, check_same_tensors
+from merging.registry import get_method
+from merging.resolve import build_params, split_global_parameters
+from merging.spec import MethodSpec
+
+__all__ = ["MergeInputs", "resolve_device", "task_deltas", "DTYPES"]
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when available."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise MergeConfigError("device: cuda was asked for but no CUDA device is available; use cpu or auto")
+    return torch.device(device)
+
+
+class MergeInputs:
+    """Everything opened and checked before any tensor is merged."""
+
+    def __init__(self, config: MergeConfig) -> None:
+        self.config = config
+        self.spec: MethodSpec = get_method(config.merge_method)
+        refs = [m.model for m in config.models]
+        if self.spec.needs_base:
+            if config.base_model is None:
+                raise MergeConfigError(f"method {self.spec.name!r} needs base_model; add 'base_model: <path>'")
+            base_ref = config.base_model
+            entries = [m for m in config.models if m.model != base_ref]
+        else:
+            base_ref = config.base_model or refs[0]
+            entries = list(config.models)
+        check_model_count(self.spec, len(entries))
+        self.has_base = config.base_model is not None
+        self.base_ref = base_ref
+        self.base_folder = resolve_folder(base_ref)
+        self.base = CheckpointReader(self.base_folder, name=base_ref, allow_pickle=config.allow_pickle)
+        base_shapes = self.base.shapes()
+        self.entries = entries
+        read_dtype = DTYPES[config.dtype] if config.dtype else None
+        self.sources: list[ModelSource] = [
+            open_source(m.model, self.base_folder, base_shapes, config.allow_pickle, read_dtype) for m in entries
+        ]
+        for source in self.sources:
+            if isinstance(source, FullModelSource):
+                check_same_tensors(base_shapes, source.shapes(), source.name)
+        self.model_names = [m.model for m in entries]
+        self.shared, self.model_defaults = split_global_parameters(self.spec, config.parameters)
+        num_layers = _num_layers(self.base_folder)
+        self.plan: tuple[TensorEntry, ...] = build_plan(
+            ((k, self.base.shape(k), self.base.dtype(k)) for k in self.base.keys()),
+            config.include, config.exclude, config.ignore, num_layers,
+        )
+        self._param_cache: dict[Any, Any] = {}
+        for entry in self.plan:  # validate every tensor's parameters before any work
+            if entry.kind != "ignore":
+                self.params_for(entry)
+        self.stats = _load_stats(config.stats) if config.stats else None
+        if self.spec.uses_stats and self.stats is None:
+            log.warning("%s: no activation statistics given (create them with 'mergeflow collect-stats' and set "
+                        "'stats: FILE'); running unscaled", self.spec.name)
+
+    def params_for(self, entry: TensorEntry):
+        """(method params, per-model params) for one tensor, cached by resolved values."""
+        key = (entry.name, entry.layer_t)
+        if key not in self._param_cache:
+            self._param_cache[key] = build_params(
+                self.spec, self.shared, self.model_defaults, [m.parameters for m in self.entries],
+                self.model_names, entry.name, entry.layer_t,
+            )
+        return self._param_cache[key]
+
+
+def _num_layers(folder: Path) -> int | None:
+    config = folder / "config.json"
+    if not config.is_file():
+        return None
+    data = json.loads(config.read_text())
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(data.get(key), int):
+            return data[key]
+    return None
+
+
+def _load_stats(path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise MergeConfigError(f"stats file {path} does not exist; create it with 'mergeflow collect-stats'")
+    return load_file(path)
+
+
+def task_deltas(inputs: MergeInputs, entry: TensorEntry, base: torch.Tensor) -> torch.Tensor:
+    deltas = torch.empty((len(inputs.sources), *base.shape), dtype=base.dtype, device=base.device)
+    for t, source in enumerate(inputs.sources):
+        d = source.delta(entry.name, base)
+        if d is None:
+            deltas[t].zero_()
+            continue
+        if not torch.isfinite(d).all():
+            raise NonFiniteDeltaError(
+                f"model {source.name!r}, tensor {entry.name!r}: the delta to the base holds NaN or Inf; "
+                "the checkpoint is corrupt or was saved from a diverged run"
+            )
+        deltas[t] = d
+    return deltas
+
+
+def tokenizer_folder(config: MergeConfig, inputs: MergeInputs) -> Path | None:
+    """Where the merged model's tokenizer files come from (``tokenizer_source``)."""
+    source = config.tokenizer_source
+    if source is None or source == "base":
+        return inputs.base_folder
+    return resolve_folder(source)

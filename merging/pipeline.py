@@ -1,0 +1,441 @@
+"""The pipeline, declared once: the stage table and the one runner that executes any entry.
+
+    fetch -> deltas -> decompose -> sparsify -> combine -> save -> evaluate -> report
+
+Each ``Stage`` names its input artifacts, the ``params.yaml`` keys it reads (what DVC lists),
+whether it can be split into tensor-group partitions, and the function it runs: per tensor
+group for the merge stages (``merging.stages``), per artifact for fetch, evaluate and report
+(named by import path, so this library never imports lm-eval or plotting code). Everything
+else is derived from this table: the Prefect task and flow, the DVC entry point
+(``python -m flows.stage NAME``), ``dvc.yaml`` (``mergeflow dvc-yaml``), the fused mode and
+``mergeflow merge``. Adding a stage is one entry here plus one function.
+
+The runner owns the context, the loop over tensor groups, the writer, the manifest and the
+key. A stage's key is the sha256 of its name, the params it reads, the digests of its input
+artifacts and the fingerprint of the code it runs (``merging.fingerprint``), so a code change
+can never serve a stale artifact. With ``pipeline.materialize: false`` the ``fusable`` stages
+write only a marker and the next stage runs them in memory per group (the fused mode);
+``merge_checkpoints`` runs every merge stage that way, writing straight to its output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from merging import stages
+from merging.config import MergeConfig
+from merging.digests import content_key, model_digest
+from merging.errors import ArtifactError, MergeConfigError
+from merging.fetch import fetched_folders, model_sources
+from merging.fingerprint import closure_files, fingerprint, modules_of
+from merging.io.artifacts import MANIFEST, ArtifactReader, ArtifactWriter, artifact_digest, is_current, relative_link
+from merging.io.writer import ShardedWriter, atomic_output_dir, parse_size
+from merging.pipeline_params import PipelineParams, merge_config
+from merging.plan import TensorEntry
+from merging.registry import get_method
+from merging.spec import MethodSpec, _identity_sparsify
+
+__all__ = ["Stage", "STAGES", "MERGE_STAGES", "get_stage", "stage_key", "stage_inputs", "run_stage", "merge_checkpoints",
+           "partition_groups", "write_index", "stage_code_files", "stage_fingerprint", "fused_chain", "Progress", "MODEL_DIGEST_FILE"]
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int, str], None] | None
+GroupFn = Callable[[stages.StageContext, TensorEntry, dict[str, stages.Tensors]], stages.Tensors]
+MODEL_DIGEST_FILE = "model.digest"  # the saved model's identity alone, what DVC's evaluate depends on
+_MERGE_CONTEXT = "fetch"  # every merge stage reads the fetched folders (base, inputs)
+_LIBS = ("torch", "safetensors")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pipeline stage.
+
+    Attributes:
+        name: stage, task and DVC stage name; artifacts live in ``<store>/<name>-<key>``.
+        inputs: the stages whose artifacts it reads (merge stages also read ``fetch``).
+        params: the ``params.yaml`` keys it reads (DVC reruns it when they change).
+        group: the per-tensor-group function of a merge stage.
+        artifact: ``"module:function"`` of a whole-artifact stage, called as
+            ``function(params, inputs, folder, store) -> extra file names`` writing into ``folder``.
+        partitioned: may be split over tensor-group partitions mapped over workers.
+        fusable: with ``pipeline.materialize: false`` it runs in memory inside the next stage.
+        covers_ignored: runs for tensors the plan keeps at the base value (``save``).
+        passthrough: the method has no such stage: its artifact is its first input's.
+        method_code: the method functions the stage runs (their modules join its fingerprint).
+        first_pass: a whole-model pass before the loop (``deltas_of`` reads one group's deltas).
+        versions: libraries whose versions join the fingerprint.
+        retries: how often an orchestrator retries it (only where failures can be transient).
+        reads_files: files or folders outside the store it may read, from the params (DVC deps:
+            the local ones).
+        identity_file: the file in its folder that holds its output's identity alone; readers
+            depend on it rather than the folder (a re-sharded model is the same model).
+        metrics / plots: files in its folder that are DVC metrics / plots (with their options).
+    """
+
+    name: str
+    inputs: tuple[str, ...]
+    params: tuple[str, ...]
+    group: GroupFn | None = None
+    artifact: str | None = None
+    partitioned: bool = False
+    fusable: bool = False
+    covers_ignored: bool = False
+    passthrough: Callable[[MethodSpec], bool] | None = None
+    method_code: Callable[[MethodSpec], tuple] | None = None
+    first_pass: Callable[[stages.StageContext, Callable[[TensorEntry], torch.Tensor]], None] | None = None
+    versions: tuple[str, ...] = _LIBS
+    retries: int = 0
+    reads_files: Callable[[PipelineParams], list[str]] | None = None
+    identity_file: str | None = None
+    metrics: tuple[str, ...] = ()
+    plots: tuple[tuple[str, dict], ...] = ()
+
+    @property
+    def is_merge(self) -> bool:
+        return self.group is not None
+
+    def artifact_function(self) -> Callable[..., list[str]]:
+        module, _, function = self.artifact.partition(":")
+        return getattr(importlib.import_module(module), function)
+
+    def code_modules(self, spec: MethodSpec | None) -> tuple[str, ...]:
+        """Modules whose code the stage runs for method ``spec`` (None: any method)."""
+        if not self.is_merge:
+            return (self.artifact.partition(":")[0],)
+        own = ("merging.pipeline", self.group.__module__)
+        if self.method_code is None:
+            return own
+        return (*own, "merging.registry") if spec is None else (*own, *modules_of(*self.method_code(spec)))
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("fetch", (), ("models",), artifact="merging.fetch:fetch_models", versions=(), retries=2,
+          reads_files=lambda params: model_sources(params)),
+    Stage("deltas", (), ("merge.method", "plan", "pipeline.compute_dtype", "pipeline.materialize"),
+          group=stages.compute_deltas, fusable=True),
+    Stage("decompose", ("deltas",), ("merge.method", "merge.decompose", "pipeline.materialize"),
+          group=stages.decompose, partitioned=True, fusable=True,
+          passthrough=lambda spec: not spec.has_decompose, method_code=lambda spec: (spec.decompose,)),
+    Stage("sparsify", ("decompose", "deltas"),
+          ("merge.method", "merge.seed", "merge.decompose", "merge.sparsify", "pipeline.materialize"),
+          group=stages.sparsify, partitioned=True, fusable=True, first_pass=stages.trim_thresholds,
+          passthrough=lambda spec: spec.sparsify is _identity_sparsify,
+          method_code=lambda spec: (spec.sparsify, spec.global_trim)),
+    Stage("combine", ("sparsify", "deltas"),
+          ("models", "merge.method", "merge.seed", "merge.decompose", "merge.sparsify", "merge.combine",
+           "pipeline.materialize"),
+          group=stages.combine, partitioned=True, method_code=lambda spec: (spec.combine,)),
+    Stage("save", ("combine",), ("pipeline.out_dtype", "pipeline.shard_size"), group=stages.save, covers_ignored=True,
+          identity_file=MODEL_DIGEST_FILE),
+    Stage("evaluate", ("save", "fetch"), ("eval",), artifact="evaluation.harness:evaluate_models",
+          versions=("lm_eval", "transformers", "torch"),
+          reads_files=lambda params: [params.eval.include_path] if params.eval.include_path else []),
+    Stage("report", ("evaluate",), ("models", "merge.method", "eval"), artifact="evaluation.report:write_report",
+          versions=(), metrics=("metrics.json",),
+          plots=(("plots/scores.csv", {"x": "task", "y": "accuracy", "template": "bar_horizontal"}), ("plots/scores.png", {}))),
+)
+_BY_NAME = {s.name: s for s in STAGES}
+MERGE_STAGES = tuple(s for s in STAGES if s.is_merge)
+
+
+def get_stage(name: str) -> Stage:
+    if name not in _BY_NAME:
+        raise MergeConfigError(f"unknown stage {name!r}; stages: {', '.join(_BY_NAME)}")
+    return _BY_NAME[name]
+
+
+def fused_chain(stage: Stage) -> list[Stage]:
+    """The fusable stages ``stage`` reads (transitively) plus itself, in table order."""
+    members = {stage.name}
+    todo = list(stage.inputs)
+    while todo:
+        name = todo.pop()
+        if name not in members and get_stage(name).fusable:
+            members.add(name)
+            todo.extend(get_stage(name).inputs)
+    return [s for s in STAGES if s.name in members]
+
+
+# --- keys and manifests -----------------------------------------------------------------------
+
+_METHOD_STAGES = ("decompose", "sparsify", "combine")
+
+
+def merge_stage_params(config: MergeConfig, stage: str) -> dict[str, Any]:
+    """The part of ``config`` that merge stage ``stage`` reads (its key and manifest record it).
+
+    A method stage records the parameters of its own stage and of the method stages before
+    it: a parameter placed at its earliest reader (e.g. Circuit-Merge's temperature, read by
+    sparsify and combine) must still invalidate the later readers even when the earlier
+    stage's output happens not to change.
+    """
+    spec = get_method(config.merge_method)
+    if stage == "deltas":
+        return {"include": list(config.include), "exclude": list(config.exclude), "ignore": list(config.ignore),
+                "compute_dtype": config.compute_dtype, "dtype": config.dtype}
+    if stage == "save":
+        return {"out_dtype": config.out_dtype or config.dtype, "tokenizer_source": config.tokenizer_source,
+                "shard_size": str(config.shard_size)}
+    upto = set(_METHOD_STAGES[: _METHOD_STAGES.index(stage) + 1])
+    picked: dict[str, Any] = {"method": spec.name}
+    picked["parameters"] = {k: v for k, v in sorted(config.parameters.items()) if spec.stage_of(k) in upto}
+    picked["models"] = [{k: v for k, v in sorted(m.parameters.items()) if spec.stage_of(k) in upto} for m in config.models]
+    if spec.random and stage != "decompose":
+        picked["seed"] = config.seed
+    return picked
+
+
+def _select(params: PipelineParams, keys: tuple[str, ...]) -> dict[str, Any]:
+    dumped = params.model_dump(mode="json")
+    picked = {}
+    for key in keys:
+        node: Any = dumped
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        picked[key] = node
+    return picked
+
+
+def _versions(names: tuple[str, ...]) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in names:
+        try:
+            found[name] = version(name.replace("_", "-")).split("+")[0]
+        except PackageNotFoundError:
+            found[name] = "absent"
+    return found
+
+
+def _code(chain: list[Stage], spec: MethodSpec | None) -> str:
+    roots = sorted({m for s in chain for m in s.code_modules(spec)})
+    return fingerprint(roots, _versions(tuple(sorted({v for s in chain for v in s.versions}))))
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What one run of a stage reads: the derived key and the manifest fields."""
+
+    chain: list[Stage]
+    config: MergeConfig | None
+    inputs: dict[str, Path]
+    read: dict[str, Any]
+    key: str
+
+
+def stage_inputs(stage: Stage, fused: bool = False) -> list[str]:
+    """The artifacts a run of ``stage`` reads (in fused mode: those of its whole chain)."""
+    chain = fused_chain(stage) if fused else [stage]
+    external = {n for s in chain for n in s.inputs} - {s.name for s in chain}
+    if stage.is_merge:
+        external.add(_MERGE_CONTEXT)
+    return sorted(external)
+
+
+def _plan(stage: Stage, params: PipelineParams, inputs: dict[str, Path], fused: bool, groups: list[str] | None) -> _Plan:
+    chain = fused_chain(stage) if fused else [stage]
+    external = set(stage_inputs(stage, fused))
+    missing = sorted(external - set(inputs))
+    if missing:
+        raise ArtifactError(f"stage {stage.name!r} needs the artifact(s) {missing}")
+    used = {n: Path(inputs[n]) for n in sorted(external)}
+    config = None
+    if stage.is_merge:
+        config = merge_config(params, fetched_folders(used[_MERGE_CONTEXT]))
+        read = {s.name: merge_stage_params(config, s.name) for s in chain}
+        spec = get_method(config.merge_method)
+    else:
+        read = _select(params, stage.params)
+        spec = None
+    payload = {"stage": stage.name, "fused": fused, "params": read, "code": _code(chain, spec),
+               "inputs": {n: artifact_digest(p) for n, p in used.items()}, "groups": groups}
+    if stage.name == "fetch":
+        from merging.fetch import local_state
+
+        state = local_state(params)
+        payload["local_files"] = state
+        if state is None:  # an unpinned hub source may move: never reuse
+            payload["unpinned"] = time.time_ns()
+    return _Plan(chain, config, used, read, content_key(payload))
+
+
+def stage_fingerprint(name: str) -> str:
+    """The code fingerprint of a whole-artifact stage (e.g. evaluate's per-model result cache)."""
+    return _code([get_stage(name)], None)
+
+
+def stage_key(name: str, params: PipelineParams, inputs: dict[str, Path], fused: bool = False,
+              groups: list[str] | None = None) -> str:
+    """The cache key ``name`` gets from these input artifacts (see the module docstring)."""
+    return _plan(get_stage(name), params, inputs, fused, groups).key
+
+
+def _manifest(stage: Stage, plan: _Plan, fused: bool, groups: list[str] | None) -> dict[str, Any]:
+    return {"stage": stage.name, "method": plan.config.merge_method if plan.config else None, "params": plan.read,
+            "inputs": {n: artifact_digest(p) for n, p in plan.inputs.items()}, "fused": fused, "cache_key": plan.key,
+            "versions": _versions(("mergeflow", *stage.versions)), **({"partition": len(groups)} if groups else {})}
+
+
+# --- the runner -------------------------------------------------------------------------------
+
+def run_stage(name: str, params: PipelineParams, inputs: dict[str, str | Path], out: str | Path, store: str | Path,
+              *, fused: bool = False, groups: list[str] | None = None, progress: Progress = None,
+              force: bool = False) -> Path:
+    """Run stage ``name`` into the artifact folder ``out`` (nothing to do when ``out`` already
+    holds the artifact of this key). ``fused`` runs its fusable inputs in memory; a fusable
+    stage run with ``fused`` writes only a marker; ``groups`` restricts a partitioned stage
+    to one partition."""
+    stage, out = get_stage(name), Path(out)
+    inputs = {k: Path(v) for k, v in inputs.items()}
+    if fused and stage.fusable:
+        return _marker(stage, out)
+    plan = _plan(stage, params, inputs, fused, groups)
+    if is_current(out, plan.key) and not force:
+        return out
+    manifest = _manifest(stage, plan, fused, groups)
+    started = time.perf_counter()
+    if not stage.is_merge:
+        writer = ArtifactWriter(out, manifest)
+        try:
+            files = stage.artifact_function()(params, plan.inputs, writer.folder, Path(store))
+        except BaseException:
+            writer.abort()
+            raise
+        result = writer.commit(extra_files=files)
+    else:
+        ctx = stages.StageContext(plan.config)
+        if stage.passthrough is not None and not fused and stage.passthrough(ctx.spec):
+            source = plan.inputs[stage.inputs[0]]
+            return ArtifactWriter(out, manifest).commit(extra={"passthrough": relative_link(source, out)})
+        with _sink(stage, ctx, out, manifest, overwrite=True) as add:
+            _loop(plan.chain, ctx, {n: ArtifactReader(p) for n, p in plan.inputs.items() if n != _MERGE_CONTEXT},
+                  add, groups, progress)
+        result = out
+    log.info("stage %s -> %s (%.1f s)", name, result, time.perf_counter() - started)
+    return result
+
+
+def merge_checkpoints(config: MergeConfig, out: str | Path, *, overwrite: bool = False, progress: Progress = None) -> Path:
+    """Merge the models of ``config`` into a Hugging Face folder at ``out``: every merge stage
+    fused in memory, tensor group by tensor group, written atomically (``mergeflow merge``)."""
+    started = time.perf_counter()
+    ctx = stages.StageContext(config)
+    with _sink(MERGE_STAGES[-1], ctx, Path(out), None, overwrite) as add:
+        _loop(list(MERGE_STAGES), ctx, {}, add, None, progress)
+    log.info("merged with %s into %s (%.1f s)", ctx.spec.name, out, time.perf_counter() - started)
+    return Path(out)
+
+
+def _loop(chain: list[Stage], ctx: stages.StageContext, readers: dict[str, ArtifactReader],
+          add: Callable[[str, stages.Tensors], None], groups: list[str] | None, progress: Progress) -> None:
+    """Run ``chain`` per tensor group: inputs come from ``readers`` or from the chain's earlier
+    stages in memory; the last stage's output goes to ``add``."""
+    by_name = {s.name: s for s in chain}
+
+    def produce(name: str, entry: TensorEntry, memo: dict[str, stages.Tensors]) -> stages.Tensors:
+        if name not in memo:
+            if name in by_name:
+                stage = by_name[name]
+                memo[name] = stage.group(ctx, entry, {n: produce(n, entry, memo) for n in stage.inputs})
+            else:
+                memo[name] = readers[name].read_group(entry.name)
+        return memo[name]
+
+    for stage in chain:
+        if stage.first_pass is not None:
+            stage.first_pass(ctx, lambda e: produce("deltas", e, {})["deltas"])
+    last = chain[-1]
+    entries = ctx.all_entries() if last.covers_ignored else ctx.merged_entries()
+    if groups is not None:
+        wanted = set(groups)
+        entries = [e for e in entries if e.name in wanted]
+    for done, entry in enumerate(entries, start=1):
+        if entry.kind == "ignore":
+            add(entry.name, last.group(ctx, entry, {}))
+        else:
+            add(entry.name, produce(last.name, entry, {}))
+        if progress is not None:
+            progress(done, len(entries), entry.name)
+
+
+@contextlib.contextmanager
+def _sink(stage: Stage, ctx: stages.StageContext, out: Path, manifest: dict[str, Any] | None,
+          overwrite: bool) -> Iterator[Callable[[str, stages.Tensors], None]]:
+    """Where the last stage's groups go: an artifact, or (save) a Hugging Face model folder."""
+    if not stage.covers_ignored:  # intermediates: the store's own shard size, not the model's
+        writer = ArtifactWriter(out, manifest)
+        try:
+            yield writer.add_group
+            writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+        return
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        shards = ShardedWriter(tmp, parse_size(ctx.config.shard_size))
+        yield lambda name, tensors: shards.add_group(tensors)
+        shards.finalize()
+        stages.write_model_files(ctx, tmp)
+        if manifest is not None:
+            digest = model_digest(tmp)
+            (tmp / MODEL_DIGEST_FILE).write_text(digest + "\n")
+            files = sorted(p.name for p in tmp.iterdir())
+            (tmp / MANIFEST).write_text(json.dumps({**manifest, "files": files, "output_digest": digest},
+                                                   indent=2, sort_keys=True) + "\n")
+
+
+def _marker(stage: Stage, out: Path) -> Path:
+    """A fusable stage in fused mode: a manifest saying its work happens downstream."""
+    key = f"fused-{stage.name}"
+    if is_current(out, key):
+        return out
+    return ArtifactWriter(out, {"stage": stage.name, "fused": True, "cache_key": key}).commit()
+
+
+# --- partitions -------------------------------------------------------------------------------
+
+def partition_groups(params: PipelineParams, fetch_dir: str | Path, parts: int) -> list[list[str]]:
+    """Split the merged tensor groups into ``parts`` contiguous partitions of similar size,
+    for stages mapped over workers; ``write_index`` joins their artifacts."""
+    ctx = stages.StageContext(merge_config(params, fetched_folders(fetch_dir)))
+    entries = ctx.merged_entries()
+    sizes = [max(1, int(torch.Size(e.shape).numel())) for e in entries]
+    target = sum(sizes) / max(parts, 1)
+    out: list[list[str]] = [[]]
+    filled = 0.0
+    for entry, size in zip(entries, sizes):
+        if out[-1] and filled + size > target * len(out) and len(out) < parts:
+            out.append([])
+        out[-1].append(entry.name)
+        filled += size
+    return [p for p in out if p]
+
+
+def write_index(name: str, params: PipelineParams, inputs: dict[str, str | Path], parts: list[str | Path],
+                out: str | Path, fused: bool = False) -> Path:
+    """The artifact of a stage mapped over partitions: a manifest listing the partial
+    artifacts (no data copied); readers see the union of their groups."""
+    stage, out = get_stage(name), Path(out)
+    plan = _plan(stage, params, {k: Path(v) for k, v in inputs.items()}, fused, None)
+    if is_current(out, plan.key):
+        return out
+    digest = content_key([artifact_digest(p) for p in parts])
+    return ArtifactWriter(out, _manifest(stage, plan, fused, None)).commit(
+        extra={"parts": [relative_link(p, out) for p in parts], "output_digest": digest})
+
+
+def stage_code_files(stage: Stage) -> list[str]:
+    """The source files a stage may run, for any method (the deps ``dvc.yaml`` lists)."""
+    return closure_files(stage.code_modules(None))
