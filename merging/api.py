@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from merging.errors import MergeConfigError
+from merging.kernels.sparsify import kth_smallest_magnitude
 from merging.registry import get_method
 from merging.resolve import build_params, split_global_parameters
 from merging.rng import generator_for
@@ -87,8 +88,6 @@ def merge_tensors(
     )
     if spec.global_trim is not None and spec.global_trim(method_params) is not None:
         trim = spec.global_trim(method_params)
-        from merging.kernels.sparsify import kth_smallest_magnitude
-
         thresholds = []
         for t in range(len(models)):
             k = trim.kth_smallest(deltas[t].numel(), resolved[t]) if group.kind in trim.kinds else 0

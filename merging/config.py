@@ -96,27 +96,31 @@ class MergeConfig(BaseModel):
         return yaml.safe_dump(data, sort_keys=False)
 
 
+# top-level keys of a DRM / Circuit-Merge YAML that are ours too, copied as they are
+_SHARED_KEYS = ("device", "out_dtype", "shard_size", "allow_pickle", "tokenizer_source")
+_DRM_KEYS = ("seed", *_SHARED_KEYS)
+_DRM_RENAMES = {"linear_parameter_regex_pattern": "include", "linear_parameter_ignore_regex_pattern": "exclude",
+                "ignore_module_regex_pattern": "ignore"}
+
+
+def _moved(source: dict, renames: dict[str, str]) -> dict[str, Any]:
+    """Pop the keys of ``renames`` present in ``source``: ``{new name: value}``."""
+    return {new: source.pop(old) for old, new in renames.items() if old in source}
+
+
+def _copied(raw: dict, keys: tuple[str, ...]) -> dict[str, Any]:
+    return {key: raw[key] for key in keys if key in raw}
+
+
 def _from_drm(raw: dict) -> dict:
-    cfg = dict(raw.get("merging_config") or {})
-    mapped: dict[str, Any] = {"merge_method": "drm", "base_model": raw.get("base_model"),
-                              "models": raw.get("models"), "out": raw.get("save_path")}
-    if "linear_parameter_regex_pattern" in cfg:
-        mapped["include"] = cfg.pop("linear_parameter_regex_pattern")
-    if "linear_parameter_ignore_regex_pattern" in cfg:
-        mapped["exclude"] = cfg.pop("linear_parameter_ignore_regex_pattern")
-    if "ignore_module_regex_pattern" in cfg:
-        mapped["ignore"] = cfg.pop("ignore_module_regex_pattern")
-    if "dtype" in cfg:
-        cfg["svd_dtype"] = cfg.pop("dtype")
-    for key in ("seed", "device", "out_dtype", "shard_size", "allow_pickle", "tokenizer_source"):
-        if key in raw:
-            mapped[key] = raw[key]
-    mapped["parameters"] = cfg
-    unknown = set(raw) - {"models", "base_model", "save_path", "merging_config", "seed", "device",
-                          "out_dtype", "shard_size", "allow_pickle", "tokenizer_source"}
+    unknown = set(raw) - {"models", "base_model", "save_path", "merging_config", *_DRM_KEYS}
     if unknown:
         raise MergeConfigError(f"unknown top-level key(s) {sorted(unknown)} in a DRM config")
-    return mapped
+    cfg = dict(raw.get("merging_config") or {})
+    mapped = {"merge_method": "drm", "base_model": raw.get("base_model"), "models": raw.get("models"),
+              "out": raw.get("save_path"), **_moved(cfg, _DRM_RENAMES), **_copied(raw, _DRM_KEYS)}
+    cfg.update(_moved(cfg, {"dtype": "svd_dtype"}))
+    return {**mapped, "parameters": cfg}
 
 
 def _from_circuit(raw: dict) -> dict:
@@ -127,15 +131,9 @@ def _from_circuit(raw: dict) -> dict:
             f"Circuit-Merge method {method!r} is not supported (its 'dynamic_ties' is experimental and "
             "numerically wrong upstream); use merge_method: circuit_merge"
         )
-    mapped: dict[str, Any] = {"merge_method": "circuit_merge", "base_model": raw.get("base_model"),
-                              "models": raw.get("variant_models"), "out": raw.get("output_dir")}
-    if "seed" in params:
-        mapped["seed"] = params.pop("seed")
-    for key in ("device", "out_dtype", "shard_size", "allow_pickle", "tokenizer_source", "dtype"):
-        if key in raw:
-            mapped[key] = raw[key]
-    mapped["parameters"] = params
-    return mapped
+    mapped = {"merge_method": "circuit_merge", "base_model": raw.get("base_model"), "models": raw.get("variant_models"),
+              "out": raw.get("output_dir"), **_moved(params, {"seed": "seed"}), **_copied(raw, (*_SHARED_KEYS, "dtype"))}
+    return {**mapped, "parameters": params}
 
 
 def _from_mergekit(raw: dict) -> dict:

@@ -79,20 +79,18 @@ def check_same_tensors(base: Mapping[str, tuple[int, ...]], model: Mapping[str, 
     """Raise ``CheckpointMismatchError`` naming the model, tensor and both shapes."""
     missing = [k for k in base if k not in model]
     if missing:
-        raise CheckpointMismatchError(
-            f"model {model_name!r} lacks tensor {missing[0]!r} of the base"
-            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-            + "; all models must be fine-tunes of the same base architecture"
-        )
+        raise CheckpointMismatchError(f"model {model_name!r} lacks tensor {missing[0]!r} of the base{_more(missing)}")
     extra = [k for k in model if k not in base]
     if extra:
-        raise CheckpointMismatchError(
-            f"model {model_name!r} has tensor {extra[0]!r} that the base lacks"
-            + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
-            + "; all models must be fine-tunes of the same base architecture"
-        )
+        raise CheckpointMismatchError(f"model {model_name!r} has tensor {extra[0]!r} that the base lacks{_more(extra)}")
     for key, shape in base.items():
         if tuple(model[key]) != tuple(shape):
             raise CheckpointMismatchError(
                 f"model {model_name!r}, tensor {key!r}: shape {tuple(model[key])} does not match the base's {tuple(shape)}"
             )
+
+
+def _more(keys: list[str]) -> str:
+    """The rest of a key-set mismatch message after its first key."""
+    more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+    return f"{more}; all models must be fine-tunes of the same base architecture"

@@ -221,12 +221,6 @@ class LoraAdapter:
         shape = (a_shape[1], b_shape[0]) if transpose else (b_shape[0], a_shape[1])
         return _Factors(module, found[a_part], found[b_part], embedding, transpose, scaling, shape)
 
-    # ---- public --------------------------------------------------------------------------
-
-    def touched_keys(self) -> set[str]:
-        """Base checkpoint keys this adapter changes (LoRA targets and saved full tensors)."""
-        return set(self._lora) | set(self._full)
-
     def _expected_shapes(self) -> dict[str, tuple[int, ...]]:
         with safe_open(self._weights, framework="pt") as handle:
             expected = {key: tuple(handle.get_slice(file_key).get_shape()) for key, file_key in self._full.items()}
@@ -238,6 +232,8 @@ class LoraAdapter:
                 )
             expected[key] = factors.shape
         return expected
+
+    # ---- public --------------------------------------------------------------------------
 
     def check_against(self, base_shapes: Mapping[str, tuple[int, ...]]) -> None:
         """Check every touched key exists in the base with the adapter's shape.

@@ -16,6 +16,7 @@ from typing import Protocol
 import torch
 
 from merging.errors import CheckpointNotFoundError, MergeConfigError
+from merging.io.adapter import LoraAdapter
 from merging.io.checkpoint import CheckpointReader
 
 __all__ = ["ModelSource", "FullModelSource", "AdapterSource", "resolve_folder", "resolve_source", "is_local_ref", "open_source", "is_adapter_folder"]
@@ -101,7 +102,7 @@ class AdapterSource:
     """A PEFT LoRA adapter densified on the fly: delta = s * B A (zero where untouched)."""
 
     name: str
-    adapter: object  # merging.io.adapter.LoraAdapter
+    adapter: LoraAdapter
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         raise NotImplementedError("adapters are checked with check_against, not by shapes")
@@ -125,8 +126,6 @@ def open_source(ref: str, base_folder: Path, base_shapes: dict[str, tuple[int, .
             )
     folder = resolve_folder(adapter_ref or ref)
     if is_adapter_folder(folder):
-        from merging.io.adapter import LoraAdapter
-
         adapter = LoraAdapter(folder, name=adapter_ref or ref)
         adapter.check_against(base_shapes)
         return AdapterSource(name=adapter_ref or ref, adapter=adapter)

@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 
-__all__ = ["elect_sign", "agreement_mask", "disjoint_mean", "disjoint_sum", "disjoint_max"]
+__all__ = ["elect_sign", "agreement_mask", "disjoint_mean"]
 
 TieRule = Literal["majority", "positive"]
 
@@ -38,12 +38,3 @@ def disjoint_mean(stack: torch.Tensor, mask: torch.Tensor | None = None) -> torc
     count = (kept != 0).sum(dim=0) if mask is None else mask.sum(dim=0)
     return kept.sum(dim=0) / count.clamp(min=1).to(stack.dtype)
 
-
-def disjoint_sum(stack: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sum of the kept entries."""
-    return (stack * mask).sum(dim=0)
-
-
-def disjoint_max(stack: torch.Tensor, mask: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
-    """Largest kept magnitude with the elected sign."""
-    return (stack * mask).abs().max(dim=0).values * sign

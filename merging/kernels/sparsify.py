@@ -1,5 +1,5 @@
-"""Sparsification kernels: magnitude top-k, thresholds, random drop, outlier trimming,
-DELLA's MAGPRUNE, and norm-matching rescale.
+"""Sparsification kernels: magnitude top-k, thresholds, outlier trimming, DELLA's MAGPRUNE
+rank probabilities, and norm-matching rescale.
 
 All selections use ``kthvalue`` (a selection, not a full sort). Keep counts are exact:
 ``keep_topk(x, k)`` keeps exactly ``k`` entries; ties at the threshold are broken by flat
@@ -17,7 +17,6 @@ __all__ = [
     "keep_topk_rows",
     "kth_smallest_magnitude",
     "trim_below",
-    "bernoulli_keep_mask",
     "drop_outliers_and_small",
     "magprune_rank_probabilities",
     "rescale_to_norm",
@@ -60,11 +59,6 @@ def kth_smallest_magnitude(x: torch.Tensor, k: int) -> torch.Tensor:
 def trim_below(x: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor:
     """Zero every entry with ``|x| < threshold`` (ties at the threshold are kept)."""
     return torch.where(x.abs() < threshold, torch.zeros_like(x), x)
-
-
-def bernoulli_keep_mask(keep_prob: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Keep where ``u < keep_prob`` (``u`` ~ U[0,1) from a per-tensor generator)."""
-    return uniforms < keep_prob
 
 
 def drop_outliers_and_small(x: torch.Tensor, density: float, gamma: float, per_row: bool = False) -> torch.Tensor:

@@ -51,7 +51,6 @@ def _make_adapter(model, config: LoraConfig, folder, perturb=lambda name: "lora_
 
 def _check_roundtrip(folder, base, merged, touched):
     adapter = LoraAdapter(folder)
-    assert adapter.touched_keys() == touched
     adapter.check_against({k: tuple(v.shape) for k, v in base.items()})
     for key, weight in base.items():
         delta = adapter.delta(key, weight)
