@@ -16,7 +16,6 @@ from merging.errors import MergeConfigError
 from merging.fetch import fetched_models
 from merging.io.artifacts import artifact_digest
 from merging.io.writer import atomic_write_text
-from merging.pipeline import stage_fingerprint
 from merging.pipeline_params import PipelineParams
 
 __all__ = ["evaluate_models", "evaluate_folder", "result_path", "cache_file_name", "run_lm_eval", "primary_scores", "RESULTS_FILE"]
@@ -36,11 +35,12 @@ def eval_targets(params: PipelineParams, fetch_dir: Path, model_dir: Path) -> di
     return targets
 
 
-def evaluate_models(params: PipelineParams, inputs: dict[str, Path], folder: Path, store: Path) -> list[str]:
-    """Write ``results.json`` (name -> lm-eval result and primary scores) into ``folder``."""
+def evaluate_models(params: PipelineParams, inputs: dict[str, Path], folder: Path, store: Path, code: str) -> list[str]:
+    """Write ``results.json`` (name -> lm-eval result and primary scores) into ``folder``;
+    ``code`` (the stage's code fingerprint) keys the per-model result cache."""
     targets = eval_targets(params, inputs["fetch"], inputs["save"])
     base_folder = targets["base"][0]
-    settings = params.eval.model_dump(mode="json")
+    settings = {**params.eval.model_dump(mode="json"), "code": code}
     results = {}
     for name, (model_folder, digest) in targets.items():
         path = evaluate_folder(settings, model_folder, digest, store, base_folder)
@@ -50,9 +50,8 @@ def evaluate_models(params: PipelineParams, inputs: dict[str, Path], folder: Pat
 
 
 def _settings(eval_settings: dict[str, Any]) -> dict[str, Any]:
-    settings = {k: eval_settings.get(k) for k in ("tasks", "include_path", "limit", "batch_size", "device")}
+    settings = {k: eval_settings.get(k) for k in ("tasks", "include_path", "limit", "batch_size", "device", "code")}
     settings["include_digest"] = include_digest(settings["include_path"])
-    settings["code"] = stage_fingerprint("evaluate")
     return settings
 
 

@@ -30,7 +30,7 @@ def build_metrics(params: PipelineParams, results: dict[str, dict]) -> dict:
     return metrics
 
 
-def write_report(params: PipelineParams, inputs: dict[str, Path], folder: Path, store: Path) -> list[str]:
+def write_report(params: PipelineParams, inputs: dict[str, Path], folder: Path, store: Path, code: str = "") -> list[str]:
     """Write metrics.json, plots/scores.csv and plots/scores.png into ``folder``."""
     results = json.loads((inputs["evaluate"] / "results.json").read_text())
     metrics = build_metrics(params, results)

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from prefect import serve
 from prefect.schedules import Cron
-from tasks.params import load_params
 
 from flows.merge_and_eval import merge_and_eval, task_runner
+from merging.pipeline_params import load_params
 
 
 def deployments(params_file: str = "params.yaml"):

@@ -13,7 +13,6 @@ mean over the best single specialist's. Writes ``<artifacts>/leaderboard/leaderb
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from statistics import fmean
@@ -21,8 +20,9 @@ from typing import Any
 
 import yaml
 
+from merging.digests import content_key
 from merging.errors import MergeConfigError
-from merging.version import VERSION
+from merging.pipeline import pipeline_fingerprint
 
 COLUMNS = (("normalized_accuracy", "norm. acc"), ("gain_recovery", "gain rec."), ("test_mean", "4-task mean"),
            ("margin", "margin vs best specialist"))
@@ -30,7 +30,7 @@ COLUMNS = (("normalized_accuracy", "norm. acc"), ("gain_recovery", "gain rec."),
 
 def seed_params(raw: dict[str, Any], seed: int) -> dict[str, Any]:
     """params.yaml (as loaded YAML) re-pointed at the zoo of ``seed``."""
-    from tasks.params import parse_params
+    from merging.pipeline_params import parse_params
 
     params = parse_params(raw)
     old_out = params.zoo.out.rstrip("/")
@@ -90,10 +90,9 @@ def format_markdown(rows: list[dict], seeds: list[int]) -> str:
 
 def run(params_file: str, sweep_file: str, seeds: list[int], refresh: bool = False) -> list[dict]:
     """Build each seed's zoo, sweep it, aggregate; returns the aggregated rows."""
-    from tasks.params import parse_params
-
     import zoo
     from flows.sweep import sweep
+    from merging.pipeline_params import parse_params
 
     if not seeds:
         raise MergeConfigError("--seeds: give at least one zoo seed")
@@ -109,9 +108,9 @@ def run(params_file: str, sweep_file: str, seeds: list[int], refresh: bool = Fal
                   full_finetune=settings.full_finetune, lr=settings.lr)
         path = folder / f"params-s{seed}.yaml"
         path.write_text(yaml.safe_dump(derived, sort_keys=False))
-        key = hashlib.sha256(json.dumps({"sweep": Path(sweep_file).read_text(), "params": derived, "version": VERSION,
-                                         "zoo": (Path(settings.out) / "zoo.json").read_text()}, sort_keys=True).encode())
-        done = folder / f"sweep-s{seed}-{key.hexdigest()[:16]}.json"
+        key = content_key({"sweep": Path(sweep_file).read_text(), "params": derived, "code": pipeline_fingerprint(),
+                           "zoo": (Path(settings.out) / "zoo.json").read_text()})
+        done = folder / f"sweep-s{seed}-{key[:16]}.json"
         if done.is_file() and not refresh:
             per_seed[seed] = json.loads(done.read_text())
             continue

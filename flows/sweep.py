@@ -27,10 +27,10 @@ from typing import Any
 
 import yaml
 from prefect import flow, get_run_logger
-from tasks.params import load_params
 
 from flows.merge_and_eval import merge_and_eval
 from merging.errors import MergeConfigError
+from merging.pipeline_params import load_params
 
 SECTIONS = ("decompose", "sparsify", "combine")
 

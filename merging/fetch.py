@@ -53,7 +53,7 @@ def local_state(params: PipelineParams) -> list[Any] | None:
     return state
 
 
-def fetch_models(params: PipelineParams, inputs: dict[str, Path], folder: Path, store: Path) -> list[str]:
+def fetch_models(params: PipelineParams, inputs: dict[str, Path], folder: Path, store: Path, code: str = "") -> list[str]:
     """Write ``models.json`` into ``folder``; returns the file names written."""
     entries = {}
     for ref in (params.models.base, *params.models.inputs):

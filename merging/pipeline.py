@@ -34,10 +34,11 @@ import torch
 
 from merging import stages
 from merging.config import MergeConfig
+from merging.context import MergeContext
 from merging.digests import content_key, model_digest
 from merging.errors import ArtifactError, MergeConfigError
 from merging.fetch import fetched_folders, model_sources
-from merging.fingerprint import closure_files, fingerprint, modules_of
+from merging.fingerprint import closure_files, fingerprint
 from merging.io.artifacts import MANIFEST, ArtifactReader, ArtifactWriter, artifact_digest, is_current, relative_link
 from merging.io.writer import ShardedWriter, atomic_output_dir, parse_size
 from merging.pipeline_params import PipelineParams, merge_config
@@ -46,12 +47,12 @@ from merging.registry import get_method
 from merging.spec import MethodSpec, _identity_sparsify
 
 __all__ = ["Stage", "STAGES", "MERGE_STAGES", "get_stage", "stage_key", "stage_inputs", "run_stage", "merge_checkpoints",
-           "partition_groups", "write_index", "stage_code_files", "stage_fingerprint", "fused_chain", "Progress", "MODEL_DIGEST_FILE"]
+           "partition_groups", "write_index", "stage_code_files", "pipeline_fingerprint", "fused_chain", "Progress", "MODEL_DIGEST_FILE"]
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int, str], None] | None
-GroupFn = Callable[[stages.StageContext, TensorEntry, dict[str, stages.Tensors]], stages.Tensors]
+GroupFn = Callable[[MergeContext, TensorEntry, dict[str, stages.Tensors]], stages.Tensors]
 MODEL_DIGEST_FILE = "model.digest"  # the saved model's identity alone, what DVC's evaluate depends on
 _MERGE_CONTEXT = "fetch"  # every merge stage reads the fetched folders (base, inputs)
 _LIBS = ("torch", "safetensors")
@@ -67,7 +68,8 @@ class Stage:
         params: the ``params.yaml`` keys it reads (DVC reruns it when they change).
         group: the per-tensor-group function of a merge stage.
         artifact: ``"module:function"`` of a whole-artifact stage, called as
-            ``function(params, inputs, folder, store) -> extra file names`` writing into ``folder``.
+            ``function(params, inputs, folder, store, code=fingerprint) -> file names`` writing
+            into ``folder`` (``code``: the fingerprint of the stage's code, for caches of its own).
         partitioned: may be split over tensor-group partitions mapped over workers.
         fusable: with ``pipeline.materialize: false`` it runs in memory inside the next stage.
         covers_ignored: runs for tensors the plan keeps at the base value (``save``).
@@ -93,7 +95,7 @@ class Stage:
     covers_ignored: bool = False
     passthrough: Callable[[MethodSpec], bool] | None = None
     method_code: Callable[[MethodSpec], tuple] | None = None
-    first_pass: Callable[[stages.StageContext, Callable[[TensorEntry], torch.Tensor]], None] | None = None
+    first_pass: Callable[[MergeContext, Callable[[TensorEntry], torch.Tensor]], None] | None = None
     versions: tuple[str, ...] = _LIBS
     retries: int = 0
     reads_files: Callable[[PipelineParams], list[str]] | None = None
@@ -116,7 +118,7 @@ class Stage:
         own = ("merging.pipeline", self.group.__module__)
         if self.method_code is None:
             return own
-        return (*own, "merging.registry") if spec is None else (*own, *modules_of(*self.method_code(spec)))
+        return (*own, "merging.registry") if spec is None else (*own, *(f.__module__ for f in self.method_code(spec) if f))
 
 
 STAGES: tuple[Stage, ...] = (
@@ -232,6 +234,7 @@ class _Plan:
     config: MergeConfig | None
     inputs: dict[str, Path]
     read: dict[str, Any]
+    code: str
     key: str
 
 
@@ -259,7 +262,8 @@ def _plan(stage: Stage, params: PipelineParams, inputs: dict[str, Path], fused: 
     else:
         read = _select(params, stage.params)
         spec = None
-    payload = {"stage": stage.name, "fused": fused, "params": read, "code": _code(chain, spec),
+    code = _code(chain, spec)
+    payload = {"stage": stage.name, "fused": fused, "params": read, "code": code,
                "inputs": {n: artifact_digest(p) for n, p in used.items()}, "groups": groups}
     if stage.name == "fetch":
         from merging.fetch import local_state
@@ -268,12 +272,12 @@ def _plan(stage: Stage, params: PipelineParams, inputs: dict[str, Path], fused: 
         payload["local_files"] = state
         if state is None:  # an unpinned hub source may move: never reuse
             payload["unpinned"] = time.time_ns()
-    return _Plan(chain, config, used, read, content_key(payload))
+    return _Plan(chain, config, used, read, code, content_key(payload))
 
 
-def stage_fingerprint(name: str) -> str:
-    """The code fingerprint of a whole-artifact stage (e.g. evaluate's per-model result cache)."""
-    return _code([get_stage(name)], None)
+def pipeline_fingerprint() -> str:
+    """The fingerprint of every stage's code, for any method (results cached above the stages)."""
+    return _code(list(STAGES), None)
 
 
 def stage_key(name: str, params: PipelineParams, inputs: dict[str, Path], fused: bool = False,
@@ -309,13 +313,13 @@ def run_stage(name: str, params: PipelineParams, inputs: dict[str, str | Path], 
     if not stage.is_merge:
         writer = ArtifactWriter(out, manifest)
         try:
-            files = stage.artifact_function()(params, plan.inputs, writer.folder, Path(store))
+            files = stage.artifact_function()(params, plan.inputs, writer.folder, Path(store), code=plan.code)
         except BaseException:
             writer.abort()
             raise
         result = writer.commit(extra_files=files)
     else:
-        ctx = stages.StageContext(plan.config)
+        ctx = MergeContext(plan.config)
         if stage.passthrough is not None and not fused and stage.passthrough(ctx.spec):
             source = plan.inputs[stage.inputs[0]]
             return ArtifactWriter(out, manifest).commit(extra={"passthrough": relative_link(source, out)})
@@ -331,14 +335,14 @@ def merge_checkpoints(config: MergeConfig, out: str | Path, *, overwrite: bool =
     """Merge the models of ``config`` into a Hugging Face folder at ``out``: every merge stage
     fused in memory, tensor group by tensor group, written atomically (``mergeflow merge``)."""
     started = time.perf_counter()
-    ctx = stages.StageContext(config)
+    ctx = MergeContext(config)
     with _sink(MERGE_STAGES[-1], ctx, Path(out), None, overwrite) as add:
         _loop(list(MERGE_STAGES), ctx, {}, add, None, progress)
     log.info("merged with %s into %s (%.1f s)", ctx.spec.name, out, time.perf_counter() - started)
     return Path(out)
 
 
-def _loop(chain: list[Stage], ctx: stages.StageContext, readers: dict[str, ArtifactReader],
+def _loop(chain: list[Stage], ctx: MergeContext, readers: dict[str, ArtifactReader],
           add: Callable[[str, stages.Tensors], None], groups: list[str] | None, progress: Progress) -> None:
     """Run ``chain`` per tensor group: inputs come from ``readers`` or from the chain's earlier
     stages in memory; the last stage's output goes to ``add``."""
@@ -371,7 +375,7 @@ def _loop(chain: list[Stage], ctx: stages.StageContext, readers: dict[str, Artif
 
 
 @contextlib.contextmanager
-def _sink(stage: Stage, ctx: stages.StageContext, out: Path, manifest: dict[str, Any] | None,
+def _sink(stage: Stage, ctx: MergeContext, out: Path, manifest: dict[str, Any] | None,
           overwrite: bool) -> Iterator[Callable[[str, stages.Tensors], None]]:
     """Where the last stage's groups go: an artifact, or (save) a Hugging Face model folder."""
     if not stage.covers_ignored:  # intermediates: the store's own shard size, not the model's
@@ -409,7 +413,7 @@ def _marker(stage: Stage, out: Path) -> Path:
 def partition_groups(params: PipelineParams, fetch_dir: str | Path, parts: int) -> list[list[str]]:
     """Split the merged tensor groups into ``parts`` contiguous partitions of similar size,
     for stages mapped over workers; ``write_index`` joins their artifacts."""
-    ctx = stages.StageContext(merge_config(params, fetched_folders(fetch_dir)))
+    ctx = MergeContext(merge_config(params, fetched_folders(fetch_dir)))
     entries = ctx.merged_entries()
     sizes = [max(1, int(torch.Size(e.shape).numel())) for e in entries]
     target = sum(sizes) / max(parts, 1)

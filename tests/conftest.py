@@ -1,4 +1,4 @@
-"""Shared builders: tiny Llama-shaped checkpoints made on the fly."""
+"""Shared builders: tiny Llama-shaped checkpoints made on the fly, and the Prefect harness."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 def tiny_llama_config(layers: int = 2, tie: bool = False, vocab: int = 64, hidden: int = 16):
@@ -65,3 +66,16 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     for i, name in enumerate(["ft_a", "ft_b", "ft_c"], start=1):
         models[name] = save_tiny_model(root / name, seed=i, base=base)
     return models
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    """A Prefect test harness (temporary SQLite server) shared by the flow tests of a session.
+    Also isolates persisted task results: cached results of an earlier session would point at
+    that session's deleted temporary folders."""
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: str(tmp_path_factory.mktemp("prefect-results"))}):
+        with prefect_test_harness(server_startup_timeout=120):
+            yield

@@ -160,3 +160,30 @@ def test_every_stage_function_resolves():
         if stage.artifact:
             assert callable(stage.artifact_function())
         assert set(stage.inputs) <= {s.name for s in pipeline.STAGES[: pipeline.STAGES.index(stage)]}
+
+
+def write_size(params, inputs, folder, store, code) -> list[str]:
+    """A stage added by a test: the saved model's weight bytes."""
+    size = sum(p.stat().st_size for p in inputs["save"].glob("*.safetensors"))
+    (folder / "size.json").write_text(json.dumps({"bytes": size}))
+    return ["size.json"]
+
+
+def test_a_new_stage_is_one_entry_and_one_function(tiny_models, tmp_path, monkeypatch):
+    from flows.dvc_yaml import render_dvc_yaml
+    from flows.merge_and_eval import walk
+
+    size = pipeline.Stage("size", ("save",), ("pipeline.out_dtype",), artifact=f"{__name__}:write_size")
+    stages = (*pipeline.STAGES[:6], size, *pipeline.STAGES[6:])
+    monkeypatch.setattr(pipeline, "STAGES", stages)
+    monkeypatch.setattr(pipeline, "_BY_NAME", {s.name: s for s in stages})
+    params_file = write_params(tmp_path / "params.yaml", tiny_models, tmp_path / "art")
+    root = _run_all(params_file, tmp_path / "a").parent
+    params = load_params(params_file)
+    out = pipeline.run_stage("size", params, {"save": root / "save"}, root / "size", root / "store")
+    assert json.loads((out / "size.json").read_text())["bytes"] > 0 and read_manifest(out)["stage"] == "size"
+    assert pipeline.stage_key("size", params, {"save": root / "save"}) == read_manifest(out)["cache_key"]
+    dvc = yaml.safe_load(render_dvc_yaml(str(params_file)))["stages"]["size"]
+    assert dvc["deps"][0] == "artifacts/save/model.digest" and dvc["outs"] == ["artifacts/size"]
+    visited = walk(params, lambda stage, inputs: root / stage.name if stage.name != "evaluate" else None)
+    assert list(visited) == ["fetch", "deltas", "decompose", "sparsify", "combine", "save", "size"]

@@ -186,8 +186,8 @@ def test_truncated_file_is_a_config_error(tiny_gguf, tmp_path):
 
 
 def test_fetch_converts_gguf_sources(tiny_gguf, tmp_path):
+    from merging.fetch import fetch_models, fetched_models
     from merging.pipeline_params import parse_params
-    from tasks.fetch import fetch_models, fetched_models
 
     path, _ = tiny_gguf
     other = tmp_path / "other"
@@ -196,8 +196,10 @@ def test_fetch_converts_gguf_sources(tiny_gguf, tmp_path):
     params = parse_params({"models": {"base": {"name": "base", "source": str(path)},
                                       "inputs": [{"name": "ft", "source": str(other), "format": "gguf"}]},
                            "merge": {"method": "task_arithmetic"}})
-    models = fetched_models(fetch_models(params, tmp_path / "artifacts" / "fetch"))
+    (tmp_path / "fetch").mkdir()
+    assert fetch_models(params, {}, tmp_path / "fetch", tmp_path / "store") == ["models.json"]
+    models = fetched_models(tmp_path / "fetch")
     for name in ("base", "ft"):
         folder = Path(models[name]["folder"])
-        assert folder == tmp_path / "artifacts" / "gguf" / name
+        assert folder == tmp_path / "store" / "gguf" / name
         assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()

@@ -1,8 +1,9 @@
-"""The inputs of a merge, opened and checked before any tensor is merged.
+"""The context of a merge: every input opened and checked before any tensor is merged.
 
-``MergeInputs`` resolves and opens every model (checking names and shapes against the
-base), builds the tensor plan and validates the parameters of every tensor; ``task_deltas``
-reads the (T, ...) deltas of one tensor group.
+``MergeContext`` resolves and opens every model (checking names and shapes against the base),
+builds the tensor plan, validates the parameters of every tensor, and hands the stage
+functions (``merging.stages``) what they need per tensor group: the base tensor on the
+compute device and dtype, the deltas, the resolved parameters and the first-pass thresholds.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 from merging.api import check_model_count
 from merging.config import MergeConfig
@@ -22,9 +24,9 @@ from merging.io.sources import FullModelSource, ModelSource, open_source, resolv
 from merging.plan import TensorEntry, build_plan, check_same_tensors
 from merging.registry import get_method
 from merging.resolve import build_params, split_global_parameters
-from merging.spec import MethodSpec
+from merging.spec import MethodSpec, TensorGroup
 
-__all__ = ["MergeInputs", "resolve_device", "task_deltas", "DTYPES"]
+__all__ = ["MergeContext", "resolve_device", "DTYPES"]
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +42,16 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-class MergeInputs:
-    """Everything opened and checked before any tensor is merged."""
+class MergeContext:
+    """Everything opened and checked before any tensor is merged, and the per-group views."""
 
     def __init__(self, config: MergeConfig) -> None:
         self.config = config
         self.spec: MethodSpec = get_method(config.merge_method)
+        self.device = resolve_device(config.device)
+        self.dtype = DTYPES[config.compute_dtype]
+        self.out_dtype_name = config.out_dtype or config.dtype
+        self.thresholds: tuple[torch.Tensor | None, frozenset] = (None, frozenset())  # sparsify's first pass
         refs = [m.model for m in config.models]
         if self.spec.needs_base:
             if config.base_model is None:
@@ -95,6 +101,52 @@ class MergeInputs:
             )
         return self._param_cache[key]
 
+    def merged_entries(self) -> list[TensorEntry]:
+        """Plan entries the method merges, in plan order."""
+        return [e for e in self.plan if e.kind != "ignore"]
+
+    def all_entries(self) -> list[TensorEntry]:
+        """Every tensor of the output, in the base's file order."""
+        return sorted(self.plan, key=lambda e: self.base.file_of(e.name))
+
+    def base_tensor(self, name: str) -> torch.Tensor:
+        """The base tensor (read in ``dtype`` when set) on the compute device and dtype."""
+        raw = self.base.get(name)
+        if self.config.dtype:
+            raw = raw.to(DTYPES[self.config.dtype])
+        return raw.to(device=self.device, dtype=self.dtype)
+
+    def deltas(self, entry: TensorEntry) -> torch.Tensor:
+        """theta_t - theta_0 of every input, stacked: (T, *shape); NaN or Inf is an error."""
+        base = self.base_tensor(entry.name)
+        deltas = torch.empty((len(self.sources), *base.shape), dtype=base.dtype, device=base.device)
+        for t, source in enumerate(self.sources):
+            d = source.delta(entry.name, base)
+            if d is None:
+                deltas[t].zero_()
+                continue
+            if not torch.isfinite(d).all():
+                raise NonFiniteDeltaError(
+                    f"model {source.name!r}, tensor {entry.name!r}: the delta to the base holds NaN or Inf; "
+                    "the checkpoint is corrupt or was saved from a diverged run"
+                )
+            deltas[t] = d
+        return deltas
+
+    def group(self, entry: TensorEntry, deltas: torch.Tensor, with_thresholds: bool = False) -> TensorGroup:
+        _, model_params = self.params_for(entry)
+        values, kinds = self.thresholds
+        return TensorGroup(
+            name=entry.name, base=self.base_tensor(entry.name), deltas=deltas.to(self.device), model_params=model_params,
+            kind=entry.kind, has_base=self.has_base, trim_thresholds=values if with_thresholds and entry.kind in kinds else None,
+            stats=self.stats.get(entry.name) if self.stats is not None else None,
+        )
+
+    def tokenizer_folder(self) -> Path | None:
+        """Where the merged model's tokenizer files come from (``tokenizer_source``)."""
+        source = self.config.tokenizer_source
+        return self.base_folder if source in (None, "base") else resolve_folder(source)
+
 
 def _num_layers(folder: Path) -> int | None:
     config = folder / "config.json"
@@ -108,32 +160,6 @@ def _num_layers(folder: Path) -> int | None:
 
 
 def _load_stats(path: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     if not Path(path).is_file():
         raise MergeConfigError(f"stats file {path} does not exist; create it with 'mergeflow collect-stats'")
     return load_file(path)
-
-
-def task_deltas(inputs: MergeInputs, entry: TensorEntry, base: torch.Tensor) -> torch.Tensor:
-    deltas = torch.empty((len(inputs.sources), *base.shape), dtype=base.dtype, device=base.device)
-    for t, source in enumerate(inputs.sources):
-        d = source.delta(entry.name, base)
-        if d is None:
-            deltas[t].zero_()
-            continue
-        if not torch.isfinite(d).all():
-            raise NonFiniteDeltaError(
-                f"model {source.name!r}, tensor {entry.name!r}: the delta to the base holds NaN or Inf; "
-                "the checkpoint is corrupt or was saved from a diverged run"
-            )
-        deltas[t] = d
-    return deltas
-
-
-def tokenizer_folder(config: MergeConfig, inputs: MergeInputs) -> Path | None:
-    """Where the merged model's tokenizer files come from (``tokenizer_source``)."""
-    source = config.tokenizer_source
-    if source is None or source == "base":
-        return inputs.base_folder
-    return resolve_folder(source)
