@@ -129,3 +129,30 @@ def test_resharded_model_reuses_its_scores_and_a_changed_tokenizer_does_not(pref
     saved = sorted((tmp_path / "art" / "store").glob("save-*"), key=lambda p: p.stat().st_mtime_ns)[-1]
     assert json.loads((saved / "tokenizer_config.json").read_text())["model_max_length"] == 77
     assert len(list(cache.glob("*.json"))) == 4  # the merged model and the base, with the new tokenizer
+
+
+def test_edited_method_source_recomputes_from_the_first_stage_that_runs_it(prefect_harness, tiny_models, tmp_path, monkeypatch):
+    """Keys carry a fingerprint of the code each stage runs (read from the source files): after
+    an edit of methods/ties.py the next run recomputes sparsify (TIES' trim and election) and
+    reuses fetch, deltas and decompose; sparsify's output is byte-identical here (a comment was
+    added), so everything after it is reused too."""
+    from flows.merge_and_eval import merge_and_eval
+    from merging import fingerprint
+
+    params = write_params(tmp_path / "params.yaml", tiny_models, tmp_path / "art")
+    merge_and_eval(str(params), {"eval.evaluate_inputs": False})
+    copy = tmp_path / "src"
+    for package in fingerprint.OWN_PACKAGES:  # the same sources elsewhere, one file edited
+        shutil.copytree(fingerprint.ROOT / package, copy / package, ignore=shutil.ignore_patterns("__pycache__"))
+    with open(copy / "merging" / "methods" / "ties.py", "a") as f:
+        f.write("# an edit\n")
+    monkeypatch.setattr(fingerprint, "ROOT", copy)
+    fingerprint._path_of.cache_clear()
+    try:
+        states = _task_states(merge_and_eval(str(params), {"eval.evaluate_inputs": False}, return_state=True))
+    finally:
+        fingerprint._path_of.cache_clear()
+    assert states["fetch"] == states["deltas"] == states["decompose"] == "Cached"
+    assert states["sparsify"] == "Completed"
+    assert states["combine"] == states["save"] == states["evaluate"] == "Cached"
+    assert len(list((tmp_path / "art" / "store").glob("sparsify-*"))) == 2
