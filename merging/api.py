@@ -7,16 +7,17 @@ as ``merge_checkpoints`` does per tensor. Spec worked examples and method tests 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from merging.errors import MergeConfigError
-from merging.kernels.sparsify import kth_smallest_magnitude
 from merging.registry import get_method
 from merging.resolve import build_params, split_global_parameters
 from merging.rng import generator_for
 from merging.spec import MethodSpec, TensorGroup, TensorKind
+from merging.thresholds import global_thresholds
 
 __all__ = ["merge_tensors", "run_stages", "scaled_combine", "check_model_count"]
 
@@ -86,11 +87,8 @@ def merge_tensors(
         name=name, base=base_c, deltas=deltas, model_params=resolved,
         kind=kind or ("matrix" if base.dim() == 2 else "other"), has_base=has_base,
     )
-    if spec.global_trim is not None and spec.global_trim(method_params) is not None:
-        trim = spec.global_trim(method_params)
-        thresholds = []
-        for t in range(len(models)):
-            k = trim.kth_smallest(deltas[t].numel(), resolved[t]) if group.kind in trim.kinds else 0
-            thresholds.append(kth_smallest_magnitude(deltas[t], k) if k > 0 else torch.zeros((), dtype=compute_dtype))
-        group = TensorGroup(**{**group.__dict__, "trim_thresholds": torch.stack(thresholds)})
+    # a whole-model trim over this one tensor, exactly as merge_checkpoints' first pass computes it
+    thresholds, _ = global_thresholds(spec, method_params, resolved, [group], lambda g: g.deltas, compute_dtype, base.device)
+    if thresholds is not None:
+        group = replace(group, trim_thresholds=thresholds)
     return base_c + run_stages(spec, group, method_params, seed)
