@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from merging.errors import MergeConfigError
-from merging.io.writer import remove_stale_temps, temp_sibling
+from merging.io.writer import atomic_write
 
 __all__ = ["collect_activation_stats", "read_texts"]
 
@@ -66,10 +66,4 @@ def collect_activation_stats(model_dir: str | Path, data: str | Path, out: str |
         for h in hooks:
             h.remove()
     stats = {key: (sums[key] / counts[key]).to(torch.float32).cpu().contiguous() for key in sums}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out)
-    tmp = temp_sibling(out)
-    save_file(stats, str(tmp), metadata={"format": "pt"})
-    tmp.replace(out)
-    return out
+    return atomic_write(out, lambda tmp: save_file(stats, str(tmp), metadata={"format": "pt"}))

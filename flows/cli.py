@@ -173,9 +173,9 @@ def leaderboard(
 def serve(params: Annotated[str, typer.Option("--params")] = "params.yaml") -> None:
     """Serve the 'merge-and-eval/manual' and 'merge-and-eval/nightly' deployments."""
     with exit_on_error():
-        from flows.deploy import main as serve_main
+        from flows.deploy import serve_deployments
 
-        serve_main(["--params", params])
+        serve_deployments(params)
 
 
 @app.command("collect-stats")

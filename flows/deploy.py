@@ -3,7 +3,7 @@
 * ``merge-and-eval/manual``: run on demand (``prefect deployment run 'merge-and-eval/manual'``);
 * ``merge-and-eval/nightly``: cron and timezone from ``params.yaml`` (``schedule``).
 
-``python -m flows.deploy [--params params.yaml]`` (or ``mergeflow serve``) registers both with
+``mergeflow serve [--params params.yaml]`` registers both with
 the Prefect server at ``PREFECT_API_URL`` and executes their runs. Default flow parameters
 come from the same ``params.yaml``; ``--param overrides='{"merge.combine": {"lambda": 0.5}}'``
 changes one run. Note: serving pauses the schedules when the process stops (SIGTERM).
@@ -11,7 +11,6 @@ changes one run. Note: serving pauses the schedules when the process stops (SIGT
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from prefect import serve
@@ -33,12 +32,6 @@ def deployments(params_file: str = "params.yaml"):
     return manual, nightly
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m flows.deploy", description="Serve the merge-and-eval deployments.")
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args(argv)
-    serve(*deployments(args.params))
-
-
-if __name__ == "__main__":
-    main()
+def serve_deployments(params_file: str = "params.yaml") -> None:
+    """Register both deployments and run their flow runs until stopped."""
+    serve(*deployments(params_file))

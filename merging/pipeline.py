@@ -37,7 +37,7 @@ from merging.config import MergeConfig
 from merging.context import MergeContext
 from merging.digests import content_key, model_digest
 from merging.errors import ArtifactError, MergeConfigError
-from merging.fetch import fetched_folders, model_sources
+from merging.fetch import fetched_folders, local_state, model_sources
 from merging.fingerprint import closure_files, fingerprint
 from merging.io.artifacts import MANIFEST, ArtifactReader, ArtifactWriter, artifact_digest, is_current, relative_link
 from merging.io.writer import ShardedWriter, atomic_output_dir, parse_size
@@ -80,6 +80,8 @@ class Stage:
         retries: how often an orchestrator retries it (only where failures can be transient).
         reads_files: files or folders outside the store it may read, from the params (DVC deps:
             the local ones).
+        outside_state: a cheap stand-in for the state of those files that joins the key (None:
+            unknown, so the stage always runs).
         identity_file: the file in its folder that holds its output's identity alone; readers
             depend on it rather than the folder (a re-sharded model is the same model).
         metrics / plots: files in its folder that are DVC metrics / plots (with their options).
@@ -99,6 +101,7 @@ class Stage:
     versions: tuple[str, ...] = _LIBS
     retries: int = 0
     reads_files: Callable[[PipelineParams], list[str]] | None = None
+    outside_state: Callable[[PipelineParams], Any] | None = None
     identity_file: str | None = None
     metrics: tuple[str, ...] = ()
     plots: tuple[tuple[str, dict], ...] = ()
@@ -123,7 +126,7 @@ class Stage:
 
 STAGES: tuple[Stage, ...] = (
     Stage("fetch", (), ("models",), artifact="merging.fetch:fetch_models", versions=(), retries=2,
-          reads_files=lambda params: model_sources(params)),
+          reads_files=model_sources, outside_state=local_state),
     Stage("deltas", (), ("merge.method", "plan", "pipeline.compute_dtype", "pipeline.materialize"),
           group=stages.compute_deltas, fusable=True),
     Stage("decompose", ("deltas",), ("merge.method", "merge.decompose", "pipeline.materialize"),
@@ -265,13 +268,10 @@ def _plan(stage: Stage, params: PipelineParams, inputs: dict[str, Path], fused: 
     code = _code(chain, spec)
     payload = {"stage": stage.name, "fused": fused, "params": read, "code": code,
                "inputs": {n: artifact_digest(p) for n, p in used.items()}, "groups": groups}
-    if stage.name == "fetch":
-        from merging.fetch import local_state
-
-        state = local_state(params)
-        payload["local_files"] = state
-        if state is None:  # an unpinned hub source may move: never reuse
-            payload["unpinned"] = time.time_ns()
+    if stage.outside_state is not None:
+        payload["outside"] = stage.outside_state(params)
+        if payload["outside"] is None:  # unknown (an unpinned hub source may move): never reuse
+            payload["unknown"] = time.time_ns()
     return _Plan(chain, config, used, read, code, content_key(payload))
 
 
@@ -318,11 +318,11 @@ def run_stage(name: str, params: PipelineParams, inputs: dict[str, str | Path], 
             writer.abort()
             raise
         result = writer.commit(extra_files=files)
+    elif stage.passthrough is not None and not fused and stage.passthrough(get_method(plan.config.merge_method)):
+        link = relative_link(plan.inputs[stage.inputs[0]], out)
+        result = ArtifactWriter(out, manifest).commit(extra={"passthrough": link})
     else:
         ctx = MergeContext(plan.config)
-        if stage.passthrough is not None and not fused and stage.passthrough(ctx.spec):
-            source = plan.inputs[stage.inputs[0]]
-            return ArtifactWriter(out, manifest).commit(extra={"passthrough": relative_link(source, out)})
         with _sink(stage, ctx, out, manifest, overwrite=True) as add:
             _loop(plan.chain, ctx, {n: ArtifactReader(p) for n, p in plan.inputs.items() if n != _MERGE_CONTEXT},
                   add, groups, progress)

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from merging.digests import content_key, model_digest
 from merging.errors import CheckpointNotFoundError, MergeConfigError
-from merging.io.writer import atomic_output_dir
-from zoo.data import ZooTask, select_tasks, write_evals, write_text
+from merging.io.writer import atomic_output_dir, atomic_write_text
+from zoo.data import ZooTask, select_tasks, write_evals
 from zoo.train import (
     BATCH_SIZE,
     FULL_LR,
@@ -103,7 +103,7 @@ def build(base: Path, out: Path, evals_dir: Path | None = None, *, tasks: int, s
         "specialists": specialists,
         "total_s": round(time.perf_counter() - start, 1),
     }
-    write_text(summary_path, json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(summary_path, json.dumps(summary, indent=2) + "\n")
     return summary
 
 

@@ -24,7 +24,6 @@ on validation, tagged ``zoo`` and ``zoo_val``.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from collections.abc import Callable, Sequence
@@ -32,10 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from merging.errors import ArtifactError, MergeConfigError
+from merging.io.writer import atomic_write_text
 from zoo.content import ANTONYMS, CATEGORIES, PLURAL_NOUNS, number_words, plural
 
 __all__ = ["LOADER", "MAX_EVAL_ITEMS", "SPLITS", "TASKS", "YAML_HEADER", "ZooTask", "make_rows", "select_tasks",
-           "split_units", "write_evals", "write_text"]
+           "split_units", "write_evals"]
 
 SPLIT_FRACTIONS = (0.6, 0.2, 0.2)  # train, validation, test (of the content units)
 MAX_EVAL_ITEMS = 60  # per validation / test split
@@ -123,14 +123,6 @@ def make_rows(task: ZooTask, seed: int) -> dict[str, list[dict]]:
     return rows
 
 
-def write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (a temporary sibling renamed into place)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _task_yaml(task_name: str, data: str, split: str, tag: str) -> str:
     return (f"{YAML_HEADER}\ntask: {task_name}\ntag: [{tag}]\ncustom_dataset: !function loader.load_jsonl\n"
             f"dataset_kwargs:\n  data: {data}\ntest_split: {split}\noutput_type: multiple_choice\n"
@@ -149,16 +141,16 @@ def write_evals(tasks: Sequence[ZooTask], seed: int, evals_dir: Path) -> dict[st
     if not LOADER.is_file():
         raise ArtifactError(f"{LOADER} is missing: the installed zoo package is incomplete; reinstall mergeflow")
     evals_dir.mkdir(parents=True, exist_ok=True)
-    write_text(evals_dir / "loader.py", LOADER.read_text())
+    atomic_write_text(evals_dir / "loader.py", LOADER.read_text())
     all_rows = {}
     wanted = set()
     for task in tasks:
         rows = make_rows(task, seed)
         all_rows[task.name] = rows
         for split, split_rows in rows.items():
-            write_text(evals_dir / task.name / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in split_rows))
+            atomic_write_text(evals_dir / task.name / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in split_rows))
         for name, split, tag in ((f"zoo_{task.name}", "test", "zoo"), (f"zoo_{task.name}_val", "validation", "zoo_val")):
-            write_text(evals_dir / f"{name}.yaml", _task_yaml(name, task.name, split, tag))
+            atomic_write_text(evals_dir / f"{name}.yaml", _task_yaml(name, task.name, split, tag))
             wanted.add(f"{name}.yaml")
     for path in evals_dir.glob("zoo_*.yaml"):
         if path.name not in wanted and path.read_text().startswith(YAML_HEADER):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -143,9 +142,6 @@ class ArtifactReader:
         self._handles: dict[Path, Any] = {}
         self._keys: dict[str, list[str]] = {}
 
-    def groups(self) -> list[str]:
-        return list(self._where)
-
     def read_group(self, group: str) -> dict[str, torch.Tensor]:
         if group not in self._where or not self._where[group][1]:
             raise ArtifactError(f"artifact {self.folder} has no tensor group {group!r}")
@@ -159,7 +155,3 @@ class ArtifactReader:
         handle = self._handles[path]
         start = len(group) + len(SEP)
         return {key[start:]: handle.get_tensor(key) for key in self._keys.get(group, [])}
-
-    def __iter__(self) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
-        for group in self.groups():
-            yield group, self.read_group(group)

@@ -15,7 +15,6 @@ import torch
 __all__ = [
     "keep_topk",
     "keep_topk_rows",
-    "kth_smallest_magnitude",
     "trim_below",
     "drop_outliers_and_small",
     "magprune_rank_probabilities",
@@ -49,11 +48,6 @@ def keep_topk_rows(x: torch.Tensor, k: int) -> torch.Tensor:
     """Zero all but the ``k`` largest-magnitude entries of each slice along the last dim."""
     mask = _exact_topk_mask(x.abs(), k)
     return x * mask
-
-
-def kth_smallest_magnitude(x: torch.Tensor, k: int) -> torch.Tensor:
-    """The ``k``-th smallest ``|x|`` (1-based) over the whole tensor, as a 0-d tensor."""
-    return torch.kthvalue(x.reshape(-1).abs(), k).values
 
 
 def trim_below(x: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor:

@@ -103,6 +103,10 @@ def test_partitioned_stages_give_the_same_model(prefect_harness, tiny_models, tm
     assert len(list(store.glob("decompose-part-*"))) == 3 and len(list(store.glob("combine-part-*"))) == 3
     (split,), (whole,) = list(store.glob("save-*")), list((tmp_path / "one" / "store").glob("save-*"))
     assert (split / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
+    fused = merge_and_eval(str(params), {"pipeline.partitions": 2, "pipeline.materialize": False, "eval.tasks": ["demo_arith"],
+                                         "pipeline.artifacts": str(tmp_path / "fused")})
+    assert set(fused["artifacts"]) == {"fetch", "combine", "save", "evaluate", "report"}  # the rest ran in memory
+    assert (Path(fused["artifacts"]["save"]) / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
 
 
 def test_resharded_model_reuses_its_scores_and_a_changed_tokenizer_does_not(prefect_harness, tiny_models, tmp_path):

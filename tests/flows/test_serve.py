@@ -77,7 +77,7 @@ def test_served_deployment_runs_to_completion(tiny_models, tmp_path):
     serve = None
     try:
         _wait(lambda: _get(f"{api}/health") is True, 120, "the Prefect server")
-        serve = subprocess.Popen([sys.executable, "-m", "flows.deploy", "--params", str(params)], env=env,
+        serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--params", str(params)], env=env,
                                  stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT)
 
         def registered() -> bool:
