@@ -75,7 +75,8 @@ class Stage:
         covers_ignored: runs for tensors the plan keeps at the base value (``save``).
         passthrough: the method has no such stage: its artifact is its first input's.
         method_code: the method functions the stage runs (their modules join its fingerprint).
-        first_pass: a whole-model pass before the loop (``deltas_of`` reads one group's deltas).
+        first_pass: a whole-model pass before the loop, given ``read(stage, entry)``: what an
+            input stage produced for a group (read from its artifact or computed in memory).
         versions: libraries whose versions join the fingerprint.
         retries: how often an orchestrator retries it (only where failures can be transient).
         reads_files: files or folders outside the store it may read, from the params (DVC deps:
@@ -97,7 +98,7 @@ class Stage:
     covers_ignored: bool = False
     passthrough: Callable[[MethodSpec], bool] | None = None
     method_code: Callable[[MethodSpec], tuple] | None = None
-    first_pass: Callable[[MergeContext, Callable[[TensorEntry], torch.Tensor]], None] | None = None
+    first_pass: Callable[[MergeContext, Callable[[str, TensorEntry], stages.Tensors]], None] | None = None
     versions: tuple[str, ...] = _LIBS
     retries: int = 0
     reads_files: Callable[[PipelineParams], list[str]] | None = None
@@ -359,7 +360,7 @@ def _loop(chain: list[Stage], ctx: MergeContext, readers: dict[str, ArtifactRead
 
     for stage in chain:
         if stage.first_pass is not None:
-            stage.first_pass(ctx, lambda e: produce("deltas", e, {})["deltas"])
+            stage.first_pass(ctx, lambda name, e: produce(name, e, {}))
     last = chain[-1]
     entries = ctx.all_entries() if last.covers_ignored else ctx.merged_entries()
     if groups is not None:

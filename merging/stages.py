@@ -63,12 +63,14 @@ def save(ctx: MergeContext, entry: TensorEntry, inputs: Inputs) -> Tensors:
     return {entry.name: merged.to(out_dtype)}
 
 
-def trim_thresholds(ctx: MergeContext, deltas_of: Callable[[TensorEntry], torch.Tensor]) -> None:
-    """Sparsify's first pass: the whole-model per-model thresholds of a declared global trim."""
+def trim_thresholds(ctx: MergeContext, read: Callable[[str, TensorEntry], Tensors]) -> None:
+    """Sparsify's first pass: the whole-model per-model thresholds of a declared global trim,
+    over every group's deltas."""
     entries = ctx.merged_entries()
     if entries:
         params, model_params = ctx.params_for(entries[0])
-        ctx.thresholds = global_thresholds(ctx.spec, params, model_params, entries, deltas_of, ctx.dtype, ctx.device)
+        ctx.thresholds = global_thresholds(ctx.spec, params, model_params, entries, lambda e: read("deltas", e)["deltas"],
+                                           ctx.dtype, ctx.device)
 
 
 def write_model_files(ctx: MergeContext, out: Path) -> None:
