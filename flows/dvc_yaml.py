@@ -14,6 +14,7 @@ import yaml
 
 from merging import pipeline
 from merging.config import read_yaml
+from merging.fingerprint import closure_files
 from merging.io.sources import is_local_ref
 from merging.pipeline_params import parse_params
 
@@ -50,10 +51,12 @@ def render_dvc_yaml(params_file: str = "params.yaml", artifacts: str = "artifact
     params = parse_params(raw, params_file)
     stages: dict[str, Any] = {}
     made: dict[str, str] = {}
-    if "zoo" in raw:
-        from zoo.dvc import zoo_stages
-
-        stages |= zoo_stages(params_file)
+    if "zoo" in raw:  # the demo zoo's base and specialists (persisted: their builders keep finished work)
+        stages["base_model"] = {"cmd": "mergeflow zoo base ${zoo.base}", "deps": closure_files(["zoo.base"]),
+                                "outs": [{"${zoo.base}": {"persist": True}}]}
+        stages["zoo"] = {"cmd": f"mergeflow zoo build --params {params_file}", "params": ["zoo"],
+                         "deps": ["${zoo.base}", *closure_files(["zoo.build"]), "zoo/evals/loader.py", "zoo/words.json"],
+                         "outs": [{"${zoo.out}": {"persist": True}}]}
         made = {"${zoo.base}": params.zoo.base.rstrip("/"), "${zoo.out}": params.zoo.out.rstrip("/")}
     stages |= {s.name: _stage(s, params, artifacts, params_file, made) for s in pipeline.STAGES}
     return HEADER + yaml.safe_dump({"stages": stages}, sort_keys=False, width=120)

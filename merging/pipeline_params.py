@@ -119,13 +119,21 @@ class ZooSection(BaseModel):
 
     model_config = _STRICT
 
-    base: str = Field("demo/base", description="Hugging Face folder of the base (python -m flows.zoo base DIR).")
+    base: str = Field("demo/base", description="Hugging Face folder of the base (mergeflow zoo base DIR).")
     out: str = Field("demo/zoo", description="Where the specialists, zoo.json and the lm-eval tasks (OUT/evals) go.")
     seed: int = 0
     tasks: int = Field(4, ge=1, description="The first K zoo tasks.")
     steps: int = Field(120, ge=1, description="Optimizer steps per specialist (batch 16).")
     full_finetune: bool = Field(False, description="Full fine-tunes instead of LoRA adapters.")
     lr: float | None = Field(None, gt=0, description="Learning rate; default 3e-4 for LoRA, 3e-5 for full fine-tunes.")
+
+    def checked_update(self, changes: dict[str, Any]) -> ZooSection:
+        """This section with ``changes`` (command-line flags) applied and validated."""
+        try:
+            return self.model_validate(self.model_dump() | changes)
+        except ValidationError as err:
+            problems = "; ".join(f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}" for e in err.errors())
+            raise MergeConfigError(f"zoo settings: {problems}") from None
 
 
 class ScheduleSection(BaseModel):

@@ -1,12 +1,12 @@
 """The demo zoo: a real base model and K task specialists fine-tuned from it, plus the lm-eval
 tasks that measure them. Deterministic from the seed.
 
-Modules, one job each: ``content`` (the word pools), ``data`` (task rows and the lm-eval
-include folder, with the JSONL loader in ``evals/loader.py``), ``train`` (fine-tuning and
-log-likelihood scoring), ``base`` (fetching the base model), ``build`` (tasks + specialists +
-``zoo.json``) and ``cli`` (``mergeflow zoo``, ``python -m zoo``). Its settings are the ``zoo``
-section of params.yaml (``merging.pipeline_params.ZooSection``). The zoo uses the ``merging``
-library only; the pipeline (``tasks``, ``flows``) never runs inside it.
+Modules, one job each: ``content`` (the word pools, data in ``words.json``), ``data`` (task
+rows and the lm-eval include folder, with the JSONL loader in ``evals/loader.py``), ``train``
+(fine-tuning and log-likelihood scoring), ``base`` (fetching the base model) and ``build``
+(tasks + specialists + ``zoo.json``); its command line is ``mergeflow zoo`` (``flows/cli.py``).
+Its settings are the ``zoo`` section of params.yaml (``merging.pipeline_params.ZooSection``).
+The zoo uses the ``merging`` library only; the pipeline (``tasks``, ``flows``) never runs inside it.
 """
 
 from zoo.base import fetch_base
