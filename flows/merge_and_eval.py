@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
 
 from merging import pipeline
 from merging.io.writer import commit_dir, temp_sibling
@@ -104,14 +104,13 @@ def _publish(params: PipelineParams, report: Path, metrics: dict) -> None:
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     from evaluation.report import format_table
-    from tasks.stage import run_logger
 
     table = [{"model": m, **{t: round(v, 4) for t, v in s.items()}} for m, s in metrics["accuracy"].items()]
     create_table_artifact(table=table, key="merge-scores", description=f"per-task accuracy, {metrics['method']}")
     recipe = json.dumps(params.merge.model_dump(mode="json"), indent=2)
     create_markdown_artifact(key="merge-summary", markdown=f"# {metrics['method']} merge\n\n```\n{format_table(metrics)}\n```"
                                                            f"\n\n## Recipe\n\n```json\n{recipe}\n```\n")
-    run_logger().info("\n%s", format_table(metrics))
+    get_run_logger().info("\n%s", format_table(metrics))
     latest = Path(params.pipeline.artifacts) / "report"
     staging = temp_sibling(latest)
     shutil.copytree(report, staging)

@@ -10,21 +10,19 @@ and a deleted or stale artifact is simply recomputed. The cached value is the ar
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prefect import Task, get_run_logger, task
 from prefect.cache_policies import CachePolicy
-from prefect.exceptions import MissingContextError
 
 from merging import pipeline
 from merging.digests import content_key
 from merging.io.artifacts import is_current
 from merging.pipeline_params import PipelineParams
 
-__all__ = ["StoreCachePolicy", "stage_task", "run_stage_task", "run_logger", "CACHE_RECORDS"]
+__all__ = ["StoreCachePolicy", "stage_task", "run_stage_task", "CACHE_RECORDS"]
 
 CACHE_RECORDS = ".prefect-cache"
 
@@ -40,21 +38,13 @@ class StoreCachePolicy(CachePolicy):
         return key
 
 
-def run_logger() -> logging.Logger | logging.LoggerAdapter:
-    """Prefect's run logger inside a flow or task run, a plain logger otherwise."""
-    try:
-        return get_run_logger()
-    except MissingContextError:
-        return logging.getLogger("mergeflow")
-
-
 @task(name="stage", persist_result=True, result_serializer="json")
 def run_stage_task(stage: str, params: dict, inputs: dict[str, str], out_dir: str, store: str, key: str,
                    fused: bool = False, groups: list[str] | None = None, force: bool = False) -> str:
     """Run one stage (``merging.pipeline.run_stage``) and return its artifact folder."""
     path = pipeline.run_stage(stage, PipelineParams.model_validate(params), inputs, out_dir, store,
                               fused=fused, groups=groups, force=force)
-    run_logger().info("%s -> %s", stage, path)
+    get_run_logger().info("%s -> %s", stage, path)
     return str(path)
 
 
