@@ -52,6 +52,7 @@ class MergeContext:
         self.dtype = DTYPES[config.compute_dtype]
         self.out_dtype_name = config.out_dtype or config.dtype
         self.thresholds: tuple[torch.Tensor | None, frozenset] = (None, frozenset())  # sparsify's first pass
+        self._last_base: tuple[str | None, torch.Tensor | None] = (None, None)
         refs = [m.model for m in config.models]
         if self.spec.needs_base:
             if config.base_model is None:
@@ -110,11 +111,14 @@ class MergeContext:
         return sorted(self.plan, key=lambda e: self.base.file_of(e.name))
 
     def base_tensor(self, name: str) -> torch.Tensor:
-        """The base tensor (read in ``dtype`` when set) on the compute device and dtype."""
-        raw = self.base.get(name)
-        if self.config.dtype:
-            raw = raw.to(DTYPES[self.config.dtype])
-        return raw.to(device=self.device, dtype=self.dtype)
+        """The base tensor (read in ``dtype`` when set) on the compute device and dtype; the
+        last one is kept, since every stage of a tensor group asks for it."""
+        if self._last_base[0] != name:
+            raw = self.base.get(name)
+            if self.config.dtype:
+                raw = raw.to(DTYPES[self.config.dtype])
+            self._last_base = (name, raw.to(device=self.device, dtype=self.dtype))
+        return self._last_base[1]
 
     def deltas(self, entry: TensorEntry) -> torch.Tensor:
         """theta_t - theta_0 of every input, stacked: (T, *shape); NaN or Inf is an error."""

@@ -55,10 +55,10 @@ def combine(ctx: MergeContext, entry: TensorEntry, inputs: Inputs) -> Tensors:
 
 def save(ctx: MergeContext, entry: TensorEntry, inputs: Inputs) -> Tensors:
     """base + merged delta in the output dtype; ignored tensors keep the base value."""
-    raw = ctx.base.get(entry.name)
-    out_dtype = DTYPES[ctx.out_dtype_name] if ctx.out_dtype_name and raw.is_floating_point() else raw.dtype
+    stored = ctx.base.dtype(entry.name)
+    out_dtype = DTYPES[ctx.out_dtype_name] if ctx.out_dtype_name and stored.is_floating_point else stored
     if entry.kind == "ignore":
-        return {entry.name: raw.to(out_dtype)}
+        return {entry.name: ctx.base.get(entry.name).to(out_dtype)}
     merged = ctx.base_tensor(entry.name) + inputs["combine"]["merged_delta"].to(ctx.device)
     return {entry.name: merged.to(out_dtype)}
 
