@@ -6,20 +6,18 @@
 * ``model_digest``: a model's identity: every tensor by name, dtype, shape and bytes
   (independent of how the tensors are split into shards or ordered in a file), plus its
   config and tokenizer files. Re-sharding a model keeps its digest; a changed tokenizer or
-  config changes it. Per-file results are cached by (size, mtime) so multi-GB checkpoints are
-  hashed once.
+  config changes it. Tensors are read with the one checkpoint reader (``io.checkpoint``: no
+  pickle unless allowed); their digests are cached by the weight files' (size, mtime), so
+  multi-GB checkpoints are hashed once.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import struct
 from pathlib import Path
 from typing import Any
 
-from merging.errors import ArtifactError
 from merging.io.writer import atomic_write_text
 
 __all__ = ["file_digest", "content_key", "folder_digest", "model_digest", "TOKENIZER_FILES", "IDENTITY_FILES"]
@@ -56,67 +54,34 @@ def folder_digest(folder: Path, files: list[str]) -> str:
     return h.hexdigest()
 
 
-def _tensor_digests(path: Path) -> dict[str, str]:
-    """name -> sha256 of (dtype, shape, bytes) of every tensor of a safetensors file."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) != 8:
-            raise ArtifactError(f"{path}: not a safetensors file (truncated header)")
-        (length,) = struct.unpack("<Q", head)
-        if length > os.path.getsize(path):
-            raise ArtifactError(f"{path}: not a safetensors file (header length {length} exceeds the file)")
-        try:
-            header = json.loads(f.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ArtifactError(f"{path}: unreadable safetensors header ({err})") from None
-        start = 8 + length
-        out = {}
-        for name, meta in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0] if kv[0] != "__metadata__" else -1):
-            if name == "__metadata__":
-                continue
-            h = hashlib.sha256(f"{meta['dtype']}:{meta['shape']}".encode())
-            begin, end = meta["data_offsets"]
-            f.seek(start + begin)
-            remaining = end - begin
-            while remaining > 0:
-                block = f.read(min(_CHUNK, remaining))
-                if not block:
-                    raise ArtifactError(f"{path}: tensor {name!r} is truncated")
-                h.update(block)
-                remaining -= len(block)
-            out[name] = h.hexdigest()
+def _tensor_digests(folder: Path) -> dict[str, str]:
+    """name -> sha256 of (dtype, shape, bytes) of every tensor of a model folder."""
+    import torch
+
+    from merging.io.checkpoint import CheckpointReader
+
+    reader, out = CheckpointReader(folder), {}
+    for name in reader.keys():
+        tensor = reader.get(name)
+        h = hashlib.sha256(f"{tensor.dtype}:{list(tensor.shape)}".encode())
+        h.update(tensor.reshape(-1).view(torch.uint8).numpy())
+        out[name] = h.hexdigest()
     return out
 
 
 def model_digest(folder: str | Path, cache_file: Path | None = None) -> str:
-    """The identity of a model folder (see the module docstring)."""
+    """The identity of a model folder (see the module docstring); the tensors' part is cached
+    in ``cache_file`` by the weight files' names, sizes and mtimes."""
     folder = Path(folder)
-    cache: dict[str, list] = {}
-    if cache_file is not None and cache_file.is_file():
-        try:
-            cache = json.loads(cache_file.read_text())
-        except json.JSONDecodeError:
-            cache = {}
-    changed = False
-
-    def cached(path: Path, compute):
-        nonlocal changed
-        stat = path.stat()
-        key = str(path.resolve())
-        entry = cache.get(key)
-        if entry and entry[0] == stat.st_size and entry[1] == stat.st_mtime_ns:
-            return entry[2]
-        value = compute(path)
-        cache[key] = [stat.st_size, stat.st_mtime_ns, value]
-        changed = True
-        return value
-
-    tensors: dict[str, str] = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        tensors.update(cached(path, _tensor_digests))
-    files = {name: cached(folder / name, file_digest) for name in IDENTITY_FILES if (folder / name).is_file()}
-    if not tensors:  # a pickle checkpoint (allow_pickle) is identified by its files
-        files |= {p.name: cached(p, file_digest) for p in sorted(folder.glob("*.bin"))}
-    if cache_file is not None and changed:
-        atomic_write_text(cache_file, json.dumps(cache))
-    return content_key({"tensors": tensors, "files": files})
+    stamp = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(folder.glob("*.safetensors"))]
+    try:
+        cache = json.loads(cache_file.read_text()) if cache_file is not None and cache_file.is_file() else {}
+    except json.JSONDecodeError:
+        cache = {}
+    key = str(folder.resolve())
+    if cache.get(key, [None])[0] != stamp:
+        cache[key] = [stamp, _tensor_digests(folder)]
+        if cache_file is not None:
+            atomic_write_text(cache_file, json.dumps(cache))
+    files = {name: file_digest(folder / name) for name in IDENTITY_FILES if (folder / name).is_file()}
+    return content_key({"tensors": cache[key][1], "files": files})
