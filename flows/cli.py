@@ -1,6 +1,6 @@
 """The ``mergeflow`` command line: wires commands to library calls and flows.
 
-Every ``MergeflowError`` becomes a one-line message on stderr and exit code 2 (``flows.errors``).
+Every ``MergeflowError`` becomes a one-line message on stderr and exit code 2 (``merging.errors.exit_on_error``).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from pathlib import Path
 from evaluation.harness import cache_file_name
 from flows.merge_and_eval import RUNS_LOG, artifact_dir, store_of, walk
 from merging import pipeline
-from merging.io.artifacts import MANIFEST, is_current
+from merging.io.artifacts import is_current, linked_folders
 from merging.pipeline_params import PipelineParams
 
 __all__ = ["collect_garbage"]
@@ -41,19 +41,6 @@ def _recent(store: Path, runs: int) -> set[Path]:
     return {Path(p) for line in lines for p in json.loads(line)["artifacts"].values()}
 
 
-def _referenced(folder: Path) -> set[Path]:
-    """The folder plus the partial artifacts and passthrough targets its manifest names."""
-    manifest_path = folder / MANIFEST
-    if not manifest_path.is_file():
-        return {folder}
-    manifest = json.loads(manifest_path.read_text())
-    links = list(manifest.get("parts", [])) + ([manifest["passthrough"]] if manifest.get("passthrough") else [])
-    found = {folder}
-    for link in links:
-        found |= _referenced((folder / link).resolve())
-    return found
-
-
 def _scores_of(folder: Path) -> set[str]:
     """Names of the eval-cache files an evaluate artifact's results came from."""
     results = folder / "results.json"
@@ -69,7 +56,7 @@ def collect_garbage(params: PipelineParams, keep_runs: int = 5, dry_run: bool = 
         return []
     keep: set[Path] = set()
     for folder in _current(params, store) | _recent(store, keep_runs):
-        keep |= {p.resolve() for p in _referenced(Path(folder))}
+        keep |= linked_folders(folder)
     scores = set().union(*(_scores_of(p) for p in keep))
     doomed = [p for p in sorted(store.iterdir())
               if p.is_dir() and p.name not in _KEPT_FOLDERS and not p.name.startswith(".") and p.resolve() not in keep]

@@ -25,7 +25,7 @@ from merging.digests import folder_digest
 from merging.errors import ArtifactError
 from merging.io.writer import INDEX, ShardedWriter, commit_dir, remove_stale_temps, temp_sibling
 
-__all__ = ["ArtifactWriter", "ArtifactReader", "read_manifest", "artifact_digest", "is_current", "relative_link", "MANIFEST"]
+__all__ = ["ArtifactWriter", "ArtifactReader", "read_manifest", "artifact_digest", "is_current", "relative_link", "linked_folders", "MANIFEST"]
 
 MANIFEST = "manifest.json"
 SEP = "::"
@@ -112,6 +112,17 @@ def relative_link(target: str | Path, artifact: str | Path) -> str:
 def _resolve(artifact: Path, link: str) -> Path:
     """A path recorded in ``artifact``'s manifest: relative to the artifact folder itself."""
     return Path(link) if Path(link).is_absolute() else (artifact / link).resolve()
+
+
+def linked_folders(folder: str | Path) -> set[Path]:
+    """An artifact folder and every folder its manifest reaches (passthrough targets, partial
+    artifacts), transitively: what must be kept for it to stay readable."""
+    folder = Path(folder).resolve()
+    if not (folder / MANIFEST).is_file():
+        return {folder}
+    manifest = read_manifest(folder)
+    links = [*manifest.get("parts", []), *([manifest["passthrough"]] if manifest.get("passthrough") else [])]
+    return {folder}.union(*(linked_folders(_resolve(folder, link)) for link in links))
 
 
 def _follow(folder: Path) -> tuple[Path, dict[str, Any]]:
