@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -39,7 +38,14 @@ from merging.digests import content_key, model_digest
 from merging.errors import ArtifactError, MergeConfigError
 from merging.fetch import fetched_folders, local_state, model_sources
 from merging.fingerprint import closure_files, fingerprint
-from merging.io.artifacts import MANIFEST, ArtifactReader, ArtifactWriter, artifact_digest, is_current, relative_link
+from merging.io.artifacts import (
+    ArtifactReader,
+    ArtifactWriter,
+    artifact_digest,
+    is_current,
+    relative_link,
+    write_manifest,
+)
 from merging.io.writer import ShardedWriter, atomic_output_dir, parse_size
 from merging.pipeline_params import PipelineParams, merge_config
 from merging.plan import TensorEntry
@@ -237,6 +243,7 @@ class _Plan:
     chain: list[Stage]
     config: MergeConfig | None
     inputs: dict[str, Path]
+    digests: dict[str, str]
     read: dict[str, Any]
     code: str
     key: str
@@ -267,13 +274,13 @@ def _plan(stage: Stage, params: PipelineParams, inputs: dict[str, Path], fused: 
         read = _select(params, stage.params)
         spec = None
     code = _code(chain, spec)
-    payload = {"stage": stage.name, "fused": fused, "params": read, "code": code,
-               "inputs": {n: artifact_digest(p) for n, p in used.items()}, "groups": groups}
+    digests = {n: artifact_digest(p) for n, p in used.items()}
+    payload = {"stage": stage.name, "fused": fused, "params": read, "code": code, "inputs": digests, "groups": groups}
     if stage.outside_state is not None:
         payload["outside"] = stage.outside_state(params)
         if payload["outside"] is None:  # unknown (an unpinned hub source may move): never reuse
             payload["unknown"] = time.time_ns()
-    return _Plan(chain, config, used, read, code, content_key(payload))
+    return _Plan(chain, config, used, digests, read, code, content_key(payload))
 
 
 def pipeline_fingerprint() -> str:
@@ -289,7 +296,7 @@ def stage_key(name: str, params: PipelineParams, inputs: dict[str, Path], fused:
 
 def _manifest(stage: Stage, plan: _Plan, fused: bool, groups: list[str] | None) -> dict[str, Any]:
     return {"stage": stage.name, "method": plan.config.merge_method if plan.config else None, "params": plan.read,
-            "inputs": {n: artifact_digest(p) for n, p in plan.inputs.items()}, "fused": fused, "cache_key": plan.key,
+            "inputs": plan.digests, "fused": fused, "cache_key": plan.key,
             "versions": _versions(("mergeflow", *stage.versions)), **({"partition": len(groups)} if groups else {})}
 
 
@@ -396,9 +403,7 @@ def _sink(stage: Stage, ctx: MergeContext, out: Path, manifest: dict[str, Any] |
         if manifest is not None:
             digest = model_digest(tmp)
             (tmp / MODEL_DIGEST_FILE).write_text(digest + "\n")
-            files = sorted(p.name for p in tmp.iterdir())
-            (tmp / MANIFEST).write_text(json.dumps({**manifest, "files": files, "output_digest": digest},
-                                                   indent=2, sort_keys=True) + "\n")
+            write_manifest(tmp, {**manifest, "files": sorted(p.name for p in tmp.iterdir()), "output_digest": digest})
 
 
 def _marker(stage: Stage, out: Path) -> Path:

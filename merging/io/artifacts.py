@@ -23,9 +23,9 @@ from safetensors import safe_open
 
 from merging.digests import folder_digest
 from merging.errors import ArtifactError
-from merging.io.writer import INDEX, ShardedWriter, commit_dir, remove_stale_temps, temp_sibling
+from merging.io.writer import INDEX, ShardedWriter, commit_dir, make_temp_dir
 
-__all__ = ["ArtifactWriter", "ArtifactReader", "read_manifest", "artifact_digest", "is_current", "relative_link", "linked_folders", "MANIFEST"]
+__all__ = ["ArtifactWriter", "ArtifactReader", "read_manifest", "artifact_digest", "is_current", "relative_link", "linked_folders", "write_manifest", "MANIFEST"]
 
 MANIFEST = "manifest.json"
 SEP = "::"
@@ -42,6 +42,11 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
         raise ArtifactError(f"artifact {folder}: unreadable {MANIFEST} ({err}); delete the folder and rerun") from None
 
 
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    """``manifest.json`` of an artifact folder, in the one canonical layout."""
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
 class ArtifactWriter:
     """Collects tensor groups into byte-bounded shards in a temporary folder beside
     ``target``; ``commit`` writes the manifest and renames the folder into place."""
@@ -49,10 +54,7 @@ class ArtifactWriter:
     def __init__(self, target: Path, manifest: dict[str, Any], max_shard_bytes: int = 1 << 30) -> None:
         self.target = Path(target)
         self.manifest = manifest
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(self.target)
-        self.folder = temp_sibling(self.target)  # extra files may be written here before ``commit``
-        self.folder.mkdir()
+        self.folder = make_temp_dir(self.target.absolute())  # extra files may be written here before ``commit``
         self._shards = ShardedWriter(self.folder, max_shard_bytes)
         self._groups: dict[str, str] = {}
 
@@ -72,7 +74,7 @@ class ArtifactWriter:
                 files += sorted(set(weight_map.values())) + ([INDEX] if (self.folder / INDEX).is_file() else [])
             manifest = {**self.manifest, "files": sorted(files), "groups": self._groups,
                         "output_digest": folder_digest(self.folder, files), **(extra or {})}
-            (self.folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            write_manifest(self.folder, manifest)
             commit_dir(self.folder, self.target, overwrite=True)
         except BaseException:
             self.abort()

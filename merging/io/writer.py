@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from merging.errors import OutputExistsError, OutputWriteError
 
-__all__ = ["atomic_output_dir", "atomic_write", "atomic_write_text", "commit_dir", "ShardedWriter", "parse_size", "temp_sibling", "remove_stale_temps", "INDEX"]
+__all__ = ["atomic_output_dir", "atomic_write", "atomic_write_text", "commit_dir", "make_temp_dir", "ShardedWriter", "parse_size", "temp_sibling", "remove_stale_temps", "INDEX"]
 
 INDEX = "model.safetensors.index.json"
 
@@ -111,13 +111,9 @@ def commit_dir(tmp: Path, target: Path, overwrite: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def atomic_output_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """A temporary folder that becomes ``target`` when the ``with`` body completes; on any
-    error (or signal-raised exception) it is removed and an existing target is untouched."""
-    target = Path(target).absolute()
-    if target.exists() and not overwrite:
-        raise OutputExistsError(f"output {target} already exists; choose another path or pass --overwrite")
+def make_temp_dir(target: Path) -> Path:
+    """A new temporary folder beside ``target`` (its parent created; leftovers of killed
+    writers removed), or an ``OutputWriteError`` saying why it cannot be made."""
     parent = target.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -131,6 +127,17 @@ def atomic_output_dir(target: str | Path, overwrite: bool = False) -> Iterator[P
         tmp.mkdir()
     except OSError as err:
         raise OutputWriteError(f"cannot create a temporary folder in {parent}: {err}") from None
+    return tmp
+
+
+@contextlib.contextmanager
+def atomic_output_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """A temporary folder that becomes ``target`` when the ``with`` body completes; on any
+    error (or signal-raised exception) it is removed and an existing target is untouched."""
+    target = Path(target).absolute()
+    if target.exists() and not overwrite:
+        raise OutputExistsError(f"output {target} already exists; choose another path or pass --overwrite")
+    tmp = make_temp_dir(target)
     try:
         yield tmp
         commit_dir(tmp, target, overwrite)
