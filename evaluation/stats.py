@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from merging.errors import MergeConfigError
+from merging.io.checkpoint import CheckpointReader
 from merging.io.writer import atomic_write
 
 __all__ = ["collect_activation_stats", "read_texts"]
@@ -41,11 +42,14 @@ def read_texts(path: Path, max_samples: int) -> list[str]:
 
 
 def collect_activation_stats(model_dir: str | Path, data: str | Path, out: str | Path, *, max_samples: int = 256,
-                             max_length: int = 256, device: str = "cpu") -> Path:
-    """Write ``out`` (safetensors): ``<linear>.weight`` -> mean over tokens of x^2, shape (d_in,)."""
+                             max_length: int = 256, device: str = "cpu", allow_pickle: bool = False) -> Path:
+    """Write ``out`` (safetensors): ``<linear>.weight`` -> mean over tokens of x^2, shape (d_in,).
+    The model's weights are checked first (safetensors only unless ``allow_pickle``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    CheckpointReader(model_dir, name=str(model_dir), allow_pickle=allow_pickle).close()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=not allow_pickle,
+                                                 trust_remote_code=False).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}

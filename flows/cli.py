@@ -188,12 +188,13 @@ def collect_stats(
     max_samples: Annotated[int, typer.Option(help="Samples to run.")] = 256,
     max_length: Annotated[int, typer.Option(help="Tokens per sample.")] = 256,
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    allow_pickle: Annotated[bool, typer.Option(help="Allow a pytorch_model.bin base (weights-only load).")] = False,
 ) -> None:
     """Record per-layer input statistics of the base model (for scale_svd: set 'stats: FILE')."""
     with exit_on_error():
         from evaluation.stats import collect_activation_stats
 
-        typer.echo(f"wrote {collect_activation_stats(base, data, out, max_samples=max_samples, max_length=max_length, device=device)}")
+        typer.echo(f"wrote {collect_activation_stats(base, data, out, max_samples=max_samples, max_length=max_length, device=device, allow_pickle=allow_pickle)}")
 
 
 @app.command("dvc-yaml")

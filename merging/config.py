@@ -5,7 +5,8 @@ mergekit keys: ``merge_method``, ``base_model``, ``models[].model``, ``models[].
 ``tokenizer: {source: ...}``). mergeflow's own keys: ``seed``, ``device``,
 ``compute_dtype``, ``include`` / ``exclude`` / ``ignore`` (regexes, ``re.match`` on tensor
 names: which 2-D tensors merge as matrices, which take the "other" path, which keep the
-base value), ``shard_size``, ``allow_pickle``, ``stats`` (activation statistics file) and
+base value), ``shard_size``, ``allow_pickle``, ``allow_nonfinite`` (write merged tensors
+holding NaN/Inf instead of refusing), ``stats`` (activation statistics file) and
 ``out`` (output folder; the CLI's ``--out`` or positional argument wins).
 
 The DRM seed YAML (``merging_config``, ``save_path``) and the Circuit-Merge YAML
@@ -15,6 +16,7 @@ same model.
 
 from __future__ import annotations
 
+import stat
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from merging.errors import MergeConfigError
 
-__all__ = ["ModelEntry", "MergeConfig", "load_merge_config", "parse_merge_config", "read_yaml", "DEFAULT_EXCLUDE"]
+__all__ = ["ModelEntry", "MergeConfig", "load_merge_config", "parse_merge_config", "read_yaml", "parse_yaml", "DEFAULT_EXCLUDE"]
 
 # 2-D tensors that are not merged as matrices by default (embeddings and LM heads).
 DEFAULT_EXCLUDE = (
@@ -62,6 +64,7 @@ class MergeConfig(BaseModel):
     ignore: tuple[str, ...] = ()
     shard_size: int | str = "5GB"
     allow_pickle: bool = False
+    allow_nonfinite: bool = Field(False, description="Write merged tensors that hold NaN or Inf instead of refusing.")
     stats: str | None = None
     out: str | None = None
 
@@ -97,7 +100,7 @@ class MergeConfig(BaseModel):
 
 
 # top-level keys of a DRM / Circuit-Merge YAML that are ours too, copied as they are
-_SHARED_KEYS = ("device", "out_dtype", "shard_size", "allow_pickle", "tokenizer_source")
+_SHARED_KEYS = ("device", "out_dtype", "shard_size", "allow_pickle", "allow_nonfinite", "tokenizer_source")
 _DRM_KEYS = ("seed", *_SHARED_KEYS)
 _DRM_RENAMES = {"linear_parameter_regex_pattern": "include", "linear_parameter_ignore_regex_pattern": "exclude",
                 "ignore_module_regex_pattern": "ignore"}
@@ -180,15 +183,82 @@ def parse_merge_config(raw: Any, source: str = "<config>") -> MergeConfig:
         raise MergeConfigError(f"{source}: invalid merge config: {problems}") from None
 
 
+MAX_CONFIG_BYTES = 2**20
+"""A config or params file larger than this is refused before it is parsed."""
+MAX_YAML_NODES = 10_000
+"""Nodes a YAML document may have once its aliases are expanded (a "billion laughs" file of
+1 KB expands to billions)."""
+
+
 def read_yaml(path: str | Path) -> Any:
-    """A YAML file's content, or a ``MergeConfigError`` naming the file."""
+    """A YAML file's content, or a ``MergeConfigError`` naming the file: it must be a regular
+    file of at most ``MAX_CONFIG_BYTES``, UTF-8, and at most ``MAX_YAML_NODES`` nodes once
+    aliases are expanded."""
     path = Path(path)
-    if not path.is_file():
-        raise MergeConfigError(f"config file {path} does not exist")
     try:
-        return yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise MergeConfigError(f"{path}: malformed YAML: {err}") from None
+        info = path.stat()
+    except FileNotFoundError:
+        raise MergeConfigError(f"config file {path} does not exist") from None
+    except OSError as err:
+        raise MergeConfigError(f"config file {path} cannot be read: {err.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise MergeConfigError(f"config file {path} is not a regular file")
+    if info.st_size > MAX_CONFIG_BYTES:
+        raise MergeConfigError(f"config file {path} is {info.st_size} bytes; a config may have at most {MAX_CONFIG_BYTES}")
+    try:
+        return parse_yaml(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise MergeConfigError(f"{path}: not UTF-8 text (byte {err.start}); save the config as UTF-8") from None
+    except MergeConfigError as err:
+        raise MergeConfigError(f"{path}: {err}") from None
+
+
+def parse_yaml(text: str) -> Any:
+    """Safe-load one YAML document with the alias-expansion and nesting limits."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expanded_size(node)
+        return loader.construct_document(node)
+    except yaml.YAMLError as err:
+        raise MergeConfigError(f"malformed YAML: {' '.join(str(err).split())}") from None
+    except RecursionError:
+        raise MergeConfigError("YAML nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def _check_expanded_size(root: yaml.Node) -> None:
+    """Count the nodes of the document as if every alias were copied out, without copying."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise MergeConfigError("a YAML alias refers to a node that contains it (a recursive document)")
+        open_nodes.add(key)
+        if isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = node.value
+        else:
+            children = []
+        total = 1
+        for child in children:
+            total += size(child)
+            if total > MAX_YAML_NODES:
+                raise MergeConfigError(f"the YAML document expands to more than {MAX_YAML_NODES} nodes "
+                                       "(aliases nested in aliases); write the values out")
+        open_nodes.discard(key)
+        sizes[key] = total
+        return total
+
+    size(root)
 
 
 def load_merge_config(path: str | Path) -> MergeConfig:

@@ -8,7 +8,6 @@ compute device and dtype, the deltas, the resolved parameters and the first-pass
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -20,8 +19,9 @@ from merging.api import check_model_count
 from merging.config import MergeConfig
 from merging.errors import MergeConfigError, NonFiniteDeltaError
 from merging.io.checkpoint import CheckpointReader
+from merging.io.files import model_file, read_json_object
 from merging.io.sources import FullModelSource, ModelSource, open_source, resolve_folder
-from merging.plan import TensorEntry, build_plan, check_same_tensors
+from merging.plan import TensorEntry, build_plan, check_same_kinds, check_same_tensors
 from merging.registry import get_method
 from merging.resolve import build_params, split_global_parameters
 from merging.spec import MethodSpec, TensorGroup
@@ -76,9 +76,10 @@ class MergeContext:
         for source in self.sources:
             if isinstance(source, FullModelSource):
                 check_same_tensors(base_shapes, source.shapes(), source.name)
+                check_same_kinds(self.base.dtypes(), source.reader.dtypes(), source.name)
         self.model_names = [m.model for m in entries]
         self.shared, self.model_defaults = split_global_parameters(self.spec, config.parameters)
-        num_layers = _num_layers(self.base_folder)
+        num_layers = _num_layers(self.base_folder, f"base model {base_ref!r}")
         self.plan: tuple[TensorEntry, ...] = build_plan(
             ((k, self.base.shape(k), self.base.dtype(k)) for k in self.base.keys()),
             config.include, config.exclude, config.ignore, num_layers,
@@ -146,17 +147,29 @@ class MergeContext:
             stats=self.stats.get(entry.name) if self.stats is not None else None,
         )
 
+    def input_folders(self) -> dict[str, Path]:
+        """Every folder or file the merge reads, by how it is named in messages."""
+        folders = {f"base {self.base_ref!r}": self.base_folder}
+        for source in self.sources:
+            folders[f"model {source.name!r}"] = source.reader.path if isinstance(source, FullModelSource) else source.adapter.path
+        tokenizer = self.tokenizer_folder()
+        if tokenizer is not None:
+            folders[f"tokenizer source {self.config.tokenizer_source!r}"] = tokenizer
+        if self.config.stats:
+            folders[f"stats file {self.config.stats!r}"] = Path(self.config.stats)
+        return folders
+
     def tokenizer_folder(self) -> Path | None:
         """Where the merged model's tokenizer files come from (``tokenizer_source``)."""
         source = self.config.tokenizer_source
         return self.base_folder if source in (None, "base") else resolve_folder(source)
 
 
-def _num_layers(folder: Path) -> int | None:
-    config = folder / "config.json"
-    if not config.is_file():
+def _num_layers(folder: Path, owner: str) -> int | None:
+    config = model_file(folder, "config.json", owner, required=False)
+    if config is None:
         return None
-    data = json.loads(config.read_text())
+    data = read_json_object(config, owner)
     for key in ("num_hidden_layers", "n_layer", "num_layers"):
         if isinstance(data.get(key), int):
             return data[key]

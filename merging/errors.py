@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 
 __all__ = [
@@ -17,6 +19,7 @@ __all__ = [
     "UnsafeCheckpointError",
     "AdapterError",
     "NonFiniteDeltaError",
+    "NonFiniteOutputError",
     "OutputExistsError",
     "OutputWriteError",
     "ArtifactError",
@@ -55,6 +58,10 @@ class NonFiniteDeltaError(MergeflowError, ValueError):
     """A delta (fine-tuned minus base) holds NaN or Inf."""
 
 
+class NonFiniteOutputError(MergeflowError, ValueError):
+    """A merged tensor holds NaN or Inf (a parameter or the output dtype made it overflow)."""
+
+
 class OutputExistsError(MergeflowError, FileExistsError):
     """The target folder exists and overwriting was not asked for."""
 
@@ -70,12 +77,27 @@ class ArtifactError(MergeflowError):
 EXIT_BAD_INPUT = 2
 
 
+EXIT_TERMINATED = 128 + signal.SIGTERM
+
+
+def _terminate(signum, frame) -> None:
+    raise SystemExit(EXIT_TERMINATED)
+
+
 @contextlib.contextmanager
 def exit_on_error() -> Iterator[None]:
     """The one mapping of these errors to a command line: a one-line message on stderr and
-    exit code 2, no traceback (every ``mergeflow`` command and ``python -m`` entry point)."""
+    exit code 2, no traceback (every ``mergeflow`` command and ``python -m`` entry point).
+    SIGTERM becomes an exception too, so that it cleans up as an error does (temporary
+    folders removed, the target untouched) and exits with 143; SIGINT does so as
+    ``KeyboardInterrupt``."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main else None
     try:
         yield
     except MergeflowError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(EXIT_BAD_INPUT) from None
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)

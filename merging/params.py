@@ -20,7 +20,7 @@ __all__ = ["MethodParams", "ModelParams", "WeightedModelParams"]
 class MethodParams(BaseModel):
     """Parameters shared by all models of one merge."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
     lambda_: float = Field(
         1.0,
@@ -32,7 +32,7 @@ class MethodParams(BaseModel):
 class ModelParams(BaseModel):
     """Per-model parameters; methods without any use this empty model."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
 
 class WeightedModelParams(ModelParams):

@@ -46,7 +46,7 @@ from merging.io.artifacts import (
     relative_link,
     write_manifest,
 )
-from merging.io.writer import ShardedWriter, atomic_output_dir, parse_size
+from merging.io.writer import ShardedWriter, atomic_output_dir, parse_size, refuse_overlap
 from merging.pipeline_params import PipelineParams, merge_config
 from merging.plan import TensorEntry
 from merging.registry import get_method
@@ -395,6 +395,7 @@ def _sink(stage: Stage, ctx: MergeContext, out: Path, manifest: dict[str, Any] |
             writer.abort()
             raise
         return
+    refuse_overlap(out, ctx.input_folders())
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         shards = ShardedWriter(tmp, parse_size(ctx.config.shard_size))
         yield lambda name, tensors: shards.add_group(tensors)

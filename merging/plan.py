@@ -22,7 +22,7 @@ import torch
 
 from merging.errors import CheckpointMismatchError, MergeConfigError
 
-__all__ = ["TensorEntry", "build_plan", "check_same_tensors", "classify"]
+__all__ = ["TensorEntry", "build_plan", "check_same_tensors", "check_same_kinds", "classify"]
 
 PlanKind = Literal["matrix", "other", "ignore"]
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
@@ -68,6 +68,11 @@ def build_plan(
     layers = {name: int(m.group(1)) for name, _, _ in items if (m := _LAYER.search(name))}
     if num_layers is None:
         num_layers = max(layers.values()) + 1 if layers else 1
+    beyond = [name for name, layer in layers.items() if layer >= num_layers]
+    if beyond:
+        raise CheckpointMismatchError(
+            f"base tensor {beyond[0]!r} is in layer {layers[beyond[0]]} but the base's config.json says the model has "
+            f"{num_layers} layers; the config does not belong to these weights (fix num_hidden_layers)")
     entries = []
     for name, shape, dtype in items:
         t = layers[name] / (num_layers - 1) if name in layers and num_layers > 1 else 0.0
@@ -88,6 +93,16 @@ def check_same_tensors(base: Mapping[str, tuple[int, ...]], model: Mapping[str, 
             raise CheckpointMismatchError(
                 f"model {model_name!r}, tensor {key!r}: shape {tuple(model[key])} does not match the base's {tuple(shape)}"
             )
+
+
+def check_same_kinds(base: Mapping[str, torch.dtype], model: Mapping[str, torch.dtype], model_name: str) -> None:
+    """Raise ``CheckpointMismatchError`` when a tensor is floating point in one model and not
+    in the other (e.g. float weights relabelled as integers in a file's header)."""
+    for key, dtype in base.items():
+        if model[key].is_floating_point != dtype.is_floating_point:
+            raise CheckpointMismatchError(
+                f"model {model_name!r}, tensor {key!r}: stored as {str(model[key]).removeprefix('torch.')} where the "
+                f"base has {str(dtype).removeprefix('torch.')}; the file is corrupt or not a fine-tune of this base")
 
 
 def _more(keys: list[str]) -> str:

@@ -18,6 +18,7 @@ import torch
 
 from merging.api import scaled_combine
 from merging.context import DTYPES, MergeContext
+from merging.errors import NonFiniteOutputError
 from merging.io.model_card import model_card, write_support_files
 from merging.plan import TensorEntry
 from merging.rng import generator_for
@@ -60,7 +61,24 @@ def save(ctx: MergeContext, entry: TensorEntry, inputs: Inputs) -> Tensors:
     if entry.kind == "ignore":
         return {entry.name: ctx.base.get(entry.name).to(out_dtype)}
     merged = ctx.base_tensor(entry.name) + inputs["combine"]["merged_delta"].to(ctx.device)
-    return {entry.name: merged.to(out_dtype)}
+    out = merged.to(out_dtype)
+    if not ctx.config.allow_nonfinite and not torch.isfinite(out).all():
+        raise NonFiniteOutputError(_nonfinite_message(ctx, entry, merged, out_dtype))
+    return {entry.name: out}
+
+
+def _nonfinite_message(ctx: MergeContext, entry: TensorEntry, merged: torch.Tensor, out_dtype: torch.dtype) -> str:
+    """Why a merged tensor is not finite: the output dtype's range, or the parameters."""
+    where = f"merged tensor {entry.name!r} holds NaN or Inf"
+    fix = "; set allow_nonfinite: true to write it anyway"
+    if torch.isfinite(merged).all():
+        largest = merged.abs().max().item()
+        return (f"{where}: values up to {largest:.3g} overflow out_dtype {str(out_dtype).removeprefix('torch.')} "
+                f"(max {torch.finfo(out_dtype).max:.3g}); lower lambda or the weights, or choose a wider out_dtype{fix}")
+    params, model_params = ctx.params_for(entry)
+    settings = [f"{k}={v}" for k, v in params.model_dump(by_alias=True).items()]
+    settings += [f"{name}: {k}={v}" for name, mp in zip(ctx.model_names, model_params) for k, v in mp.model_dump().items()]
+    return f"{where} (method {ctx.spec.name}; {', '.join(settings)}): a parameter is too large for the compute dtype{fix}"
 
 
 def trim_thresholds(ctx: MergeContext, read: Callable[[str, TensorEntry], Tensors]) -> None:

@@ -8,14 +8,16 @@ Pickle checkpoints (``pytorch_model.bin``) are refused unless the user opts in w
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from merging.errors import CheckpointNotFoundError, MergeConfigError, UnsafeCheckpointError
+from merging.errors import CheckpointMismatchError, CheckpointNotFoundError, UnsafeCheckpointError
+from merging.io.files import model_file, read_json_object
+from merging.io.safetensors_header import read_header
 
 __all__ = ["CheckpointReader"]
 
@@ -49,28 +51,16 @@ class CheckpointReader:
         self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         index = self.path / SAFETENSORS_INDEX
         single = self.path / SAFETENSORS_SINGLE
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as err:
-                raise MergeConfigError(f"model {self.name!r}: {index} is not a valid safetensors index ({err})") from None
-            for tensor, file in weight_map.items():
-                shard = self.path / file
-                if not shard.is_file():
-                    raise CheckpointNotFoundError(f"model {self.name!r}: shard {file} listed in {index.name} is missing")
-                self._files[tensor] = shard
-        elif single.is_file():
-            with safe_open(single, framework="pt") as handle:
-                for tensor in handle.keys():
-                    self._files[tensor] = single
+        if os.path.lexists(index):
+            self._read_index(model_file(self.path, SAFETENSORS_INDEX, self._owner))
+        elif os.path.lexists(single):
+            self._add_file(SAFETENSORS_SINGLE)
         else:
             others = sorted(p.name for p in self.path.glob("*.safetensors"))
             if others:
                 for file in others:
-                    with safe_open(self.path / file, framework="pt") as handle:
-                        for tensor in handle.keys():
-                            self._files[tensor] = self.path / file
-            elif any((self.path / n).is_file() for n in PICKLE_NAMES):
+                    self._add_file(file)
+            elif any(os.path.lexists(self.path / n) for n in PICKLE_NAMES):
                 if not allow_pickle:
                     raise UnsafeCheckpointError(
                         f"model {self.name!r}: {self.path} holds only a pickle checkpoint (pytorch_model.bin), which "
@@ -83,29 +73,58 @@ class CheckpointReader:
                 raise CheckpointNotFoundError(
                     f"model {self.name!r}: no model.safetensors, model.safetensors.index.json or *.safetensors in {self.path}"
                 )
-        self._read_metadata()
+
+    @property
+    def _owner(self) -> str:
+        return f"model {self.name!r}"
+
+    def _add_file(self, name: str, wanted: list[str] | None = None) -> None:
+        """Validate one safetensors file's header and record its tensors (``wanted``: the
+        tensors an index assigns to it, each of which must be there)."""
+        path = model_file(self.path, name, self._owner)
+        header = read_header(path, self._owner)
+        for tensor in sorted(header) if wanted is None else wanted:
+            if tensor not in header:
+                raise CheckpointMismatchError(f"{self._owner}: {SAFETENSORS_INDEX} puts tensor {tensor!r} in {name}, "
+                                              "which does not contain it; the index and the shards do not belong together")
+            self._files[tensor] = path
+            self._meta[tensor] = header[tensor]
+
+    def _read_index(self, index: Path) -> None:
+        data = read_json_object(index, self._owner)
+        weight_map = data.get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+            raise CheckpointMismatchError(f"{self._owner}: {index} must have a 'weight_map' object mapping tensor names "
+                                          f"to shard file names, got {type(weight_map).__name__}")
+        by_file: dict[str, list[str]] = {}
+        for tensor, file in weight_map.items():
+            by_file.setdefault(file, []).append(tensor)
+        for file, tensors in by_file.items():
+            self._add_file(file, tensors)
 
     def _load_pickle(self) -> None:
         files = [self.path / "pytorch_model.bin"]
         index = self.path / "pytorch_model.bin.index.json"
-        if index.is_file():
-            files = sorted({self.path / f for f in json.loads(index.read_text())["weight_map"].values()})
+        if os.path.lexists(index):
+            weight_map = read_json_object(model_file(self.path, index.name, self._owner), self._owner).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointMismatchError(f"{self._owner}: {index} has no 'weight_map' object")
+            files = [self.path / f for f in sorted(set(weight_map.values()))]
         self._pickled = {}
         for file in files:
-            self._pickled.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
-
-    def _read_metadata(self) -> None:
-        if self._pickled is not None:
-            self._meta = {k: (tuple(v.shape), v.dtype) for k, v in self._pickled.items()}
-            return
-        by_file: dict[Path, list[str]] = {}
-        for tensor, file in self._files.items():
-            by_file.setdefault(file, []).append(tensor)
-        for file, tensors in by_file.items():
-            handle = self._handle(file)
-            for tensor in tensors:
-                sl = handle.get_slice(tensor)
-                self._meta[tensor] = (tuple(sl.get_shape()), _DTYPES[sl.get_dtype()])
+            path = model_file(self.path, str(file.relative_to(self.path)), self._owner)
+            try:
+                loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as err:  # UnpicklingError (a forbidden global), RuntimeError (not a zip/pickle), EOFError
+                reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise UnsafeCheckpointError(
+                    f"{self._owner}: {path.name} cannot be loaded as plain weights ({type(err).__name__}: "
+                    f"{reason[:200]}); nothing in it was executed. Convert it to safetensors in a trusted environment"
+                ) from None
+            if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+                raise UnsafeCheckpointError(f"{self._owner}: {path.name} is not a state dict of tensors")
+            self._pickled.update(loaded)
+        self._meta = {k: (tuple(v.shape), v.dtype) for k, v in self._pickled.items()}
 
     def _handle(self, file: Path):
         if file not in self._handles:
@@ -128,6 +147,9 @@ class CheckpointReader:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: v[0] for k, v in self._meta.items()}
 
+    def dtypes(self) -> dict[str, torch.dtype]:
+        return {k: v[1] for k, v in self._meta.items()}
+
     def file_of(self, key: str) -> str:
         """The shard file a tensor lives in (used to read tensors in file order)."""
         return self._files[key].name if self._files else "pytorch_model.bin"
@@ -144,9 +166,3 @@ class CheckpointReader:
         self._handles.clear()
         self._pickled = None
 
-
-_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}

@@ -11,15 +11,17 @@ import shutil
 from pathlib import Path
 
 from merging.digests import TOKENIZER_FILES
+from merging.io.files import model_file, read_json_object
 
 __all__ = ["write_support_files", "model_card"]
 
 
 def _write_config(base_folder: Path, out: Path, out_dtype: str | None) -> None:
-    source = base_folder / "config.json"
-    if not source.is_file():
+    owner = f"base model {str(base_folder)!r}"
+    source = model_file(base_folder, "config.json", owner, required=False)
+    if source is None:
         return
-    config = json.loads(source.read_text())
+    config = read_json_object(source, owner)
     if out_dtype:
         config["dtype"] = out_dtype
         if "torch_dtype" in config:
@@ -65,12 +67,13 @@ def write_support_files(
     """Write config.json (dtype updated), generation_config.json, tokenizer files, the
     model card README.md and the recipe ``mergeflow_config.yml`` into ``out``."""
     _write_config(base_folder, out, out_dtype)
-    generation = base_folder / "generation_config.json"
-    if generation.is_file():
-        shutil.copy2(generation, out / generation.name)
+    generation = model_file(base_folder, "generation_config.json", f"base model {str(base_folder)!r}", required=False)
+    if generation is not None:
+        shutil.copyfile(generation, out / generation.name)
     if tokenizer_folder is not None:
         for name in TOKENIZER_FILES:
-            if (tokenizer_folder / name).is_file():
-                shutil.copy2(tokenizer_folder / name, out / name)
+            source = model_file(tokenizer_folder, name, f"tokenizer source {str(tokenizer_folder)!r}", required=False)
+            if source is not None:
+                shutil.copyfile(source, out / name)
     (out / "README.md").write_text(card)
     (out / "mergeflow_config.yml").write_text(recipe_yaml)

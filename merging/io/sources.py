@@ -50,6 +50,9 @@ def resolve_source(ref: str, revision: str | None = None) -> tuple[Path, str | N
                                       "because it starts with ./, / or ~ or its first folder exists)")
     repo_id, _, pinned = ref.partition("@")
     revision = revision or pinned or None
+    first = Path(ref).parts[0] if Path(ref).parts else ref
+    rule = (f"read as a Hugging Face id because no local path {ref!r} exists, it does not start with ./, / or ~, "
+            f"and its first folder {first!r} does not exist here; write ./{ref} for a local folder")
     if repo_id.count("/") != 1:
         raise CheckpointNotFoundError(f"model {ref!r}: {path} does not exist, and it is not a Hugging Face id (owner/name)")
     try:
@@ -61,7 +64,7 @@ def resolve_source(ref: str, revision: str | None = None) -> tuple[Path, str | N
         hint = ("HF_HUB_OFFLINE is set: unset it to download, or download the model elsewhere "
                 f"(huggingface-cli download {repo_id}" + (f" --revision {revision}" if revision else "") + ") "
                 "and give its local folder") if offline else "check the id, the revision and your network or token"
-        raise CheckpointNotFoundError(f"model {ref!r} is not a local folder and could not be fetched from the "
+        raise CheckpointNotFoundError(f"model {ref!r} ({rule}) could not be fetched from the "
                                       f"Hugging Face Hub at {revision or 'main'} ({type(err).__name__}); {hint}") from None
     return folder, folder.name
 

@@ -9,19 +9,24 @@ tensor would push it past ``max_shard_bytes``, so at most one shard is held in m
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import os
+import re
 import shutil
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from merging.errors import OutputExistsError, OutputWriteError
 
-__all__ = ["atomic_output_dir", "atomic_write", "atomic_write_text", "commit_dir", "make_temp_dir", "ShardedWriter", "parse_size", "temp_sibling", "remove_stale_temps", "INDEX"]
+__all__ = ["atomic_output_dir", "atomic_write", "atomic_write_text", "commit_dir", "make_temp_dir", "ShardedWriter", "parse_size", "temp_sibling", "remove_stale_temps", "rename_noreplace", "refuse_overlap", "INDEX"]
 
 INDEX = "model.safetensors.index.json"
 
@@ -30,6 +35,8 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "K
 
 def parse_size(value: int | str) -> int:
     """Bytes from an int or a string like ``"5GB"``, ``"500MiB"``, ``"100M"``."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"cannot read size {value!r}; use bytes or e.g. '5GB', '500MiB'")
     if isinstance(value, int):
         return value
     text = value.strip().upper().replace(" ", "")
@@ -39,7 +46,7 @@ def parse_size(value: int | str) -> int:
         unit += "B"
     try:
         return int(float(number) * _UNITS[unit])
-    except (ValueError, KeyError):
+    except (ValueError, KeyError, OverflowError):
         raise ValueError(f"cannot read size {value!r}; use bytes or e.g. '5GB', '500MiB'") from None
 
 
@@ -50,14 +57,14 @@ def temp_sibling(target: Path, kind: str = "tmp") -> Path:
 
 
 def remove_stale_temps(target: Path) -> None:
-    """Remove temporary siblings of ``target`` left by writers that were killed."""
-    for path in target.parent.glob(f".{target.name}.tmp-*"):
+    """Remove temporary and set-aside siblings of ``target`` left by writers that were killed."""
+    for path in [*target.parent.glob(f".{target.name}.tmp-*"), *target.parent.glob(f".{target.name}.old-*")]:
         try:
             pid = int(path.name.rsplit("-", 2)[-2])
         except (ValueError, IndexError):
             continue
         if not _alive(pid):
-            shutil.rmtree(path, ignore_errors=True)
+            _remove(path)
 
 
 def _alive(pid: int) -> bool:
@@ -68,6 +75,66 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, symlink or folder tree, whichever ``path`` is."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+
+
+def _libc_renameat2():
+    if sys.platform != "linux":
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+
+
+_RENAMEAT2 = _libc_renameat2()
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst`` unless ``dst`` exists, checked by the rename itself
+    (``renameat2(RENAME_NOREPLACE)`` on Linux; elsewhere, or on file systems without it, under
+    a lock file beside ``dst`` that every mergeflow writer takes). Raises ``FileExistsError``."""
+    if _RENAMEAT2 is not None:
+        if _RENAMEAT2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        code = ctypes.get_errno()
+        if code not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+            raise OSError(code, os.strerror(code), str(dst))
+    lock = dst.parent / f".{dst.name}.lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:  # a lock left by a killed writer
+                holder = int(lock.read_text() or "0")
+            except (OSError, ValueError):
+                holder = 0
+            if holder and _alive(holder):
+                raise FileExistsError(errno.EEXIST, f"{dst} is being written by process {holder}", str(dst)) from None
+            lock.unlink(missing_ok=True)
+    else:
+        raise FileExistsError(errno.EEXIST, f"cannot lock {dst}", str(dst))
+    try:
+        os.write(fd, str(os.getpid()).encode())
+        if os.path.lexists(dst):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+        os.rename(src, dst)
+    finally:
+        os.close(fd)
+        lock.unlink(missing_ok=True)
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -89,26 +156,39 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
+def _exists_error(target: Path) -> OutputExistsError:
+    what = f"a symlink to {os.readlink(target)}" if target.is_symlink() else "a file" if not target.is_dir() else "a folder"
+    return OutputExistsError(f"output {target} already exists ({what}); choose another path or pass --overwrite")
+
+
 def commit_dir(tmp: Path, target: Path, overwrite: bool) -> None:
-    """Rename the complete folder ``tmp`` onto ``target``. An existing target is refused
-    unless ``overwrite``, and then moved aside first and removed after the rename."""
-    if not target.exists():
-        try:
-            tmp.rename(target)
-            return
-        except OSError:
-            if not target.exists():
-                raise
-    if not overwrite:
-        raise OutputExistsError(f"output {target} already exists; choose another path or pass --overwrite")
-    old = temp_sibling(target, "old")
+    """Rename the complete folder ``tmp`` onto ``target``. The rename itself refuses an
+    existing target (so of two concurrent writers exactly one wins); with ``overwrite`` the
+    existing target (folder, file or symlink) is first moved aside, removed after the rename."""
     try:
-        target.rename(old)
-    except FileNotFoundError:
-        old = None
-    tmp.rename(target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            rename_noreplace(tmp, target)
+            return
+        except FileExistsError:
+            if not overwrite:
+                raise _exists_error(target) from None
+        old = temp_sibling(target, "old")
+        try:
+            target.rename(old)
+        except FileNotFoundError:
+            old = None
+        try:
+            rename_noreplace(tmp, target)
+        except FileExistsError:
+            if old is not None:  # another writer got there in between: theirs stays, ours is dropped
+                _remove(old)
+            raise _exists_error(target) from None
+        if old is not None:
+            _remove(old)
+    except OSError as err:
+        if isinstance(err, OutputExistsError):
+            raise
+        raise OutputWriteError(f"cannot write {target}: {err.strerror or err} (nothing was changed)") from None
 
 
 def make_temp_dir(target: Path) -> Path:
@@ -118,7 +198,7 @@ def make_temp_dir(target: Path) -> Path:
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise OutputWriteError(f"cannot write {target}: cannot create its parent folder {parent} ({err})") from None
+        raise OutputWriteError(f"cannot write {target}: cannot create its parent folder {parent} ({err.strerror or err})") from None
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputWriteError(f"cannot write {target}: no write permission on {parent}")
     remove_stale_temps(target)
@@ -126,24 +206,46 @@ def make_temp_dir(target: Path) -> Path:
     try:
         tmp.mkdir()
     except OSError as err:
-        raise OutputWriteError(f"cannot create a temporary folder in {parent}: {err}") from None
+        raise OutputWriteError(f"cannot create a temporary folder in {parent}: {err.strerror or err}") from None
     return tmp
+
+
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 
 
 @contextlib.contextmanager
 def atomic_output_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """A temporary folder that becomes ``target`` when the ``with`` body completes; on any
-    error (or signal-raised exception) it is removed and an existing target is untouched."""
+    error (or signal-raised exception) it is removed and an existing target is untouched.
+    Running out of space (or quota, or a read-only file system) is an ``OutputWriteError``."""
     target = Path(target).absolute()
-    if target.exists() and not overwrite:
-        raise OutputExistsError(f"output {target} already exists; choose another path or pass --overwrite")
+    if os.path.lexists(target) and not overwrite:
+        raise _exists_error(target)
     tmp = make_temp_dir(target)
     try:
         yield tmp
         commit_dir(tmp, target, overwrite)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OutputWriteError | OutputExistsError) or err.errno not in _WRITE_ERRNOS:
+            raise
+        raise OutputWriteError(f"cannot write {target}: {err.strerror} (nothing was written)") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def refuse_overlap(target: str | Path, inputs: dict[str, Path]) -> None:
+    """Refuse an output that is, contains, or lies inside an input (after symlinks): with
+    ``--overwrite`` it would destroy the input, without it the input would be written into."""
+    out = Path(target).absolute().resolve()
+    for name, folder in inputs.items():
+        source = Path(folder).absolute().resolve()
+        relation = ("is" if out == source else "lies inside" if source in out.parents
+                    else "contains" if out in source.parents else None)
+        if relation is not None:
+            raise OutputExistsError(f"output {target} {relation} the input {name} ({folder}); "
+                                    "write the merged model somewhere else")
 
 
 class ShardedWriter:
@@ -176,7 +278,12 @@ class ShardedWriter:
 
     def _flush(self) -> None:
         path = self.folder / f"shard-{len(self._shards):05d}.safetensors.partial"
-        save_file(self._pending, str(path), metadata=self.metadata)
+        try:
+            save_file(self._pending, str(path), metadata=self.metadata)
+        except SafetensorError as err:  # the library reports I/O errors as text: keep their errno
+            found = re.search(r"os error (\d+)", str(err))
+            code = int(found.group(1)) if found else errno.EIO
+            raise OSError(code, os.strerror(code), str(path)) from None
         path.chmod(0o644)
         self._shards.append((path, list(self._pending)))
         self._pending = {}
