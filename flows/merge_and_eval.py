@@ -2,7 +2,9 @@
 content-addressed store (``<pipeline.artifacts>/store/<stage>-<key>``).
 
 Default parameters come from ``params.yaml`` (the same file DVC reads); ``overrides`` takes
-dotted keys like ``{"merge.sparsify.singular_matrices_drop_rate": 0.5}``. The flow returns the
+dotted keys like ``{"merge.sparsify.singular_matrices_drop_rate": 0.5}`` or nested mappings like
+``{"eval": {"limit": 10}}``, merged into their section (``merging.pipeline_params.apply_overrides``);
+params with nothing to evaluate are refused before any stage runs. The flow returns the
 metrics (as ``metrics.json``) plus ``artifacts``: the store folder of each stage. The last
 run's report is copied to ``<pipeline.artifacts>/report``, where users look first.
 """
@@ -19,7 +21,7 @@ from prefect import flow, get_run_logger
 
 from merging import pipeline
 from merging.io.writer import commit_dir, temp_sibling
-from merging.pipeline_params import PipelineParams, load_params
+from merging.pipeline_params import PipelineParams, load_params, require_evaluation
 from tasks.stage import stage_task
 
 __all__ = ["merge_and_eval", "run_pipeline", "walk", "artifact_dir", "task_runner", "store_of", "RUNS_LOG"]
@@ -33,7 +35,7 @@ def store_of(params: PipelineParams) -> Path:
 
 @flow(name="merge-and-eval")
 def merge_and_eval(params_file: str = "params.yaml", overrides: dict[str, Any] | None = None, refresh: bool = False) -> dict:
-    params = load_params(params_file, overrides)
+    params = require_evaluation(load_params(params_file, overrides), params_file)
     produced = run_pipeline(params, refresh)
     report = Path(produced["report"])
     metrics = json.loads((report / "metrics.json").read_text())

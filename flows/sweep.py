@@ -30,34 +30,41 @@ from prefect import flow, get_run_logger
 
 from flows.merge_and_eval import merge_and_eval
 from merging.errors import MergeConfigError
-from merging.pipeline_params import load_params
+from merging.pipeline_params import REPLACE, load_params
 
 SECTIONS = ("decompose", "sparsify", "combine")
 
 
 def expand_grid(grid: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each grid entry -> the list of override dicts (dotted params.yaml keys) it spans."""
+    """Each grid entry -> the list of override dicts it spans: ``merge.method``, the point's
+    ``name`` and one ``merge.<section>!`` key per method section. The ``!`` makes each
+    section replace params.yaml's (``apply_overrides``): overrides otherwise merge into their
+    section, and params.yaml's keys of another method (say TIES' density for a DRM point)
+    must not leak into the point."""
     points = []
     for entry in grid:
         if "method" not in entry:
             raise MergeConfigError(f"sweep grid entry {entry} has no 'method'")
-        axes = [(f"merge.{section}.{key}", values if isinstance(values, list) else [values])
+        axes = [(section, key, values if isinstance(values, list) else [values])
                 for section in SECTIONS for key, values in (entry.get(section) or {}).items()]
-        for combo in itertools.product(*(values for _, values in axes)):
+        for combo in itertools.product(*(values for _, _, values in axes)):
             override: dict[str, Any] = {"merge.method": entry["method"], "name": entry.get("name", entry["method"])}
             for section in SECTIONS:
-                override[f"merge.{section}"] = {}
-            for (key, _), value in zip(axes, combo):
-                section, name = key.split(".")[1:]
-                override[f"merge.{section}"][name] = value
+                override[_section_key(section)] = {}
+            for (section, key, _), value in zip(axes, combo):
+                override[_section_key(section)][key] = value
             points.append(override)
     return points
+
+
+def _section_key(section: str) -> str:
+    return f"merge.{section}{REPLACE}"
 
 
 def label(override: dict[str, Any]) -> str:
     parts = [override.get("name", override["merge.method"])]
     for section in SECTIONS:
-        parts += [f"{k}={v}" for k, v in override[f"merge.{section}"].items()]
+        parts += [f"{k}={v}" for k, v in override[_section_key(section)].items()]
     return " ".join(parts)
 
 

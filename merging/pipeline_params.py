@@ -21,8 +21,9 @@ params models, nowhere else):
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -31,7 +32,7 @@ from merging.errors import MergeConfigError
 from merging.registry import get_method
 from merging.resolve import field_names
 
-__all__ = ["PipelineParams", "ModelRef", "ZooSection", "load_params", "merge_config"]
+__all__ = ["PipelineParams", "ModelRef", "ZooSection", "load_params", "apply_overrides", "require_evaluation", "merge_config", "REPLACE"]
 
 _STRICT = ConfigDict(frozen=True, extra="forbid")
 
@@ -98,7 +99,7 @@ class PipelineSection(BaseModel):
 class EvalSection(BaseModel):
     model_config = _STRICT
 
-    tasks: tuple[str, ...] = ()
+    tasks: tuple[str, ...] = Field((), description="lm-eval task names; empty only for params that merge without evaluating (see require_evaluation).")
     validation_tasks: tuple[str, ...] = Field((), description="Same tasks on validation data, aligned with 'tasks'; sweeps select on them.")
     include_path: str | None = None
     limit: int | None = Field(None, ge=1)
@@ -106,9 +107,10 @@ class EvalSection(BaseModel):
     device: str = "cpu"
     evaluate_inputs: bool = True
 
-
     @model_validator(mode="after")
     def _aligned(self) -> EvalSection:
+        if any(not name.strip() for name in (*self.tasks, *self.validation_tasks)):
+            raise ValueError("eval.tasks and eval.validation_tasks must not hold empty task names")
         if self.validation_tasks and len(self.validation_tasks) != len(self.tasks):
             raise ValueError("eval.validation_tasks must list one validation task per entry of eval.tasks, in the same order")
         return self
@@ -170,24 +172,96 @@ class PipelineParams(BaseModel):
         return self
 
 
+REPLACE = "!"  # an override key ending in "!" replaces its value instead of merging into it
+
+
 def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> PipelineParams:
-    """Read and validate ``params.yaml`` (``overrides``: dotted keys, as ``dvc exp run -S``)."""
-    raw = read_yaml(path) or {}
-    for dotted, value in (overrides or {}).items():
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return parse_params(raw, str(path))
+    """Read and validate ``params.yaml`` with ``overrides`` merged in (``apply_overrides``)."""
+    raw = read_yaml(path)
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        return parse_params(raw, str(path))  # refused there, naming the file
+    return parse_params(apply_overrides(raw, overrides or {}), str(path))
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` (params as loaded YAML) with ``overrides`` merged in; neither is modified.
+
+    Keys are dotted params.yaml paths (``"eval.limit"``, as ``dvc exp run -S``) or nested
+    mappings (``{"eval": {"limit": 10}}``), applied in order. A mapping merges into the
+    mapping already there, key by key and recursively, so an override never drops the
+    section's other keys; anything else (a scalar, a list, null) replaces. A key ending in
+    ``!``, at any depth (``"merge.sparsify!"`` or ``{"merge": {"sparsify!": {...}}}``),
+    replaces its value whole: that is how a sweep point sets its method's sections without
+    inheriting params.yaml's keys of another method.
+
+    Raises:
+        MergeConfigError: ``overrides`` is not a mapping, or a key is not a dotted name.
+    """
+    if not isinstance(overrides, dict):
+        raise MergeConfigError(f"overrides: expected a mapping of dotted params.yaml keys to values, got {type(overrides).__name__}")
+    merged = raw
+    for key, value in overrides.items():
+        parts = key.split(".") if isinstance(key, str) else [""]
+        if not all(parts):
+            raise MergeConfigError(f"override {key!r}: not a dotted params.yaml key (e.g. eval.limit or merge.combine.lambda)")
+        for part in reversed(parts):
+            value = {part: value}
+        merged = _merged(merged, value)
+    return merged
+
+
+def _merged(old: Any, new: Any) -> Any:
+    """``new`` merged into ``old`` (see ``apply_overrides``), as a new value."""
+    if not isinstance(new, dict):
+        return copy.deepcopy(new)
+    base = old if isinstance(old, dict) else {}
+    out = dict(base)
+    for key, value in new.items():
+        if isinstance(key, str) and key.endswith(REPLACE):
+            out[key[: -len(REPLACE)]] = _merged(None, value)
+        else:
+            out[key] = _merged(base.get(key), value)
+    return out
+
+
+def require_evaluation(params: PipelineParams, source: str = "params") -> PipelineParams:
+    """``params`` if a run that evaluates can use them (``MergeConfigError`` otherwise).
+
+    The rule: the merge-and-eval flow and what is built on it (sweeps, the leaderboard, the
+    deployments, DVC's evaluate stage) need at least one task in ``eval.tasks``; they call
+    this once the params are loaded, before any stage runs. ``PipelineParams`` itself accepts
+    an empty list, because params that only merge are legitimate: the merge stages run
+    alone, ``mergeflow gc``, ``mergeflow zoo build`` and ``mergeflow dvc-yaml`` read the same
+    file and evaluate nothing.
+    """
+    if not params.eval.tasks:
+        raise MergeConfigError(f"{source}: eval.tasks is empty, so this run would have nothing to evaluate; "
+                               "list lm-eval task names in eval.tasks (an override such as {'eval': {'limit': 10}} "
+                               "merges into the section and keeps its tasks)")
+    return params
 
 
 def parse_params(raw: Any, source: str = "params") -> PipelineParams:
     try:
         return PipelineParams.model_validate(raw)
     except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in err.errors())
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {_message(e)}" for e in err.errors())
         raise MergeConfigError(f"{source}: invalid params: {problems}") from None
+
+
+def _message(error: dict[str, Any]) -> str:
+    """pydantic's message, with the valid keys where a key is unknown."""
+    if error["type"] != "extra_forbidden":
+        return error["msg"]
+    model: Any = PipelineParams
+    for part in error["loc"][:-1]:
+        if isinstance(part, str):  # list positions (models.inputs.0) keep the element's model
+            annotation = model.model_fields[part].annotation
+            model = next((a for a in (annotation, *get_args(annotation)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+            if model is None:
+                return error["msg"]
+    return f"unknown key (valid: {', '.join(model.model_fields)})"
 
 
 def merge_config(params: PipelineParams, folders: dict[str, str] | None = None) -> MergeConfig:

@@ -15,8 +15,8 @@ def test_expand_grid():
     points = expand_grid([{"method": "ties", "sparsify": {"density": [0.2, 0.4]}, "combine": {"lambda": [0.5, 1.0]}},
                           {"method": "task_arithmetic", "combine": {"lambda": 0.3}}])
     assert len(points) == 5
-    assert points[0] == {"merge.method": "ties", "name": "ties", "merge.decompose": {}, "merge.sparsify": {"density": 0.2},
-                         "merge.combine": {"lambda": 0.5}}
+    assert points[0] == {"merge.method": "ties", "name": "ties", "merge.decompose!": {}, "merge.sparsify!": {"density": 0.2},
+                         "merge.combine!": {"lambda": 0.5}}
     assert label(points[-1]) == "task_arithmetic lambda=0.3"
 
 

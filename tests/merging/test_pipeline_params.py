@@ -51,3 +51,62 @@ def test_validation_tasks_must_align():
     raw["eval"] = {"tasks": ["a", "b"], "validation_tasks": ["a_val"]}
     with pytest.raises(MergeConfigError, match="validation_tasks"):
         parse_params(raw)
+
+
+def _params_file(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("models:\n  base: {name: b, source: b}\n  inputs: [{name: x, source: x}, {name: y, source: y}]\n"
+                    "merge: {method: ties, sparsify: {density: 0.5}, combine: {lambda: 1.0}}\n"
+                    "eval: {tasks: [t1, t2], limit: 3, batch_size: 4}\n")
+    return path
+
+
+def test_nested_and_dotted_overrides_merge_into_their_section(tmp_path):
+    """Issue 15 item 9: {"eval": {"limit": 10}} used to replace the whole eval section (and
+    drop its tasks); a mapping now merges key by key, at any depth, however it is spelled."""
+    path = _params_file(tmp_path)
+    nested = {"eval": {"limit": 10}, "merge": {"sparsify": {"density": {"x": 0.2}}}}
+    for overrides in (nested, {"eval.limit": 10, "merge.sparsify.density": {"x": 0.2}}):
+        params = load_params(path, overrides)
+        assert params.eval.tasks == ("t1", "t2") and params.eval.limit == 10 and params.eval.batch_size == 4
+        assert params.merge.sparsify == {"density": {"x": 0.2}} and params.merge.combine == {"lambda": 1.0}
+    assert nested == {"eval": {"limit": 10}, "merge": {"sparsify": {"density": {"x": 0.2}}}}  # not modified
+    # a list replaces (no element-wise merge), and later overrides merge into earlier ones
+    params = load_params(path, {"eval.tasks": ["t3"], "merge.sparsify": {"density": {"x": 0.2}}, "merge.sparsify.density.y": 0.7})
+    assert params.eval.tasks == ("t3",) and params.merge.sparsify == {"density": {"x": 0.2, "y": 0.7}}
+
+
+def test_override_key_ending_in_bang_replaces_the_section(tmp_path):
+    path = _params_file(tmp_path)
+    params = load_params(path, {"merge.method": "task_arithmetic", "merge.sparsify!": {}, "merge": {"combine!": {"lambda": 0.3}}})
+    assert params.merge.sparsify == {} and params.merge.combine == {"lambda": 0.3}
+    with pytest.raises(MergeConfigError, match=r"merge\.sparsify\.density: not a parameter of 'task_arithmetic'"):
+        load_params(path, {"merge.method": "task_arithmetic"})  # merged, params.yaml's TIES density stays
+
+
+def test_unknown_override_keys_are_named_with_the_valid_ones(tmp_path):
+    path = _params_file(tmp_path)
+    with pytest.raises(MergeConfigError, match=r"eval\.limt: unknown key \(valid: tasks, validation_tasks, include_path, limit,"):
+        load_params(path, {"eval": {"limt": 10}})
+    with pytest.raises(MergeConfigError, match=r"evl: unknown key \(valid: models, merge, plan,"):
+        load_params(path, {"evl.limit": 10})
+    with pytest.raises(MergeConfigError, match=r"models\.inputs\.0\.colour: unknown key \(valid: name, source,"):
+        load_params(path, {"models.inputs": [{"name": "x", "source": "x", "colour": 1}]})
+    with pytest.raises(MergeConfigError, match=r"override 'eval\.\.limit': not a dotted params.yaml key"):
+        load_params(path, {"eval..limit": 10})
+    with pytest.raises(MergeConfigError, match="overrides: expected a mapping"):
+        load_params(path, [("eval.limit", 10)])
+
+
+def test_params_with_nothing_to_evaluate_are_refused_for_runs_that_evaluate(tmp_path):
+    """Merge-only params (no eval.tasks) stay valid; a run that evaluates refuses them up front."""
+    from merging.pipeline_params import require_evaluation
+
+    path = _params_file(tmp_path)
+    assert require_evaluation(load_params(path)).eval.tasks == ("t1", "t2")
+    merge_only = load_params(path, {"eval!": {"limit": 10}})  # the old replacing behaviour, spelled out
+    assert merge_only.eval.tasks == ()
+    with pytest.raises(MergeConfigError, match=r"manual: eval\.tasks is empty"):
+        require_evaluation(merge_only, "manual")
+    with pytest.raises(MergeConfigError, match=r"eval: .*must not hold empty task names"):
+        load_params(path, {"eval.tasks": ["t1", " "]})
