@@ -22,7 +22,6 @@ variants that are not a plain additive ``s B A`` are refused. See
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping
@@ -33,7 +32,9 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from merging.errors import AdapterError, CheckpointNotFoundError, UnsafeCheckpointError
+from merging.errors import AdapterError, CheckpointMismatchError, CheckpointNotFoundError, UnsafeCheckpointError
+from merging.io.files import model_file, read_json_object
+from merging.io.safetensors_header import read_header
 
 __all__ = ["LoraAdapter", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "pattern_key"]
 
@@ -65,6 +66,10 @@ _CONVERT_HINT = (
     "import save_file; save_file(torch.load('adapter_model.bin', weights_only=True), "
     "'adapter_model.safetensors', metadata={'format': 'pt'})\" in the folder"
 )
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 def pattern_key(pattern_keys: list[str], module: str) -> str | None:
@@ -126,15 +131,13 @@ class LoraAdapter:
         return AdapterError(f"adapter {self.name!r} ({self.path}): {what}")
 
     def _read_config(self) -> dict[str, Any]:
-        file = self.path / ADAPTER_CONFIG
-        if not file.is_file():
+        file = model_file(self.path, ADAPTER_CONFIG, f"adapter {self.name!r}", required=False)
+        if file is None:
             raise self._fail(f"no {ADAPTER_CONFIG}; give a folder written by peft's save_pretrained")
         try:
-            config = json.loads(file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise self._fail(f"{ADAPTER_CONFIG} is not valid JSON ({err}); re-save the adapter or fix the file") from None
-        if not isinstance(config, dict):
-            raise self._fail(f"{ADAPTER_CONFIG} must hold a JSON object, got {type(config).__name__}")
+            config = read_json_object(file, f"adapter {self.name!r}")
+        except CheckpointMismatchError as err:
+            raise AdapterError(f"{err}; re-save the adapter or fix the file") from None
         peft_type = config.get("peft_type")
         if peft_type != "LORA":
             raise self._fail(
@@ -148,16 +151,29 @@ class LoraAdapter:
                 "merge_and_unload(), save_pretrained the full model and give that folder as a model"
             )
         for key in ("r", "lora_alpha"):
-            if not isinstance(config.get(key), (int, float)) or isinstance(config.get(key), bool) or config[key] <= 0:
+            if not _positive(config.get(key)):
                 raise self._fail(f"{ADAPTER_CONFIG} key {key!r} must be a positive number, got {config.get(key)!r}")
         for key in ("rank_pattern", "alpha_pattern"):
-            if not isinstance(config.get(key) or {}, dict):
+            patterns = config.get(key) or {}
+            if not isinstance(patterns, dict):
                 raise self._fail(f"{ADAPTER_CONFIG} key {key!r} must be a mapping, got {config[key]!r}")
+            for pattern, value in patterns.items():
+                if not _positive(value) or (key == "rank_pattern" and not isinstance(value, int)):
+                    kind = "a positive integer" if key == "rank_pattern" else "a positive number"
+                    raise self._fail(f"{ADAPTER_CONFIG} {key}[{pattern!r}] must be {kind}, got {value!r}")
+                try:
+                    re.compile(pattern)
+                except re.error as err:
+                    raise self._fail(f"{ADAPTER_CONFIG} {key} key {pattern!r} is not a valid regex ({err})") from None
         return config
 
     def _weights_file(self) -> Path:
-        file = self.path / ADAPTER_WEIGHTS
-        if file.is_file():
+        file = model_file(self.path, ADAPTER_WEIGHTS, f"adapter {self.name!r}", required=False)
+        if file is not None:
+            try:
+                read_header(file, f"adapter {self.name!r}")
+            except CheckpointMismatchError as err:
+                raise AdapterError(f"{err} ({ADAPTER_WEIGHTS} cannot be read)") from None
             return file
         if (self.path / PICKLE_WEIGHTS).is_file():
             raise UnsafeCheckpointError(

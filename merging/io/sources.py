@@ -46,8 +46,9 @@ def resolve_source(ref: str, revision: str | None = None) -> tuple[Path, str | N
     if path.exists():
         return path, None
     if is_local_ref(ref):
+        why = "it starts with ./, / or ~" if ref.startswith((".", "/", "~")) else "its first folder exists"
         raise CheckpointNotFoundError(f"model {ref!r}: local folder {path} does not exist (read as a local path "
-                                      "because it starts with ./, / or ~ or its first folder exists)")
+                                      f"because {why})")
     repo_id, _, pinned = ref.partition("@")
     revision = revision or pinned or None
     first = Path(ref).parts[0] if Path(ref).parts else ref
