@@ -45,6 +45,7 @@ def merge(
     seed: Annotated[int | None, typer.Option(help="Seed for random methods (overrides the config).")] = None,
     shard_size: Annotated[str | None, typer.Option(help="Max bytes per output shard, e.g. 5GB, 500MB.")] = None,
     allow_pickle: Annotated[bool, typer.Option(help="Allow pytorch_model.bin inputs (weights-only load).")] = False,
+    allow_nonfinite: Annotated[bool, typer.Option(help="Write merged tensors holding NaN/Inf instead of refusing.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Merge models as a config describes, streaming one tensor at a time."""
@@ -58,6 +59,8 @@ def merge(
         overrides = {k: v for k, v in {"device": device, "seed": seed, "shard_size": shard_size}.items() if v is not None}
         if allow_pickle:
             overrides["allow_pickle"] = True
+        if allow_nonfinite:
+            overrides["allow_nonfinite"] = True
         if overrides:
             from merging.config import parse_merge_config
 

@@ -773,14 +773,15 @@ def test_disk_full_is_one_line_and_leaves_nothing(template, tmp_path):
     assert not ws.out.parent.exists() or not any(ws.out.parent.iterdir())
 
 
-def test_sigterm_mid_merge_leaves_no_temporary_folder(template, tmp_path):
-    """SIGTERM cleans up as an error does: exit 143, no target, no ``.OUT.tmp-*``."""
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_signal_mid_merge_leaves_no_temporary_folder(template, tmp_path, signum, code):
+    """SIGTERM and SIGINT clean up as an error does: no target, no ``.OUT.tmp-*``."""
     ws = _fresh(template, tmp_path)
     # the merge is held after its tensors are written into the temporary folder (a patched
     # support-file step signals and sleeps), and stopped from outside there
     config_path = ws.root / "config.yml"
     config_path.write_text(yaml.safe_dump(ws.config))
-    code = ("import sys, signal, os, time\n"
+    script = ("import sys, signal, os, time\n"
             "import merging.stages as s\n"
             "ready = sys.argv[1]\n"
             "def slow(ctx, out):\n"
@@ -791,7 +792,7 @@ def test_sigterm_mid_merge_leaves_no_temporary_folder(template, tmp_path):
             "sys.argv = ['mergeflow', 'merge', sys.argv[2], sys.argv[3], '-q']\n"
             "main()\n")
     ready = tmp_path / "ready"
-    proc = subprocess.Popen([sys.executable, "-c", code, str(ready), str(config_path), str(ws.out)], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-c", script, str(ready), str(config_path), str(ws.out)], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         import time
@@ -802,12 +803,12 @@ def test_sigterm_mid_merge_leaves_no_temporary_folder(template, tmp_path):
             assert time.monotonic() < deadline
             time.sleep(0.05)
         assert list(ws.out.parent.glob(".merged.tmp-*")), "the temporary folder should exist mid-merge"
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 143
+    assert proc.returncode == code
     assert not ws.out.exists()
     assert not list(ws.out.parent.glob(".merged.*")), list(ws.out.parent.iterdir())
 
@@ -828,10 +829,9 @@ def test_allow_nonfinite_writes_what_was_refused(template, tmp_path):
     ws = _fresh(template, tmp_path)
     ws.config["out_dtype"] = "float16"
     ws.config["parameters"]["lambda"] = 1e30
-    ws.config["allow_nonfinite"] = True
     config_path = ws.root / "config.yml"
     config_path.write_text(yaml.safe_dump(ws.config))
-    result = runner.invoke(app, ["merge", str(config_path), str(ws.out), "-q"])
+    result = runner.invoke(app, ["merge", str(config_path), str(ws.out), "-q", "--allow-nonfinite"])
     assert result.exit_code == 0, result.stderr
     from safetensors.torch import load_file
 
