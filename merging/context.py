@@ -8,7 +8,10 @@ compute device and dtype, the deltas, the resolved parameters and the first-pass
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +29,7 @@ from merging.registry import get_method
 from merging.resolve import build_params, split_global_parameters
 from merging.spec import MethodSpec, TensorGroup
 
-__all__ = ["MergeContext", "resolve_device", "DTYPES"]
+__all__ = ["MergeContext", "resolve_device", "reproducible_threads", "DTYPES"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,33 @@ def resolve_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise MergeConfigError("device: cuda was asked for but no CUDA device is available; use cpu or auto")
     return torch.device(device)
+
+
+@contextlib.contextmanager
+def reproducible_threads(device: torch.device) -> Iterator[None]:
+    """Merge math on the CPU runs on one torch intra-op thread. Whole-tensor reductions (an
+    L1 norm, a cosine) and MKL's LAPACK/BLAS split their work by the thread count, so the last
+    bits of a norm, an SVD or a matrix product would depend on how many threads a machine
+    has; with one thread the merged model does not. (CUDA kernels are not affected.)"""
+    if device.type != "cpu":
+        yield
+        return
+    with _THREADS_LOCK:  # merges may run concurrently in threads (partitions): the first sets, the last restores
+        if _THREADS_HELD[0] == 0:
+            _THREADS_HELD[1] = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _THREADS_HELD[0] += 1
+    try:
+        yield
+    finally:
+        with _THREADS_LOCK:
+            _THREADS_HELD[0] -= 1
+            if _THREADS_HELD[0] == 0:
+                torch.set_num_threads(_THREADS_HELD[1])
+
+
+_THREADS_LOCK = threading.Lock()
+_THREADS_HELD = [0, 1]  # merges running on the CPU, the thread count to restore
 
 
 class MergeContext:

@@ -33,7 +33,7 @@ import torch
 
 from merging import stages
 from merging.config import MergeConfig
-from merging.context import MergeContext
+from merging.context import MergeContext, reproducible_threads
 from merging.digests import content_key, model_digest
 from merging.errors import ArtifactError, MergeConfigError
 from merging.fetch import fetched_folders, local_state, model_sources
@@ -365,6 +365,11 @@ def _loop(chain: list[Stage], ctx: MergeContext, readers: dict[str, ArtifactRead
                 memo[name] = readers[name].read_group(entry.name)
         return memo[name]
 
+    with reproducible_threads(ctx.device):
+        _run_chain(chain, ctx, produce, add, groups, progress)
+
+
+def _run_chain(chain: list[Stage], ctx: MergeContext, produce, add, groups: list[str] | None, progress: Progress) -> None:
     for stage in chain:
         if stage.first_pass is not None:
             stage.first_pass(ctx, lambda name, e: produce(name, e, {}))
