@@ -54,13 +54,11 @@ def folder_digest(folder: Path, files: list[str]) -> str:
     return h.hexdigest()
 
 
-def _tensor_digests(folder: Path) -> dict[str, str]:
-    """name -> sha256 of (dtype, shape, bytes) of every tensor of a model folder."""
+def _tensor_digests(reader) -> dict[str, str]:
+    """name -> sha256 of (dtype, shape, bytes) of every tensor a reader holds."""
     import torch
 
-    from merging.io.checkpoint import CheckpointReader
-
-    reader, out = CheckpointReader(folder), {}
+    out = {}
     for name in reader.keys():
         tensor = reader.get(name)
         h = hashlib.sha256(f"{tensor.dtype}:{list(tensor.shape)}".encode())
@@ -72,15 +70,21 @@ def _tensor_digests(folder: Path) -> dict[str, str]:
 def model_digest(folder: str | Path, cache_file: Path | None = None) -> str:
     """The identity of a model folder (see the module docstring); the tensors' part is cached
     in ``cache_file`` by the weight files' names, sizes and mtimes."""
+    from merging.io.checkpoint import CheckpointReader
+
     folder = Path(folder)
-    stamp = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(folder.glob("*.safetensors"))]
+    reader = CheckpointReader(folder)  # validates every weight file before anything is read
+    stamp = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in reader.files()]
     try:
         cache = json.loads(cache_file.read_text()) if cache_file is not None and cache_file.is_file() else {}
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        cache = {}
+    if not isinstance(cache, dict):
         cache = {}
     key = str(folder.resolve())
-    if cache.get(key, [None])[0] != stamp:
-        cache[key] = [stamp, _tensor_digests(folder)]
+    entry = cache.get(key)
+    if not (isinstance(entry, list) and len(entry) == 2 and entry[0] == stamp and isinstance(entry[1], dict)):
+        cache[key] = [stamp, _tensor_digests(reader)]
         if cache_file is not None:
             atomic_write_text(cache_file, json.dumps(cache))
     files = {name: file_digest(folder / name) for name in IDENTITY_FILES if (folder / name).is_file()}

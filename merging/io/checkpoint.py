@@ -150,6 +150,10 @@ class CheckpointReader:
     def dtypes(self) -> dict[str, torch.dtype]:
         return {k: v[1] for k, v in self._meta.items()}
 
+    def files(self) -> list[Path]:
+        """The weight files the tensors are read from, sorted by name."""
+        return sorted(set(self._files.values()), key=lambda p: p.name)
+
     def file_of(self, key: str) -> str:
         """The shard file a tensor lives in (used to read tensors in file order)."""
         return self._files[key].name if self._files else "pytorch_model.bin"
