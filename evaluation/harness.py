@@ -2,7 +2,8 @@
 input. Each model's result is cached in ``<store>/eval-cache`` by its ``model_digest``, the
 eval settings, the task files and the evaluation code, so the base and the inputs are
 evaluated once however many merges and sweeps reuse them, a re-sharded model reuses its
-scores and a model with another tokenizer does not."""
+scores and a model with another tokenizer does not. Runs sharing a store evaluate a model
+one at a time (a lock beside its cache file): the second finds the first one's result."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ from typing import Any
 from merging.digests import TOKENIZER_FILES, content_key, file_digest
 from merging.errors import MergeConfigError
 from merging.fetch import fetched_models
-from merging.io.artifacts import artifact_digest
+from merging.io.artifacts import artifact_digest, exclusive
 from merging.io.writer import atomic_write_text
-from merging.pipeline_params import PipelineParams
+from merging.pipeline_params import PipelineParams, require_evaluation
 
 __all__ = ["evaluate_models", "evaluate_folder", "result_path", "cache_file_name", "run_lm_eval", "primary_scores", "RESULTS_FILE"]
 
@@ -38,6 +39,7 @@ def eval_targets(params: PipelineParams, fetch_dir: Path, model_dir: Path) -> di
 def evaluate_models(params: PipelineParams, inputs: dict[str, Path], folder: Path, store: Path, code: str) -> list[str]:
     """Write ``results.json`` (name -> lm-eval result and primary scores) into ``folder``;
     ``code`` (the stage's code fingerprint) keys the per-model result cache."""
+    require_evaluation(params, "evaluate")
     targets = eval_targets(params, inputs["fetch"], inputs["save"])
     base_folder = targets["base"][0]
     settings = {**params.eval.model_dump(mode="json"), "code": code}
@@ -82,10 +84,13 @@ def evaluate_folder(eval_settings: dict[str, Any], folder: str, digest: str, sto
     path = result_path(eval_settings, digest, store)
     if path.is_file():
         return path
-    settings = _settings(eval_settings)
-    result = {"folder": folder, "digest": digest, "settings": settings, **run_lm_eval(folder, settings, base_folder)}
-    result["scores"] = primary_scores(result)
-    atomic_write_text(path, json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
+    with exclusive(path):
+        if path.is_file():  # another run evaluated it while we waited
+            return path
+        settings = _settings(eval_settings)
+        result = {"folder": folder, "digest": digest, "settings": settings, **run_lm_eval(folder, settings, base_folder)}
+        result["scores"] = primary_scores(result)
+        atomic_write_text(path, json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
     log.info("evaluated %s -> %s", folder, path)
     return path
 

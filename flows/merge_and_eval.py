@@ -7,10 +7,16 @@ dotted keys like ``{"merge.sparsify.singular_matrices_drop_rate": 0.5}`` or nest
 params with nothing to evaluate are refused before any stage runs. The flow returns the
 metrics (as ``metrics.json``) plus ``artifacts``: the store folder of each stage. The last
 run's report is copied to ``<pipeline.artifacts>/report``, where users look first.
+
+Runs in several processes may share a store: a run holds a lease on every artifact it uses
+(from before its stage runs until the flow ends), so pruning and ``mergeflow gc`` leave them
+alone; ``runs.jsonl`` appends and the report copy happen under a lock.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import shutil
 import time
@@ -20,6 +26,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from merging import pipeline
+from merging.io.artifacts import exclusive, lease
 from merging.io.writer import commit_dir, temp_sibling
 from merging.pipeline_params import PipelineParams, load_params, require_evaluation
 from tasks.stage import stage_task
@@ -36,10 +43,11 @@ def store_of(params: PipelineParams) -> Path:
 @flow(name="merge-and-eval")
 def merge_and_eval(params_file: str = "params.yaml", overrides: dict[str, Any] | None = None, refresh: bool = False) -> dict:
     params = require_evaluation(load_params(params_file, overrides), params_file)
-    produced = run_pipeline(params, refresh)
-    report = Path(produced["report"])
-    metrics = json.loads((report / "metrics.json").read_text())
-    _publish(params, report, metrics)
+    with contextlib.ExitStack() as leases:
+        produced = run_pipeline(params, refresh, leases)
+        report = Path(produced["report"])
+        metrics = json.loads((report / "metrics.json").read_text())
+        _publish(params, report, metrics)
     return metrics | {"artifacts": produced}
 
 
@@ -62,28 +70,34 @@ def artifact_dir(store: Path, stage: pipeline.Stage, key: str, part: bool = Fals
     return store / f"{stage.name}{'-part' if part else ''}-{key[:16]}"
 
 
-def run_pipeline(params: PipelineParams, refresh: bool = False) -> dict[str, str]:
+def run_pipeline(params: PipelineParams, refresh: bool = False, leases: contextlib.ExitStack | None = None) -> dict[str, str]:
     """Every stage of the table as a cached task; returns stage name -> artifact folder and
-    records the run in ``<store>/runs.jsonl`` (what ``mergeflow gc`` keeps)."""
+    records the run in ``<store>/runs.jsonl`` (what ``mergeflow gc`` keeps). The leases on the
+    artifacts go into ``leases`` (the caller releases them when done with the artifacts;
+    default: on return)."""
     store = store_of(params)
     fused = not params.pipeline.materialize
+    with contextlib.ExitStack() as own:
+        held = own if leases is None else leases
 
-    def visit(stage: pipeline.Stage, inputs: dict[str, str]) -> str:
-        if stage.partitioned and params.pipeline.partitions > 1:
-            return _run_partitioned(stage, params, inputs, store, fused, refresh)
-        return _run(stage, params, inputs, store, fused, refresh)
+        def visit(stage: pipeline.Stage, inputs: dict[str, str]) -> str:
+            if stage.partitioned and params.pipeline.partitions > 1:
+                return _run_partitioned(stage, params, inputs, store, fused, refresh, held)
+            return _run(stage, params, inputs, store, fused, refresh, held)
 
-    produced = walk(params, visit)
+        produced = walk(params, visit)
     record = {"time": time.time(), "params": params.model_dump(mode="json"), "artifacts": produced}
-    with open(store / RUNS_LOG, "a") as log:  # one short line per run: appends do not interleave
+    with open(store / RUNS_LOG, "a") as log:
+        fcntl.flock(log, fcntl.LOCK_EX)  # released at close, after the flush: whole lines, however long
         log.write(json.dumps(record, sort_keys=True) + "\n")
     return produced
 
 
 def _run(stage: pipeline.Stage, params: PipelineParams, inputs: dict[str, str], store: Path, fused: bool,
-         refresh: bool, groups: list[str] | None = None, submit: bool = False):
+         refresh: bool, leases: contextlib.ExitStack, groups: list[str] | None = None, submit: bool = False):
     key = pipeline.stage_key(stage.name, params, inputs, fused=fused, groups=groups)
     out = artifact_dir(store, stage, key, part=groups is not None)
+    leases.enter_context(lease(out))  # before the cache lookup: nothing removes it from here on
     task = stage_task(stage, store).with_options(refresh_cache=refresh or None)
     call = task.submit if submit else task
     return call(stage=stage.name, params=params.model_dump(mode="json"), inputs=inputs, out_dir=str(out),
@@ -91,14 +105,16 @@ def _run(stage: pipeline.Stage, params: PipelineParams, inputs: dict[str, str], 
 
 
 def _run_partitioned(stage: pipeline.Stage, params: PipelineParams, inputs: dict[str, str], store: Path, fused: bool,
-                     refresh: bool) -> str:
+                     refresh: bool, leases: contextlib.ExitStack) -> str:
     """The stage mapped over tensor-group partitions (task runner: threads or Dask), joined by
     an index artifact."""
     partitions = pipeline.partition_groups(params, inputs["fetch"], params.pipeline.partitions)
-    futures = [_run(stage, params, inputs, store, fused, refresh, groups, submit=True) for groups in partitions]
-    parts = [f.result() for f in futures]
     key = pipeline.stage_key(stage.name, params, inputs, fused=fused)
-    return str(pipeline.write_index(stage.name, params, inputs, parts, artifact_dir(store, stage, key), fused=fused))
+    index = artifact_dir(store, stage, key)
+    leases.enter_context(lease(index))
+    futures = [_run(stage, params, inputs, store, fused, refresh, leases, groups, submit=True) for groups in partitions]
+    parts = [f.result() for f in futures]
+    return str(pipeline.write_index(stage.name, params, inputs, parts, index, fused=fused))
 
 
 def _publish(params: PipelineParams, report: Path, metrics: dict) -> None:
@@ -113,10 +129,15 @@ def _publish(params: PipelineParams, report: Path, metrics: dict) -> None:
     create_markdown_artifact(key="merge-summary", markdown=f"# {metrics['method']} merge\n\n```\n{format_table(metrics)}\n```"
                                                            f"\n\n## Recipe\n\n```json\n{recipe}\n```\n")
     get_run_logger().info("\n%s", format_table(metrics))
-    latest = Path(params.pipeline.artifacts) / "report"
-    staging = temp_sibling(latest)
-    shutil.copytree(report, staging)
-    commit_dir(staging, latest, overwrite=True)
+    latest = Path(params.pipeline.artifacts).absolute() / "report"
+    with exclusive(latest):  # concurrent runs replace it one at a time: the last one's stays
+        staging = temp_sibling(latest)
+        try:
+            shutil.copytree(report, staging)
+            commit_dir(staging, latest, overwrite=True)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
 
 
 def task_runner(params_file: str = "params.yaml", overrides: dict[str, Any] | None = None):

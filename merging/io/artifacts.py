@@ -4,17 +4,30 @@ An artifact folder holds safetensors shards of tensor groups (key ``"<group>::<f
 and ``manifest.json``: the stage, method, the params that stage read, the digests of its
 inputs, library versions, the cache key, the list of files and the output digest. Writes
 go to a temporary folder beside the target and are renamed into place when complete, so a
-reader never sees half an artifact; artifacts live at content addresses, so two writers of
-one target write the same content and the last rename wins. A stage that changes nothing (a method
+reader never sees half an artifact. Artifacts live at content addresses, so two writers of one
+target write the same content: the first rename wins and a later writer discards its own
+folder (a complete artifact is never replaced under a reader); only an incomplete folder, or
+one of another key (DVC's fixed folders), is replaced. A stage that changes nothing (a method
 without a decomposition) writes a manifest with ``passthrough`` naming its input instead of
 copying data.
+
+Several processes share one store, coordinated by flock(2) locks on files beside what they
+guard (the kernel releases the locks of a process that dies): ``exclusive`` for one writer at a
+time (``.NAME.writer``, removed by its holder), ``lease`` for every run that uses an artifact
+(``.NAME.lease``, shared); ``remove_unleased`` deletes an artifact only while no run holds a
+lease on it (sweep pruning, ``mergeflow gc``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
 import shutil
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +36,10 @@ from safetensors import safe_open
 
 from merging.digests import folder_digest
 from merging.errors import ArtifactError
-from merging.io.writer import INDEX, ShardedWriter, commit_dir, make_temp_dir
+from merging.io.writer import INDEX, ShardedWriter, commit_dir, make_temp_dir, temp_sibling
 
-__all__ = ["ArtifactWriter", "ArtifactReader", "read_manifest", "artifact_digest", "is_current", "relative_link", "linked_folders", "write_manifest", "MANIFEST"]
+__all__ = ["ArtifactWriter", "ArtifactReader", "read_manifest", "artifact_digest", "is_current", "relative_link", "linked_folders",
+           "write_manifest", "MANIFEST", "acquire_lock", "release_lock", "exclusive", "lease", "is_leased", "remove_unleased"]
 
 MANIFEST = "manifest.json"
 SEP = "::"
@@ -63,8 +77,9 @@ class ArtifactWriter:
         self._shards.add_group({f"{group}{SEP}{name}": tensor for name, tensor in factors.items()})
 
     def commit(self, extra_files: list[str] | None = None, extra: dict[str, Any] | None = None) -> Path:
-        """Write the last shard and the manifest, then move the folder into place (a complete
-        artifact already there is replaced: keys are content addresses, so it is the same)."""
+        """Write the last shard and the manifest, then move the folder into place. A complete
+        artifact of the same key already there is kept and this one discarded (keys are
+        content addresses: it is the same, and a reader may be using it)."""
         try:
             files = list(extra_files or [])
             if self._groups:
@@ -75,7 +90,7 @@ class ArtifactWriter:
             manifest = {**self.manifest, "files": sorted(files), "groups": self._groups,
                         "output_digest": folder_digest(self.folder, files), **(extra or {})}
             write_manifest(self.folder, manifest)
-            commit_dir(self.folder, self.target, overwrite=True)
+            _install(self.folder, self.target, manifest.get("cache_key"))
         except BaseException:
             self.abort()
             raise
@@ -83,6 +98,30 @@ class ArtifactWriter:
 
     def abort(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _install(folder: Path, target: Path, key: str | None) -> None:
+    """Move the complete artifact ``folder`` to ``target`` unless ``target`` already holds a
+    complete artifact of ``key`` (then ``folder`` is removed). rename(2) of a folder never
+    replaces a non-empty one, so of concurrent writers exactly one rename succeeds; a target
+    that is not current is replaced (moved aside, then removed)."""
+    for _ in range(3):
+        try:
+            os.rename(folder, target)
+            return
+        except OSError as err:
+            if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+        if key is not None and is_current(target, key):
+            shutil.rmtree(folder, ignore_errors=True)
+            return
+        try:
+            commit_dir(folder, target, overwrite=True)
+            return
+        except OSError as err:  # another writer renamed its folder in between: look at it again
+            if not isinstance(err, FileExistsError) and err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+    raise ArtifactError(f"artifact {target}: other writers keep replacing it; rerun the stage")
 
 
 def is_current(folder: str | Path, key: str) -> bool:
@@ -168,3 +207,115 @@ class ArtifactReader:
         handle = self._handles[path]
         start = len(group) + len(SEP)
         return {key[start:]: handle.get_tensor(key) for key in self._keys.get(group, [])}
+
+
+# --- locks ------------------------------------------------------------------------------------
+
+def acquire_lock(path: Path, *, shared: bool = False, timeout: float | None = None) -> int | None:
+    """An open descriptor of ``path`` (created if missing) holding an flock(2) lock, exclusive
+    or ``shared``; waits up to ``timeout`` seconds (None: as long as it takes, 0: not at all)
+    and returns None when the lock stayed taken. The holder of an exclusive lock may remove the
+    file (``release_lock``): a waiter that then gets the lock of the removed file tries again
+    on the path's new file, so two holders never hold locks on different files of one path."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if deadline is None:
+                fcntl.flock(fd, mode)
+            else:
+                while not _try_flock(fd, mode):
+                    if time.monotonic() >= deadline:
+                        os.close(fd)
+                        return None
+                    time.sleep(0.05)
+            held, now = os.fstat(fd), os.stat(path)
+            if (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino):
+                return fd
+        except FileNotFoundError:  # removed by its last holder while we waited: take the new one
+            pass
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+
+
+def _try_flock(fd: int, mode: int) -> bool:
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def release_lock(fd: int, path: Path | None = None) -> None:
+    """Release a lock from ``acquire_lock``; with ``path`` (exclusive holders only) remove its
+    file first, so lock files do not pile up."""
+    try:
+        if path is not None:
+            path.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
+
+
+def _sibling(target: Path, kind: str) -> Path:
+    target = Path(target).absolute()
+    return target.parent / f".{target.name}.{kind}"
+
+
+@contextlib.contextmanager
+def exclusive(target: str | Path) -> Iterator[None]:
+    """Held by the one process at a time that writes ``target`` (a file or folder; the lock
+    is ``.NAME.writer`` beside it, whose parent is created)."""
+    path = _sibling(Path(target), "writer")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = acquire_lock(path)
+    try:
+        yield
+    finally:
+        release_lock(fd, path)
+
+
+@contextlib.contextmanager
+def lease(folder: str | Path) -> Iterator[None]:
+    """Held by a run for as long as it uses the artifact ``folder`` (present or still to be
+    made): ``remove_unleased`` leaves it alone meanwhile. Waits only while a remover is
+    deleting the folder (a run then finds it missing and recomputes it)."""
+    path = _sibling(Path(folder), "lease")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = acquire_lock(path, shared=True)
+    try:
+        yield
+    finally:
+        release_lock(fd)
+
+
+def is_leased(folder: str | Path) -> bool:
+    """Whether a run holds a lease on ``folder`` now."""
+    path = _sibling(Path(folder), "lease")
+    if not path.exists():
+        return False
+    fd = acquire_lock(path, timeout=0)
+    if fd is None:
+        return True
+    release_lock(fd)
+    return False
+
+
+def remove_unleased(folder: str | Path) -> bool:
+    """Delete the artifact ``folder`` (and its lease file) unless a run holds a lease on it;
+    returns whether it was deleted. Runs asking for a lease meanwhile wait for the removal."""
+    path = _sibling(Path(folder), "lease")
+    fd = acquire_lock(path, timeout=0)
+    if fd is None:
+        return False
+    try:
+        if Path(folder).is_dir():
+            aside = temp_sibling(Path(folder).absolute(), "old")  # one rename: never half a folder at its name
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(folder, aside)
+                shutil.rmtree(aside, ignore_errors=True)
+    finally:
+        release_lock(fd, path)
+    return True
