@@ -106,3 +106,17 @@ def test_config_is_frozen():
     config = parse_merge_config({"merge_method": "ties", "models": ["a"]})
     with pytest.raises(ValidationError):
         config.seed = 3
+
+
+def test_yaml_limits_allow_ordinary_anchors_and_refuse_bombs():
+    from merging.config import MAX_YAML_NODES, parse_yaml
+
+    ordinary = "defaults: &d {weight: 1.0, density: 0.5}\nmodels:\n  - {model: a, parameters: *d}\n  - {model: b, parameters: *d}\n"
+    assert parse_yaml(ordinary)["models"][1]["parameters"] == {"weight": 1.0, "density": 0.5}
+    # 10 aliases of a 1,000-item list: 10,000 items once expanded -> just over the limit
+    items = ", ".join(["1"] * 1000)
+    bomb = f"a: &a [{items}]\nb: [" + ", ".join(["*a"] * 10) + "]\n"
+    with pytest.raises(MergeConfigError, match=f"more than {MAX_YAML_NODES} nodes"):
+        parse_yaml(bomb)
+    with pytest.raises(MergeConfigError, match="recursive"):
+        parse_yaml("a: &a [1, *a]\n")
