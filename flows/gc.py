@@ -3,25 +3,26 @@
 Keys change whenever params, inputs or code change, so old artifacts are never reused and
 never overwritten: they pile up. ``gc`` keeps what the current params use (the artifacts a
 run would reuse, found by walking the stage table with the same keys) and what the last N
-runs recorded in ``<store>/runs.jsonl`` used, with the partial artifacts, passthrough
-targets and cached per-model scores those reference; everything else goes.
+runs recorded in ``<store>/runs.jsonl`` used and what running flows hold a lease on, with the
+partial artifacts, passthrough targets and cached per-model scores those reference; everything
+else goes (an artifact a run leases in the meantime stays: ``remove_unleased``).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from evaluation.harness import cache_file_name
 from flows.merge_and_eval import RUNS_LOG, artifact_dir, store_of, walk
+from flows.sweep import POINTS
 from merging import pipeline
-from merging.io.artifacts import is_current, linked_folders
+from merging.io.artifacts import is_current, is_leased, linked_folders, remove_unleased
 from merging.pipeline_params import PipelineParams
 
 __all__ = ["collect_garbage"]
 
-_KEPT_FOLDERS = ("gguf", "eval-cache")
+_KEPT_FOLDERS = ("gguf", "eval-cache", POINTS)
 
 
 def _current(params: PipelineParams, store: Path) -> set[Path]:
@@ -50,12 +51,14 @@ def _scores_of(folder: Path) -> set[str]:
 
 
 def collect_garbage(params: PipelineParams, keep_runs: int = 5, dry_run: bool = False) -> list[Path]:
-    """Remove (or with ``dry_run`` only list) the store's artifacts nothing keeps."""
+    """Remove (or with ``dry_run`` only list) the store's artifacts nothing keeps; returns
+    what was removed (or would be)."""
     store = store_of(params)
     if not store.is_dir():
         return []
     keep: set[Path] = set()
-    for folder in _current(params, store) | _recent(store, keep_runs):
+    in_use = {p for p in store.iterdir() if p.is_dir() and not p.name.startswith(".") and is_leased(p)}
+    for folder in _current(params, store) | _recent(store, keep_runs) | in_use:
         keep |= linked_folders(folder)
     scores = set().union(*(_scores_of(p) for p in keep))
     doomed = [p for p in sorted(store.iterdir())
@@ -63,10 +66,14 @@ def collect_garbage(params: PipelineParams, keep_runs: int = 5, dry_run: bool = 
     cache = store / "eval-cache"
     if cache.is_dir():
         doomed += [p for p in sorted(cache.glob("*.json")) if p.name not in scores]
-    if not dry_run:
-        for path in doomed:
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
-    return doomed
+    if dry_run:
+        return doomed
+    removed = []
+    for path in doomed:
+        if path.is_dir():
+            if not remove_unleased(path):
+                continue
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed

@@ -6,7 +6,8 @@ params.yaml; the params' own seed keeps ``zoo.out``, another seed S goes to
 folder, an artifact store per seed) and the sweep flow runs the grid (select on validation,
 report on test); a seed's rows are kept in ``sweep-s<seed>-<key>.json``, keyed by the sweep
 file, the derived params and the zoo's ``zoo.json``, so seeds can run in separate processes
-and a rerun only aggregates. The rows of all seeds are then aggregated per method: mean and range over
+and a rerun only aggregates; a leaderboard killed mid-seed reruns only that seed's unfinished
+points (the sweep records each finished point). The rows of all seeds are then aggregated per method: mean and range over
 seeds of test normalized accuracy, gain recovery, 4-task mean and the margin of the 4-task
 mean over the best single specialist's. Writes ``<artifacts>/leaderboard/leaderboard.{json,md}``.
 """
@@ -22,6 +23,7 @@ import yaml
 
 from merging.digests import content_key
 from merging.errors import MergeConfigError
+from merging.io.writer import atomic_write_text
 from merging.pipeline import pipeline_fingerprint
 
 COLUMNS = (("normalized_accuracy", "norm. acc"), ("gain_recovery", "gain rec."), ("test_mean", "4-task mean"),
@@ -115,7 +117,7 @@ def run(params_file: str, sweep_file: str, seeds: list[int], refresh: bool = Fal
             per_seed[seed] = json.loads(done.read_text())
             continue
         per_seed[seed] = sweep.with_options(flow_run_name=f"sweep-seed-{seed}")(sweep_file, str(path), refresh)
-        done.write_text(json.dumps(per_seed[seed], indent=2) + "\n")
+        atomic_write_text(done, json.dumps(per_seed[seed], indent=2) + "\n")  # killed while writing: no half file
     rows = aggregate(per_seed)
     (folder / "leaderboard.json").write_text(json.dumps({"seeds": seeds, "rows": rows, "per_seed": per_seed}, indent=2) + "\n")
     (folder / "leaderboard.md").write_text(format_markdown(rows, seeds) + "\n")

@@ -15,22 +15,33 @@ Sweep file (YAML)::
     select: normalized_accuracy        # or mean, gain_recovery
     prune: true                        # delete each point's sparsify/combine/save artifacts once
                                        # no later point uses them (the winners are rebuilt for test)
+
+Every point is validated before the first one runs. Pruning deletes only what this sweep
+created and no other run holds a lease on (``merging.io.artifacts.remove_unleased``), so
+concurrent runs and sweeps on the store keep their artifacts. Each finished point's metrics
+are recorded in ``<store>/sweep-points`` under the key of its full recipe, so a sweep (or a
+leaderboard) killed and restarted runs only the points it had not finished.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import yaml
 from prefect import flow, get_run_logger
 
-from flows.merge_and_eval import merge_and_eval
-from merging.errors import MergeConfigError
-from merging.pipeline_params import REPLACE, load_params
+from evaluation.harness import include_digest
+from flows.merge_and_eval import merge_and_eval, store_of
+from merging.digests import content_key
+from merging.errors import ArtifactError, MergeConfigError
+from merging.fetch import local_state
+from merging.io.artifacts import read_manifest, remove_unleased
+from merging.io.writer import atomic_write_text
+from merging.pipeline import pipeline_fingerprint
+from merging.pipeline_params import REPLACE, PipelineParams, load_params, require_evaluation
 
 SECTIONS = ("decompose", "sparsify", "combine")
 
@@ -78,7 +89,7 @@ def sweep(sweep_file: str = "sweep.yaml", params_file: str = "params.yaml", refr
     logger = get_run_logger()
     spec = yaml.safe_load(Path(sweep_file).read_text())
     select = spec.get("select", "normalized_accuracy")
-    params = load_params(params_file)
+    params = require_evaluation(load_params(params_file), params_file)
     validation = list(params.eval.validation_tasks)
     points = expand_grid(spec["grid"])
     logger.info("sweeping %d grid points (%s on %s)", len(points), select, "validation" if validation else "test")
@@ -87,19 +98,25 @@ def sweep(sweep_file: str = "sweep.yaml", params_file: str = "params.yaml", refr
     twin = dict(zip(params.eval.tasks, validation))
     validation_overrides = {"eval.tasks": validation, "eval.validation_tasks": [], "models.inputs": [
         m.model_dump(mode="json") | ({"task": twin[m.task]} if m.task in twin else {}) for m in params.models.inputs]}
-    prune = bool(spec.get("prune", False))
-    scored = []
-    held: set[str] = set()
-    for override in points:
+    runs = []
+    for override in points:  # every point validated before the first one runs
         params_override = {k: v for k, v in override.items() if k != "name"}
         on_validation = {**params_override, **validation_overrides} if validation else params_override
-        metrics = merge_and_eval.with_options(flow_run_name=label(override))(params_file, on_validation, refresh)
+        require_evaluation(load_params(params_file, on_validation), f"{params_file} ({label(override)})")
+        runs.append((override, on_validation))
+    prune = bool(spec.get("prune", False))
+    store = store_of(params)
+    existing = {p.name for p in store.iterdir()} if store.is_dir() else set()  # never pruned: not this sweep's
+    scored = []
+    held: set[str] = set()
+    for override, on_validation in runs:
+        metrics, computed = run_point(params_file, on_validation, label(override), refresh)
         scored.append((override, metrics))
-        if prune:  # points are in grid order (lambda innermost): neighbours share their sparsify artifact
+        if prune and computed:  # points are in grid order (lambda innermost): neighbours share their sparsify artifact
             used = {d for stage, d in metrics.get("artifacts", {}).items() if stage in PRUNED}
-            _remove(held - used)
+            _prune(held - used, existing)
             held = used
-    _remove(held)
+    _prune(held, existing)
     best: dict[str, tuple[dict, dict]] = {}
     for override, metrics in scored:
         method = override["name"]
@@ -109,7 +126,7 @@ def sweep(sweep_file: str = "sweep.yaml", params_file: str = "params.yaml", refr
     rows = []
     for method, (override, val_metrics) in best.items():
         params_override = {k: v for k, v in override.items() if k != "name"}
-        test_metrics = merge_and_eval(params_file, params_override, refresh) if validation else val_metrics
+        test_metrics = run_point(params_file, params_override, f"{label(override)} (test)", refresh)[0] if validation else val_metrics
         rows.append({"method": method, "setting": label(override), "validation": _score(val_metrics, select),
                      "test_mean": test_metrics["mean"]["merged"],
                      "normalized_accuracy": test_metrics["normalized_accuracy"]["mean"],
@@ -122,13 +139,50 @@ def sweep(sweep_file: str = "sweep.yaml", params_file: str = "params.yaml", refr
 
 
 PRUNED = ("sparsify", "combine", "save")
+POINTS = "sweep-points"  # <store>/sweep-points/<recipe key>.json: the metrics of finished points
 
 
-def _remove(folders: set[str]) -> None:
-    """Delete point artifacts; a later run that needs one recomputes it (a missing artifact is
-    never trusted from the cache)."""
-    for folder in folders:
-        shutil.rmtree(folder, ignore_errors=True)
+def run_point(params_file: str, overrides: dict[str, Any], name: str, refresh: bool = False) -> tuple[dict, bool]:
+    """The metrics of one grid point and whether they were computed now: a merge-and-eval
+    subflow, unless a run of the same full recipe finished before (a sweep or leaderboard
+    killed and restarted skips its finished points, whose artifacts pruning deleted)."""
+    record = point_record(load_params(params_file, overrides))
+    if record is not None and record.is_file() and not refresh:
+        return json.loads(record.read_text()), False
+    metrics = merge_and_eval.with_options(flow_run_name=name)(params_file, overrides, refresh)
+    if record is not None:
+        atomic_write_text(record, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    return metrics, True
+
+
+def point_record(params: PipelineParams) -> Path | None:
+    """Where the metrics of a run of ``params`` are recorded: keyed by the full params, the
+    state of the local model files, the eval task files and the code (None when a model may
+    change unseen: an unpinned hub source)."""
+    models = local_state(params)
+    if models is None:
+        return None
+    key = content_key({"params": params.model_dump(mode="json"), "models": models, "code": pipeline_fingerprint(),
+                       "evals": include_digest(params.eval.include_path)})
+    return store_of(params) / POINTS / f"{key[:24]}.json"
+
+
+def _prune(folders: set[str], existing: set[str]) -> None:
+    """Delete point artifacts (and the partial artifacts an index lists) that this sweep
+    created, unless another run holds a lease on them (``remove_unleased``): a concurrent run
+    or sweep keeps what it uses, and what was in the store before the sweep is someone else's.
+    A later run that needs a pruned artifact recomputes it (a missing artifact is never
+    trusted from the cache)."""
+    for folder in map(Path, folders):
+        if folder.name in existing or not folder.is_dir():
+            continue
+        try:
+            parts = [(folder / link).resolve() for link in read_manifest(folder).get("parts", [])]
+        except ArtifactError:  # incomplete: nothing it lists
+            parts = []
+        for path in (folder, *parts):
+            if path.name not in existing:
+                remove_unleased(path)
 
 
 def _best_specialist_mean(metrics: dict, inputs: list[str]) -> float | None:

@@ -105,3 +105,15 @@ def test_leased_artifacts_are_not_removed(tmp_path):
     assert not is_leased(folder)
     assert remove_unleased(folder) and not folder.exists()
     assert not list(folder.parent.iterdir())  # the lease file went with it
+
+
+def test_gc_leaves_what_a_running_flow_leases(tiny_models, tmp_path):
+    from flows.gc import collect_garbage
+
+    params = load_params(write_params(tmp_path / "params.yaml", tiny_models, tmp_path / "art"))
+    orphan = tmp_path / "art" / "store" / "combine-0123"  # in no run's record, not what the params make
+    orphan.mkdir(parents=True)
+    with lease(orphan):
+        assert collect_garbage(params, keep_runs=0, dry_run=True) == []
+        assert collect_garbage(params, keep_runs=0) == [] and orphan.is_dir()
+    assert collect_garbage(params, keep_runs=0) == [orphan] and not orphan.exists()

@@ -42,3 +42,73 @@ def test_sweep_selects_on_validation_and_reuses_upstream(prefect_harness, tiny_m
     # pruned: of the three points' models only the two winners' (rebuilt for the test split) remain
     assert len(list((tmp_path / "art" / "store").glob("save-*"))) == 2
     assert json.loads((tmp_path / "art" / "leaderboard.json").read_text()) == rows
+
+
+def _lean_params(tmp_path, tiny_models, **eval_section):
+    """Task arithmetic over the tiny models, the merged model alone evaluated on one task."""
+    params = write_params(tmp_path / "params.yaml", tiny_models, tmp_path / "art", method="task_arithmetic",
+                          combine={"lambda": 1.0})
+    raw = yaml.safe_load(params.read_text())
+    raw["eval"].update({"tasks": ["demo_arith"], "limit": 2, "evaluate_inputs": False, **eval_section})
+    params.write_text(yaml.safe_dump(raw))
+    return params
+
+
+def _grid(tmp_path, grid, **options):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"grid": grid, "select": "mean", **options}))
+    return path
+
+
+def test_nothing_runs_when_the_params_or_a_grid_point_are_invalid(prefect_harness, tiny_models, tmp_path):
+    import pytest
+
+    from flows.merge_and_eval import merge_and_eval
+    from flows.sweep import sweep
+    from merging.errors import MergeConfigError
+
+    params = _lean_params(tmp_path, tiny_models)
+    bad_point = _grid(tmp_path, [{"method": "task_arithmetic", "combine": {"lambda": [0.5]}},
+                                 {"method": "ties", "sparsify": {"densty": [0.2]}}])
+    with pytest.raises(MergeConfigError, match=r"merge\.sparsify\.densty: not a parameter of 'ties'"):
+        sweep(str(bad_point), str(params))
+    with pytest.raises(MergeConfigError, match=r"eval\.tasks is empty"):
+        merge_and_eval(str(params), {"eval!": {"limit": 2}})  # replaced whole: no task left
+    no_tasks = _lean_params(tmp_path, tiny_models, tasks=[])
+    with pytest.raises(MergeConfigError, match=r"eval\.tasks is empty"):
+        sweep(str(_grid(tmp_path, [{"method": "task_arithmetic", "combine": {"lambda": [0.5]}}])), str(no_tasks))
+    assert not (tmp_path / "art").exists()  # refused before the first stage
+
+
+def test_pruning_spares_artifacts_the_sweep_did_not_create_or_another_run_leases(prefect_harness, tiny_models, tmp_path,
+                                                                              monkeypatch):
+    """Issue 15: pruning deleted every point's sparsify/combine/save folders, also while another
+    run used them. Now it deletes only what the sweep created and nobody leases."""
+    import contextlib
+    from pathlib import Path
+
+    from flows import merge_and_eval as flow_module
+    from flows.sweep import sweep
+    from merging.io.artifacts import lease, remove_unleased
+
+    params = _lean_params(tmp_path, tiny_models)
+    users = flow_module.merge_and_eval(str(params), {"merge.combine.lambda": 0.5})["artifacts"]  # before the sweep
+    original, others, leased = flow_module.run_pipeline, contextlib.ExitStack(), {}
+
+    def run_pipeline(params, refresh=False, leases=None):
+        produced = original(params, refresh, leases)
+        if params.merge.combine["lambda"] == 1.0:  # another run starts using this point's model
+            others.enter_context(lease(produced["save"]))  # flock: another descriptor is another holder
+            leased.update(produced)
+        return produced
+
+    monkeypatch.setattr(flow_module, "run_pipeline", run_pipeline)
+    store = tmp_path / "art" / "store"
+    with others:
+        sweep(str(_grid(tmp_path, [{"method": "task_arithmetic", "combine": {"lambda": [0.5, 1.0, 1.5]}}], prune=True)),
+              str(params))
+        assert {p.name for p in store.glob("save-*")} == {Path(users["save"]).name, Path(leased["save"]).name}
+        assert {p.name for p in store.glob("combine-*")} == {Path(users["combine"]).name}  # 1.0's was not leased
+        assert Path(users["sparsify"]).is_dir()  # shared by every point, made by the user's run
+        assert not remove_unleased(leased["save"])
+    assert remove_unleased(leased["save"]) and not Path(leased["save"]).exists()  # the other run is done with it
