@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from merging.errors import MergeConfigError
 
-__all__ = ["ModelEntry", "MergeConfig", "load_merge_config", "parse_merge_config", "read_yaml", "parse_yaml", "DEFAULT_EXCLUDE"]
+__all__ = ["ModelEntry", "MergeConfig", "load_merge_config", "parse_merge_config", "read_yaml", "parse_yaml", "check_plain", "DEFAULT_EXCLUDE"]
 
 # 2-D tensors that are not merged as matrices by default (embeddings and LM heads).
 DEFAULT_EXCLUDE = (
@@ -115,11 +115,18 @@ def _copied(raw: dict, keys: tuple[str, ...]) -> dict[str, Any]:
     return {key: raw[key] for key in keys if key in raw}
 
 
+def _mapping(raw: dict, key: str, kind: str) -> dict[str, Any]:
+    value = raw.get(key) or {}
+    if not isinstance(value, dict):
+        raise MergeConfigError(f"'{key}' of a {kind} config must be a mapping, got {type(value).__name__}")
+    return dict(value)
+
+
 def _from_drm(raw: dict) -> dict:
     unknown = set(raw) - {"models", "base_model", "save_path", "merging_config", *_DRM_KEYS}
     if unknown:
         raise MergeConfigError(f"unknown top-level key(s) {sorted(unknown)} in a DRM config")
-    cfg = dict(raw.get("merging_config") or {})
+    cfg = _mapping(raw, "merging_config", "DRM")
     mapped = {"merge_method": "drm", "base_model": raw.get("base_model"), "models": raw.get("models"),
               "out": raw.get("save_path"), **_moved(cfg, _DRM_RENAMES), **_copied(raw, _DRM_KEYS)}
     cfg.update(_moved(cfg, {"dtype": "svd_dtype"}))
@@ -127,7 +134,7 @@ def _from_drm(raw: dict) -> dict:
 
 
 def _from_circuit(raw: dict) -> dict:
-    params = dict(raw.get("parameters") or {})
+    params = _mapping(raw, "parameters", "Circuit-Merge")
     method = params.pop("merge_method", "circuit_merge")
     if method != "circuit_merge":
         raise MergeConfigError(
@@ -157,10 +164,28 @@ def _from_mergekit(raw: dict) -> dict:
     return mapped
 
 
+def check_plain(value: Any, where: str) -> None:
+    """Configs hold strings, numbers, booleans, null, lists and string-keyed mappings only
+    (YAML's ``!!binary``, timestamps, sets and non-string keys are refused by key path)."""
+    stack = [(value, where)]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, dict):
+            for key, child in item.items():
+                if not isinstance(key, str):
+                    raise MergeConfigError(f"{path}: key {key!r} must be a string")
+                stack.append((child, f"{path}.{key}"))
+        elif isinstance(item, list):
+            stack.extend((child, f"{path}[{i}]") for i, child in enumerate(item))
+        elif item is not None and not isinstance(item, (str, int, float, bool)):
+            raise MergeConfigError(f"{path}: a {type(item).__name__} value is not allowed here; use a string or a number")
+
+
 def parse_merge_config(raw: Any, source: str = "<config>") -> MergeConfig:
     """Validate a parsed YAML mapping in any of the three formats."""
     if not isinstance(raw, dict):
         raise MergeConfigError(f"{source}: the config must be a YAML mapping, got {type(raw).__name__}")
+    check_plain(raw, source)
     if "merging_config" in raw or "save_path" in raw:
         mapped = _from_drm(raw)
     elif "variant_models" in raw or "output_dir" in raw:
@@ -215,8 +240,9 @@ def read_yaml(path: str | Path) -> Any:
 
 def parse_yaml(text: str) -> Any:
     """Safe-load one YAML document with the alias-expansion and nesting limits."""
-    loader = yaml.SafeLoader(text)
+    loader = None
     try:
+        loader = yaml.SafeLoader(text)
         node = loader.get_single_node()
         if node is None:
             return None
@@ -224,10 +250,13 @@ def parse_yaml(text: str) -> Any:
         return loader.construct_document(node)
     except yaml.YAMLError as err:
         raise MergeConfigError(f"malformed YAML: {' '.join(str(err).split())}") from None
+    except (ValueError, IndexError, KeyError, TypeError, OverflowError) as err:  # PyYAML on some malformed escapes, tags, numbers
+        raise MergeConfigError(f"malformed YAML ({type(err).__name__}: {err})") from None
     except RecursionError:
         raise MergeConfigError("YAML nested too deeply") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def _check_expanded_size(root: yaml.Node) -> None:
