@@ -175,7 +175,7 @@ def check_plain(value: Any, where: str) -> None:
                 if not isinstance(key, str):
                     raise MergeConfigError(f"{path}: key {key!r} must be a string")
                 stack.append((child, f"{path}.{key}"))
-        elif isinstance(item, list):
+        elif isinstance(item, (list, tuple)):
             stack.extend((child, f"{path}[{i}]") for i, child in enumerate(item))
         elif item is not None and not isinstance(item, (str, int, float, bool)):
             raise MergeConfigError(f"{path}: a {type(item).__name__} value is not allowed here; use a string or a number")
