@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from merging.config import read_yaml
 from merging.digests import content_key
 from merging.errors import MergeConfigError
 from merging.io.writer import atomic_write_text
@@ -98,7 +99,7 @@ def run(params_file: str, sweep_file: str, seeds: list[int], refresh: bool = Fal
 
     if not seeds:
         raise MergeConfigError("--seeds: give at least one zoo seed")
-    raw = yaml.safe_load(Path(params_file).read_text())
+    raw = read_yaml(params_file)
     folder = Path(parse_params(raw, params_file).pipeline.artifacts) / "leaderboard"
     folder.mkdir(parents=True, exist_ok=True)
     per_seed: dict[int, list[dict]] = {}

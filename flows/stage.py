@@ -12,7 +12,7 @@ from pathlib import Path
 from flows.progress import progress_bar
 from merging import pipeline
 from merging.errors import exit_on_error
-from merging.pipeline_params import load_params
+from merging.pipeline_params import load_params, require_evaluation
 
 __all__ = ["run_named_stage", "main"]
 
@@ -20,6 +20,8 @@ __all__ = ["run_named_stage", "main"]
 def run_named_stage(name: str, params_file: str = "params.yaml", root: str = "artifacts", quiet: bool = True) -> Path:
     """Run stage ``name`` reading and writing ``<root>/<stage>`` folders."""
     params = load_params(params_file)
+    if name == pipeline.STAGES[0].name:  # dvc repro always ends in evaluate: refuse params without tasks up front
+        require_evaluation(params, params_file)
     stage, artifacts = pipeline.get_stage(name), Path(root)
     fused = not params.pipeline.materialize
     inputs = {n: artifacts / n for n in pipeline.stage_inputs(stage, fused)}

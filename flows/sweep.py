@@ -30,11 +30,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
 from prefect import flow, get_run_logger
 
 from evaluation.harness import include_digest
 from flows.merge_and_eval import merge_and_eval, store_of
+from merging.config import read_yaml
 from merging.digests import content_key
 from merging.errors import ArtifactError, MergeConfigError
 from merging.fetch import local_state
@@ -87,7 +87,7 @@ def _score(metrics: dict, select: str) -> float:
 @flow(name="sweep")
 def sweep(sweep_file: str = "sweep.yaml", params_file: str = "params.yaml", refresh: bool = False) -> list[dict]:
     logger = get_run_logger()
-    spec = yaml.safe_load(Path(sweep_file).read_text())
+    spec = read_yaml(sweep_file)
     select = spec.get("select", "normalized_accuracy")
     params = require_evaluation(load_params(params_file), params_file)
     validation = list(params.eval.validation_tasks)
