@@ -36,7 +36,7 @@ from safetensors import safe_open
 
 from merging.digests import folder_digest
 from merging.errors import ArtifactError
-from merging.io.writer import INDEX, ShardedWriter, commit_dir, make_temp_dir, temp_sibling
+from merging.io.writer import INDEX, ShardedWriter, commit_dir, make_temp_dir, rename_noreplace, temp_sibling
 
 __all__ = ["ArtifactWriter", "ArtifactReader", "read_manifest", "artifact_digest", "is_current", "relative_link", "linked_folders",
            "write_manifest", "MANIFEST", "acquire_lock", "release_lock", "exclusive", "lease", "is_leased", "remove_unleased"]
@@ -102,12 +102,12 @@ class ArtifactWriter:
 
 def _install(folder: Path, target: Path, key: str | None) -> None:
     """Move the complete artifact ``folder`` to ``target`` unless ``target`` already holds a
-    complete artifact of ``key`` (then ``folder`` is removed). rename(2) of a folder never
-    replaces a non-empty one, so of concurrent writers exactly one rename succeeds; a target
+    complete artifact of ``key`` (then ``folder`` is removed). The rename never replaces
+    anything (``rename_noreplace``), so of concurrent writers exactly one succeeds; a target
     that is not current is replaced (moved aside, then removed)."""
     for _ in range(3):
         try:
-            os.rename(folder, target)
+            rename_noreplace(folder, target)
             return
         except OSError as err:
             if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
