@@ -837,3 +837,23 @@ def test_allow_nonfinite_writes_what_was_refused(template, tmp_path):
 
     merged = load_file(ws.out / "model.safetensors")
     assert not torch.isfinite(merged[Q_PROJ]).all()
+
+
+def test_immutable_target_with_overwrite_is_one_line_and_untouched(template, tmp_path):
+    """A target the file system will not let anyone move (``chattr +i``): the rename fails,
+    the error is one line, and the old target and its parent are as they were."""
+    ws = _fresh(template, tmp_path)
+    ws.out.mkdir(parents=True)
+    (ws.out / "old.txt").write_text("old\n")
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(ws.out)], capture_output=True).returncode:
+        pytest.skip("chattr +i is not available here (needs CAP_LINUX_IMMUTABLE)")
+    try:
+        config_path = ws.root / "config.yml"
+        config_path.write_text(yaml.safe_dump(ws.config))
+        result = runner.invoke(app, ["merge", str(config_path), str(ws.out), "--overwrite", "-q"])
+    finally:
+        subprocess.run(["chattr", "-i", str(ws.out)], check=True)
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and "cannot write" in lines[0], result.stderr
+    assert sorted(p.name for p in ws.out.iterdir()) == ["old.txt"]
+    assert sorted(p.name for p in ws.out.parent.iterdir()) == ["merged"]
