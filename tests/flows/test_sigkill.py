@@ -85,6 +85,8 @@ def _kill_times(seed: int, duration: float, count: int) -> list[float]:
 
 
 def _leftovers(parent: Path, name: str) -> list[str]:
+    """What writers of ``parent/name`` leave beside it: ``.NAME.tmp-*`` (a folder being
+    written), ``.NAME.old-*`` (a replaced target being removed), lock files."""
     return sorted(p.name for p in parent.iterdir() if p.name.startswith(f".{name}.")) if parent.is_dir() else []
 
 
@@ -124,7 +126,7 @@ def test_killed_merges_leave_no_partial_model_and_reruns_match_the_clean_digest(
         if target.exists():
             assert model_digest(target) == clean_digest, f"kill {index} at {delay:.2f}s left a different model"
         assert set(os.listdir(parent)) <= {"model", *left}
-        assert all(name.startswith(".model.tmp-") for name in left), left  # temporaries only, beside the target
+        assert all(name.startswith((".model.tmp-", ".model.old-")) for name in left), left  # temporaries only
 
         rerun = CliRunner().invoke(app, ["merge", str(config), str(target), "-q", *(["--overwrite"] if target.exists() else [])])
         assert rerun.exit_code == 0, f"rerun after kill {index} at {delay:.2f}s: {rerun.output}"
@@ -176,7 +178,7 @@ def test_killed_dvc_stages_leave_no_partial_artifact_and_reruns_match(family, tm
         _killed_run(_stage_cmd(name, params_file, root), _env(), delay, tmp_path / f"kill-{name}.log")
         assert _artifact_state(root / name) in (None, expected[name]), f"{name} killed at {delay:.2f}s"
         left = _leftovers(root, name)
-        assert all(n.startswith(f".{name}.tmp-") for n in left), left
+        assert all(n.startswith((f".{name}.tmp-", f".{name}.old-")) for n in left), left
 
         run_named_stage(name, str(params_file), str(root))  # what the rerun's process runs
         assert _artifact_state(root / name) == expected[name]
