@@ -124,9 +124,14 @@ def _overrides(values: list[str] | None) -> dict:
 
 
 def _pipeline_env() -> None:
+    """Settings of the temporary Prefect server a run starts when no API URL is set: a
+    generous start-up timeout, and no telemetry heartbeat from it (it would look up
+    sens-o-matic.prefect.io even offline). Either can be set otherwise in the environment;
+    a server of the user's own is not affected."""
     import os
 
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 @app.command()
