@@ -23,14 +23,16 @@ Space", arXiv 2509.17786 (code ``apanariello4/core-space-merging``). Follows
 Exactness (lora-core.md §6): task arithmetic equals full-space task arithmetic to rounding;
 TSV-M and Iso-C equal full-space runs restricted to span(U_ref) x span(V_ref); TIES and DARE act
 per entry in this basis and differ from full space by construction. The basis is gauge
-dependent (B G, G^-1 A changes U_ref, V_ref but not D_t), so TIES / DARE / TSV-M depend on the
-factors' gauge; task arithmetic and Iso-C do not.
+dependent (B G, G^-1 A rotates U_ref, V_ref within the same spans but leaves D_t unchanged), so
+TIES and DARE depend on the factors' gauge; task arithmetic, TSV-M and Iso-C, being
+orthogonally covariant, do not (for full-rank B_cat and A_cat; see null directions below).
 
 Null directions. When B_cat (or A_cat) is rank-deficient (tasks sharing a direction, an all-zero
 adapter), U_ref's last columns are an arbitrary completion; cores are zero there, so task
-arithmetic, TIES and DARE are unaffected, but Iso-C lifts those directions to the mean singular
-value. ``basis_rtol`` drops basis columns with singular value <= basis_rtol * max (off by
-default, as the reference); then Iso-C flattens the spectrum over the adapters' span only.
+arithmetic, TIES, DARE and TSV-M do not depend on that completion (the TIES budget p q still
+counts its entries), but Iso-C lifts those directions to the mean singular value.
+``basis_rtol`` drops basis columns with singular value <= basis_rtol * max (off by default, as
+the reference); then Iso-C flattens the spectrum over the adapters' span only.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from typing import NamedTuple
 
 import torch
 
+from merging.kernels.factor_svd import Scalings, as_lora_factors
 from merging.kernels.fuse import fuse_deltas
 from merging.kernels.rescale import Rescale, apply_rescale
 from merging.kernels.sign import TieRule
@@ -116,7 +119,7 @@ def reference_bases(
 def project_to_core(
     lora_b: Sequence[torch.Tensor],
     lora_a: Sequence[torch.Tensor],
-    scalings: Sequence[float] | torch.Tensor,
+    scalings: Scalings,
     *,
     basis_rtol: float | None = None,
     dtype: torch.dtype = torch.float64,
@@ -131,19 +134,9 @@ def project_to_core(
     Raises:
         ValueError: the factor lists or shapes do not line up.
     """
-    scales = torch.as_tensor(scalings, dtype=dtype).reshape(-1)
-    if not len(lora_b) == len(lora_a) == scales.numel() or len(lora_b) == 0:
-        raise ValueError(
-            f"need one B, one A and one scaling per task, got {len(lora_b)}, {len(lora_a)}, {scales.numel()}"
-        )
-    for t, (b, a) in enumerate(zip(lora_b, lora_a)):
-        if b.shape[0] != lora_b[0].shape[0] or a.shape[1] != lora_a[0].shape[1] or b.shape[1] != a.shape[0]:
-            raise ValueError(
-                f"task {t}: B {tuple(b.shape)} and A {tuple(a.shape)} do not form a LoRA product of "
-                f"task 0's shape ({lora_b[0].shape[0]}, {lora_a[0].shape[1]})"
-            )
-    u_ref, v_ref = reference_bases(lora_b, lora_a, basis_rtol=basis_rtol, dtype=dtype)
-    cores = [s * (u_ref.T @ b.to(dtype)) @ (a.to(dtype) @ v_ref) for s, b, a in zip(scales, lora_b, lora_a)]
+    bs, as_, scales = as_lora_factors(lora_b, lora_a, scalings, dtype)
+    u_ref, v_ref = reference_bases(bs, as_, basis_rtol=basis_rtol, dtype=dtype)
+    cores = [s * (u_ref.T @ b) @ (a @ v_ref) for s, b, a in zip(scales, bs, as_)]
     return CoreSpace(u_ref, v_ref, torch.stack(cores))  # (T, p, q)
 
 

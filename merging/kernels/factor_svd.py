@@ -49,7 +49,9 @@ from merging.kernels.svd import relative_rank, thin_svd
 __all__ = [
     "HStackSVD",
     "ThinSVD",
+    "Scalings",
     "VStackSVD",
+    "as_lora_factors",
     "drm_factors",
     "hstack_svd",
     "renormalize_blocks",
@@ -87,10 +89,15 @@ class VStackSVD(NamedTuple):
     vh: torch.Tensor
 
 
-def _checked(
+def as_lora_factors(
     lora_b: Sequence[torch.Tensor], lora_a: Sequence[torch.Tensor], scalings: Scalings, dtype: torch.dtype
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-    """Factors in ``dtype`` and scalings as a (T,) tensor; ValueError naming the task on a mismatch."""
+    """Factors in ``dtype`` and scalings as a (T,) tensor.
+
+    Raises:
+        ValueError: no task, counts differ, or a pair is not an (n, r_t) x (r_t, m) product of
+            task 0's (n, m) with r_t >= 1; the message names the task and the shapes.
+    """
     scales = torch.as_tensor(scalings, dtype=dtype).reshape(-1)
     if not len(lora_b) == len(lora_a) == scales.numel() or len(lora_b) == 0:
         raise ValueError(
@@ -121,7 +128,10 @@ def task_norms(
     dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
     """``||s_t B_t A_t||_F`` per task, shape (T,), from the (r_t, r_t) Gram matrices only."""
-    bs, as_, scales = _checked(lora_b, lora_a, scalings, dtype)
+    return _task_norms(*as_lora_factors(lora_b, lora_a, scalings, dtype))
+
+
+def _task_norms(bs: list[torch.Tensor], as_: list[torch.Tensor], scales: torch.Tensor) -> torch.Tensor:
     squared = [((b.T @ b) * (a @ a.T)).sum().clamp(min=0) for b, a in zip(bs, as_)]  # tr(B^T B A A^T)
     return scales.abs() * torch.stack(squared).sqrt()
 
@@ -156,14 +166,14 @@ def sum_svd(
     Returns:
         ``ThinSVD(u (n, k), s (k,), vh (k, m))``, k <= min(n, m, R).
     """
-    bs, as_, scales = _checked(lora_b, lora_a, scalings, dtype)
+    bs, as_, scales = as_lora_factors(lora_b, lora_a, scalings, dtype)
     b_cat = torch.cat(bs, dim=1)  # (n, R)
     a_scaled = torch.cat([s * a for s, a in zip(scales, as_)], dim=0)  # (R, m)
     q_b, r_b = torch.linalg.qr(b_cat)  # (n, p_b), (p_b, R)
     q_a, r_a = torch.linalg.qr(a_scaled.T)  # (m, p_a), (p_a, R)
     u_k, s, vh_k = thin_svd(r_b @ r_a.T, dtype)  # core (p_b, p_a)
     n, m, rank_bound = b_cat.shape[0], a_scaled.shape[1], b_cat.shape[1]
-    k = _nonzero_count(s, n, m, rank_bound, task_norms(bs, as_, scales, dtype).max(), rtol, dtype)
+    k = _nonzero_count(s, n, m, rank_bound, _task_norms(bs, as_, scales).max(), rtol, dtype)
     return ThinSVD(q_b @ u_k[:, :k], s[:k], vh_k[:k] @ q_a.T)
 
 
@@ -182,14 +192,14 @@ def hstack_svd(
     Returns:
         ``HStackSVD(u (n, k), s (k,), vh_blocks (T, k, m))``: block t is the columns of task t in V^T.
     """
-    bs, as_, scales = _checked(lora_b, lora_a, scalings, dtype)
+    bs, as_, scales = as_lora_factors(lora_b, lora_a, scalings, dtype)
     b_cat = torch.cat(bs, dim=1)  # (n, R)
     q_b, r_b = torch.linalg.qr(b_cat)  # (n, p_b), (p_b, R)
     per_task = [torch.linalg.qr((s * a).T) for s, a in zip(scales, as_)]  # Q_t (m, p_t), R_t (p_t, r_t)
     core = r_b @ torch.block_diag(*[r for _, r in per_task]).T  # (p_b, P), P = sum_t p_t
     u_k, s, vh_k = thin_svd(core, dtype)
     n, m, t_count = b_cat.shape[0], as_[0].shape[1], len(as_)
-    k = _nonzero_count(s, n, t_count * m, b_cat.shape[1], task_norms(bs, as_, scales, dtype).max(), rtol, dtype)
+    k = _nonzero_count(s, n, t_count * m, b_cat.shape[1], _task_norms(bs, as_, scales).max(), rtol, dtype)
     widths = [q.shape[1] for q, _ in per_task]
     blocks = [vh_core @ q.T for vh_core, (q, _) in zip(vh_k[:k].split(widths, dim=1), per_task)]  # (k, m) each
     return HStackSVD(q_b @ u_k[:, :k], s[:k], torch.stack(blocks))
@@ -210,14 +220,14 @@ def vstack_svd(
     Returns:
         ``VStackSVD(u_blocks (T, n, k), s (k,), vh (k, m))``: block t is the rows of task t in U.
     """
-    bs, as_, scales = _checked(lora_b, lora_a, scalings, dtype)
+    bs, as_, scales = as_lora_factors(lora_b, lora_a, scalings, dtype)
     a_cat = torch.cat(as_, dim=0)  # (R, m)
     q_a, r_a = torch.linalg.qr(a_cat.T)  # (m, p_a), (p_a, R)
     per_task = [torch.linalg.qr(s * b) for s, b in zip(scales, bs)]  # Q_t (n, p_t), R_t (p_t, r_t)
     core = torch.block_diag(*[r for _, r in per_task]) @ r_a.T  # (P, p_a)
     u_k, s, vh_k = thin_svd(core, dtype)
     n, m, t_count = bs[0].shape[0], a_cat.shape[1], len(bs)
-    k = _nonzero_count(s, t_count * n, m, a_cat.shape[0], task_norms(bs, as_, scales, dtype).max(), rtol, dtype)
+    k = _nonzero_count(s, t_count * n, m, a_cat.shape[0], _task_norms(bs, as_, scales).max(), rtol, dtype)
     heights = [q.shape[1] for q, _ in per_task]
     blocks = [q @ u_core for u_core, (q, _) in zip(u_k[:, :k].split(heights, dim=0), per_task)]  # (n, k) each
     return VStackSVD(torch.stack(blocks), s[:k], vh_k[:k] @ q_a.T)
