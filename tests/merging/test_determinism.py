@@ -54,6 +54,14 @@ SETTINGS: dict[str, tuple[int, dict]] = {
     "consensus": (3, {"k": 2}),
     "tall_masks": (3, {"k": 1}),
     "scale_svd": (3, {"rank_ratio": 0.5}),
+    "passthrough": (1, {"scale": {"a": 0.9}}),
+    "multislerp": (3, {"weight": {"a": 0.5, "b": 0.3, "c": 0.2}}),
+    "karcher": (3, {"max_iter": 20}),
+    "sce": (3, {"select_topk": 0.5}),
+    "nearswap": (1, {"t": 0.01}),
+    "arcee_fusion": (1, {"quantile_sample_size": 4096}),  # the embeddings (65,536 entries) take the sampled path
+    "ram": (3, {"epsilon": 0.01}),
+    "ramplus_tl": (3, {"epsilon": 0.01, "r": 0.5, "alpha": 0.5}),
 }
 ALL = sorted(SETTINGS)
 RANDOM = sorted(name for name in SETTINGS if METHODS[name].random)

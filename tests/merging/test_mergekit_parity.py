@@ -50,6 +50,29 @@ def _cases(base: str, a: str, b: str, c: str) -> dict[str, dict]:
             {"model": a, "parameters": {"weight": 1.0, "density": 1.0}}, {"model": b, "parameters": {"weight": 0.5, "density": 1.0}}]},
         "bf16_out": {"merge_method": "task_arithmetic", "base_model": base, "models": [
             {"model": a, "parameters": {"weight": 1.0}}], "out_dtype": "bfloat16"},
+        "passthrough": {"merge_method": "passthrough", "models": [{"model": a}]},
+        "passthrough_scaled": {"merge_method": "passthrough", "models": [
+            {"model": a, "parameters": {"scale": [{"filter": "mlp", "value": 0.5}, {"value": 1.25}]}}]},
+        "multislerp": {"merge_method": "multislerp", "base_model": base, "models": [
+            {"model": a, "parameters": {"weight": 0.5}}, {"model": b, "parameters": {"weight": 0.3}},
+            {"model": c, "parameters": {"weight": 0.2}}]},
+        "multislerp_no_base": {"merge_method": "multislerp", "models": [
+            {"model": a, "parameters": {"weight": 1.0}}, {"model": b, "parameters": {"weight": 2.0}}],
+            "parameters": {"normalize_weights": True, "eps": 1e-6}},
+        "karcher": {"merge_method": "karcher", "models": [{"model": a}, {"model": b}, {"model": c}],
+                    "parameters": {"max_iter": 20, "tol": 1e-7}},
+        "karcher_base_listed": {"merge_method": "karcher", "base_model": base,
+                                "models": [{"model": base}, {"model": a}, {"model": b}]},
+        "sce": {"merge_method": "sce", "base_model": base, "models": [{"model": a}, {"model": b}, {"model": c}]},
+        "sce_select_topk": {"merge_method": "sce", "base_model": base, "models": [{"model": a}, {"model": b}, {"model": c}],
+                            "parameters": {"select_topk": [0.3, 0.7], "int8_mask": True}},
+        "nearswap": {"merge_method": "nearswap", "base_model": base, "models": [{"model": a}],
+                     "parameters": {"t": [0.005, 0.03]}},
+        "arcee_fusion": {"merge_method": "arcee_fusion", "base_model": base, "models": [{"model": a}]},
+        "ram": {"merge_method": "ram", "base_model": base, "models": [{"model": a}, {"model": b}, {"model": c}],
+                "parameters": {"epsilon": 0.02}},
+        "ramplus_tl": {"merge_method": "ramplus_tl", "base_model": base, "models": [{"model": a}, {"model": b}, {"model": c}],
+                       "parameters": {"epsilon": 0.02, "r": 0.5, "alpha": 0.3}},
     }
 
 
