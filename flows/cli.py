@@ -5,8 +5,11 @@ Every ``MergeflowError`` becomes a one-line message on stderr and exit code 2 (`
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -17,6 +20,8 @@ from flows.progress import progress_bar
 from merging.errors import MergeConfigError, exit_on_error
 from zoo.data import TASKS
 from zoo.train import FULL_LR, LORA_LR
+
+log = logging.getLogger(__name__)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Merge fine-tuned models of one base model.")
 zoo_app = typer.Typer(no_args_is_help=True, help="The demo zoo: a real base model and task specialists fine-tuned from it.")
@@ -34,6 +39,61 @@ def _run_merge(config, out: str | None, overwrite: bool, quiet: bool) -> None:
     typer.echo(f"wrote {result}")
 
 
+MERGEKIT = "mergekit compatibility"
+
+# mergekit-yaml flags mergeflow cannot honour, with the reason and what to use instead
+_REFUSED_FLAGS = {
+    "--unsafe-truncate-embeddings": "mergeflow never truncates embeddings; merge models whose vocabularies have the same size",
+    "--multi-gpu": "mergeflow merges on one device; use --cuda (or --device cuda)",
+    "--gpu-rich": "it implies --multi-gpu and mergeflow merges on one device; use --cuda (or --device cuda)",
+    "--async-write": "mergeflow writes shards synchronously, holding at most one in memory; drop the flag",
+    "--no-safe-serialization": "mergeflow writes safetensors only; drop the flag",
+    "--transformers-cache": "mergeflow downloads into huggingface_hub's cache; set HF_HUB_CACHE=DIR instead",
+    "--lora-merge-dtype": "LoRA adapters are applied per tensor in the compute dtype; set 'compute_dtype' in the config",
+}
+
+
+def _mergekit_size(text: str) -> int:
+    """Bytes from mergekit's ``--out-shard-size`` form (``mergekit.common.parse_kmb``): N, Nk, Nm
+    or Nb, i.e. thousands, millions, billions (5B = 5 * 10**9). mergekit's help says parameters;
+    its writer counts bytes. (``--shard-size``'s ``5B`` would be five bytes.)"""
+    match = re.fullmatch(r"(\d+)([kmb]?)", text.strip().lower())
+    if match is None:
+        raise MergeConfigError(f"--out-shard-size {text!r}: use mergekit's form N, Nk, Nm or Nb (e.g. 5B, 100M), "
+                               "or --shard-size with units (e.g. 5GB, 500MiB)")
+    return int(match[1]) * {"": 1, "k": 10**3, "m": 10**6, "b": 10**9}[match[2]]
+
+
+def _one_of(first: tuple[str, object], second: tuple[str, object]) -> object:
+    """The value of whichever of two spellings of one option was given; both must agree."""
+    (name_a, a), (name_b, b) = first, second
+    if a is not None and b is not None and a != b:
+        raise MergeConfigError(f"{name_a} {a} and {name_b} {b} disagree; give one of them")
+    return a if a is not None else b
+
+
+@contextlib.contextmanager
+def _process_settings(verbosity: int, num_threads: int | None) -> Iterator[None]:
+    """``-v`` (INFO; ``-vv`` DEBUG) and ``-j`` (torch intra-op threads) for one command, restored
+    after. Inter-op threads are left alone: torch allows setting them once per process, and
+    mergeflow runs no inter-op parallel work."""
+    import torch
+
+    if num_threads is not None and num_threads < 1:
+        raise MergeConfigError(f"-j/--num-threads {num_threads}: give at least 1")
+    root = logging.getLogger()
+    level, threads = root.level, torch.get_num_threads()
+    if verbosity:
+        root.setLevel(logging.DEBUG if verbosity > 1 else logging.INFO)
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+        torch.set_num_threads(threads)
+
+
 @app.command()
 def merge(
     config_file: Annotated[Path | None, typer.Argument(metavar="CONFIG", help="Merge config YAML (mergekit, DRM or Circuit-Merge format).")] = None,
@@ -46,27 +106,66 @@ def merge(
     shard_size: Annotated[str | None, typer.Option(help="Max bytes per output shard, e.g. 5GB, 500MB.")] = None,
     allow_pickle: Annotated[bool, typer.Option(help="Allow pytorch_model.bin inputs (weights-only load).")] = False,
     allow_nonfinite: Annotated[bool, typer.Option(help="Write merged tensors holding NaN/Inf instead of refusing.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet/--no-quiet", "-q", help="No progress bar.")] = False,
+    # mergekit-yaml's flags, with mergekit's meaning where mergeflow has it (README: "Coming from mergekit")
+    cuda: Annotated[bool | None, typer.Option("--cuda/--no-cuda", rich_help_panel=MERGEKIT, help="= --device cuda (--no-cuda: --device cpu); --device wins.")] = None,
+    random_seed: Annotated[int | None, typer.Option(rich_help_panel=MERGEKIT, help="= --seed. Masks of random methods follow mergeflow's per-tensor generators (seeded by seed and tensor name), not mergekit's global torch stream, so they differ from mergekit's.")] = None,
+    out_shard_size: Annotated[str | None, typer.Option(metavar="SIZE", rich_help_panel=MERGEKIT, help="Bytes per output shard in mergekit's form N, Nk, Nm, Nb (5B = 5e9 bytes, 100M = 1e8).")] = None,
+    copy_tokenizer: Annotated[bool | None, typer.Option("--copy-tokenizer/--no-copy-tokenizer", rich_help_panel=MERGEKIT, help="Copy the tokenizer files into the output (default) or write none.")] = None,
+    write_model_card: Annotated[bool | None, typer.Option("--write-model-card/--no-write-model-card", rich_help_panel=MERGEKIT, help="Write the README.md model card (default) or not.")] = None,
+    verbosity: Annotated[int, typer.Option("-v", "--verbose", count=True, rich_help_panel=MERGEKIT, help="Log INFO (-vv: DEBUG).")] = 0,
+    num_threads: Annotated[int | None, typer.Option("-j", "--num-threads", rich_help_panel=MERGEKIT, help="Torch intra-op threads for the CPU work around the merge math (with --device cuda: reading and casting). Merge math on the CPU always runs on one thread, so the output never depends on N.")] = None,
+    lazy_unpickle: Annotated[bool, typer.Option("--lazy-unpickle/--no-lazy-unpickle", rich_help_panel=MERGEKIT, help="Accepted, no effect: .bin inputs still need --allow-pickle and are read weights-only.")] = False,
+    allow_crimes: Annotated[bool, typer.Option("--allow-crimes/--no-allow-crimes", rich_help_panel=MERGEKIT, help="Accepted, no effect: mergeflow has no architecture check; tensor names and shapes are still checked.")] = False,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code/--no-trust-remote-code", rich_help_panel=MERGEKIT, help="Accepted, no effect: mergeflow never runs model code (config.json is read as JSON).")] = False,
+    low_cpu_memory: Annotated[bool, typer.Option("--low-cpu-memory/--no-low-cpu-memory", rich_help_panel=MERGEKIT, help="Accepted, no effect: mergeflow holds one tensor group and one output shard at a time.")] = False,
+    read_to_gpu: Annotated[bool, typer.Option("--read-to-gpu/--no-read-to-gpu", rich_help_panel=MERGEKIT, help="Accepted, no effect: each tensor group is moved to --device as it is read.")] = False,
+    clone_tensors: Annotated[bool, typer.Option("--clone-tensors/--no-clone-tensors", rich_help_panel=MERGEKIT, help="Accepted, no effect: every output tensor is written from its own storage.")] = False,
+    lora_merge_cache: Annotated[str | None, typer.Option(rich_help_panel=MERGEKIT, help="Accepted, no effect: LoRA adapters are applied per tensor in memory, nothing is cached.")] = None,
+    write_threads: Annotated[int | None, typer.Option(rich_help_panel=MERGEKIT, help="Accepted, no effect (mergekit uses it only with --async-write).")] = None,
+    unsafe_truncate_embeddings: Annotated[bool, typer.Option("--unsafe-truncate-embeddings/--no-unsafe-truncate-embeddings", rich_help_panel=MERGEKIT, help="Refused: embeddings are never truncated.")] = False,
+    multi_gpu: Annotated[bool, typer.Option("--multi-gpu/--no-multi-gpu", rich_help_panel=MERGEKIT, help="Refused: one device; use --cuda.")] = False,
+    gpu_rich: Annotated[bool, typer.Option("--gpu-rich", rich_help_panel=MERGEKIT, help="Refused (implies --multi-gpu); use --cuda.")] = False,
+    async_write: Annotated[bool, typer.Option("--async-write/--no-async-write", rich_help_panel=MERGEKIT, help="Refused: shards are written synchronously.")] = False,
+    safe_serialization: Annotated[bool, typer.Option("--safe-serialization/--no-safe-serialization", rich_help_panel=MERGEKIT, help="safetensors only (--no-safe-serialization is refused).")] = True,
+    transformers_cache: Annotated[str | None, typer.Option(rich_help_panel=MERGEKIT, help="Refused: set HF_HUB_CACHE=DIR.")] = None,
+    lora_merge_dtype: Annotated[str | None, typer.Option(rich_help_panel=MERGEKIT, help="Refused: set compute_dtype in the config.")] = None,
 ) -> None:
     """Merge models as a config describes, streaming one tensor at a time."""
     from merging.config import load_merge_config
 
     with exit_on_error():
+        for flag, given in {"--unsafe-truncate-embeddings": unsafe_truncate_embeddings, "--multi-gpu": multi_gpu,
+                            "--gpu-rich": gpu_rich, "--async-write": async_write, "--no-safe-serialization": not safe_serialization,
+                            "--transformers-cache": transformers_cache is not None,
+                            "--lora-merge-dtype": lora_merge_dtype is not None}.items():
+            if given:
+                raise MergeConfigError(f"{flag} is not supported: {_REFUSED_FLAGS[flag]}")
+        inert = {"--lazy-unpickle": lazy_unpickle, "--allow-crimes": allow_crimes, "--trust-remote-code": trust_remote_code,
+                 "--low-cpu-memory": low_cpu_memory, "--read-to-gpu": read_to_gpu, "--clone-tensors": clone_tensors,
+                 "--lora-merge-cache": lora_merge_cache is not None, "--write-threads": write_threads is not None}
         path = config_file or config_path
         if path is None:
             raise MergeConfigError("no config given: mergeflow merge CONFIG.yaml [OUT]")
         config = load_merge_config(path)
-        overrides = {k: v for k, v in {"device": device, "seed": seed, "shard_size": shard_size}.items() if v is not None}
-        if allow_pickle:
-            overrides["allow_pickle"] = True
-        if allow_nonfinite:
-            overrides["allow_nonfinite"] = True
+        overrides = {
+            "device": device or (None if cuda is None else "cuda" if cuda else "cpu"),
+            "seed": _one_of(("--seed", seed), ("--random-seed", random_seed)),
+            "shard_size": _one_of(("--shard-size", shard_size),
+                                  ("--out-shard-size", None if out_shard_size is None else _mergekit_size(out_shard_size))),
+            "copy_tokenizer": copy_tokenizer, "write_model_card": write_model_card,
+            "allow_pickle": allow_pickle or None, "allow_nonfinite": allow_nonfinite or None,
+        }
+        overrides = {k: v for k, v in overrides.items() if v is not None}
         if overrides:
             from merging.config import parse_merge_config
 
             config = parse_merge_config({**config.model_dump(exclude_defaults=True), "merge_method": config.merge_method,
                                          **overrides}, "command line")
-        _run_merge(config, out or out_arg, overwrite, quiet)
+        with _process_settings(verbosity, num_threads):
+            for flag in (f for f, given in inert.items() if given):
+                log.info("%s: accepted for mergekit compatibility, no effect in mergeflow (see 'mergeflow merge --help')", flag)
+            _run_merge(config, out or out_arg, overwrite, quiet)
 
 
 @app.command("circuit-merge")

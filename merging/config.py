@@ -6,7 +6,8 @@ mergekit keys: ``merge_method``, ``base_model``, ``models[].model``, ``models[].
 ``compute_dtype``, ``include`` / ``exclude`` / ``ignore`` (regexes, ``re.match`` on tensor
 names: which 2-D tensors merge as matrices, which take the "other" path, which keep the
 base value), ``shard_size``, ``allow_pickle``, ``allow_nonfinite`` (write merged tensors
-holding NaN/Inf instead of refusing), ``stats`` (activation statistics file) and
+holding NaN/Inf instead of refusing), ``copy_tokenizer`` and ``write_model_card`` (mergekit's
+output options: tokenizer files and the README.md card), ``stats`` (activation statistics file) and
 ``out`` (output folder; the CLI's ``--out`` or positional argument wins).
 
 The DRM seed YAML (``merging_config``, ``save_path``) and the Circuit-Merge YAML
@@ -65,6 +66,8 @@ class MergeConfig(BaseModel):
     shard_size: int | str = "5GB"
     allow_pickle: bool = False
     allow_nonfinite: bool = Field(False, description="Write merged tensors that hold NaN or Inf instead of refusing.")
+    copy_tokenizer: bool = Field(True, description="Copy the tokenizer files of tokenizer_source into the output.")
+    write_model_card: bool = Field(True, description="Write a README.md model card into the output.")
     stats: str | None = None
     out: str | None = None
 

@@ -190,7 +190,10 @@ class MergeContext:
         return folders
 
     def tokenizer_folder(self) -> Path | None:
-        """Where the merged model's tokenizer files come from (``tokenizer_source``)."""
+        """Where the merged model's tokenizer files come from (``tokenizer_source``); None
+        when ``copy_tokenizer`` is off."""
+        if not self.config.copy_tokenizer:
+            return None
         source = self.config.tokenizer_source
         return self.base_folder if source in (None, "base") else resolve_folder(source)
 

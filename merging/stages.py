@@ -94,6 +94,8 @@ def trim_thresholds(ctx: MergeContext, read: Callable[[str, TensorEntry], Tensor
 def write_model_files(ctx: MergeContext, out: Path) -> None:
     """config, generation config, tokenizer, model card and recipe beside the weights."""
     recipe = ctx.config.to_yaml()
-    card = model_card(ctx.spec.name, ctx.spec.paper, ctx.config.base_model, ctx.model_names, recipe)
+    card = None
+    if ctx.config.write_model_card:
+        card = model_card(ctx.spec.name, ctx.spec.paper, ctx.config.base_model, ctx.model_names, recipe)
     write_support_files(base_folder=ctx.base_folder, tokenizer_folder=ctx.tokenizer_folder(), out=out,
                         out_dtype=ctx.out_dtype_name, card=card, recipe_yaml=recipe)

@@ -61,11 +61,12 @@ def write_support_files(
     tokenizer_folder: Path | None,
     out: Path,
     out_dtype: str | None,
-    card: str,
+    card: str | None,
     recipe_yaml: str,
 ) -> None:
-    """Write config.json (dtype updated), generation_config.json, tokenizer files, the
-    model card README.md and the recipe ``mergeflow_config.yml`` into ``out``."""
+    """Write config.json (dtype updated), generation_config.json, tokenizer files (unless
+    ``tokenizer_folder`` is None), the model card README.md (unless ``card`` is None) and the
+    recipe ``mergeflow_config.yml`` into ``out``."""
     _write_config(base_folder, out, out_dtype)
     generation = model_file(base_folder, "generation_config.json", f"base model {str(base_folder)!r}", required=False)
     if generation is not None:
@@ -75,5 +76,6 @@ def write_support_files(
             source = model_file(tokenizer_folder, name, f"tokenizer source {str(tokenizer_folder)!r}", required=False)
             if source is not None:
                 shutil.copyfile(source, out / name)
-    (out / "README.md").write_text(card)
+    if card is not None:
+        (out / "README.md").write_text(card)
     (out / "mergeflow_config.yml").write_text(recipe_yaml)

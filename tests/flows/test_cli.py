@@ -204,3 +204,131 @@ def test_bad_options_give_one_line_errors(tiny_models, tmp_path, extra_args, con
     result = runner.invoke(app, ["merge", str(cfg), str(target), "-q", *extra_args])
     _assert_clean_failure(result, target, needle)
     assert "Traceback" not in result.output
+
+
+# mergekit-yaml's flags (issue 12 part 4)
+
+
+def _task_arithmetic(tiny_models, tmp_path) -> Path:
+    return _write(tmp_path / "ta.yml", {"merge_method": "task_arithmetic", "base_model": str(tiny_models["base"]),
+                                        "models": [{"model": str(tiny_models["ft_a"]), "parameters": {"weight": 0.5}}]})
+
+
+def _mergekit_flags() -> list[tuple[str, str | None]]:
+    """Every flag of mergekit 0.1.5's mergekit-yaml, read from its click command, with a value
+    where the flag takes one."""
+    click = pytest.importorskip("click")
+    run_yaml = pytest.importorskip("mergekit.scripts.run_yaml")
+    values = {"--device": "cpu", "--lora-merge-dtype": "bfloat16", "--out-shard-size": "5B"}
+    flags = []
+    for param in run_yaml.main.params:
+        if not isinstance(param, click.Option):
+            continue
+        takes_value = not (param.is_flag or param.count)
+        for name in (*param.opts, *param.secondary_opts):
+            value = values.get(param.opts[0], "1" if param.type is click.INT else "some-folder") if takes_value else None
+            flags.append((name, value))
+    assert len(flags) > 30 and ("--no-copy-tokenizer", None) in flags and ("-j", "1") in flags
+    return flags
+
+
+def test_every_mergekit_flag_is_accepted_or_refused_in_one_line(tiny_models, tmp_path):
+    """Each flag either merges (exit 0) or gives a one-line error that names it (exit 2) and
+    leaves nothing at the target; click's 'No such option' never appears."""
+    cfg = _task_arithmetic(tiny_models, tmp_path)
+    outcomes = {}
+    for index, (flag, value) in enumerate(_mergekit_flags()):
+        target = tmp_path / f"out{index}"
+        result = runner.invoke(app, ["merge", str(cfg), str(target), "-q", flag, *([value] if value is not None else [])])
+        assert "No such option" not in result.output, flag
+        if result.exit_code == 0:
+            assert (target / "model.safetensors").is_file(), flag
+            outcomes[flag] = "accepted"
+        else:
+            lines = result.output.strip().splitlines()
+            assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (flag, result.output)
+            assert not target.exists(), flag
+            outcomes[flag] = lines[0]
+    refused = {flag for flag, outcome in outcomes.items() if outcome != "accepted"}
+    assert refused - {"--cuda", "--gpu-rich"} == {"--unsafe-truncate-embeddings", "--multi-gpu", "--async-write",
+                                                  "--no-safe-serialization", "--transformers-cache", "--lora-merge-dtype"}
+    assert "--cuda" in outcomes["--gpu-rich"] and "HF_HUB_CACHE" in outcomes["--transformers-cache"]
+
+
+def test_merge_help_groups_the_mergekit_flags(tiny_models):
+    result = runner.invoke(app, ["merge", "--help"], env={"COLUMNS": "200", "TERMINAL_WIDTH": "200"})
+    assert result.exit_code == 0 and "mergekit compatibility" in result.output
+    assert "--out-shard-size" in result.output and "per-tensor generators" in result.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_is_a_clear_device_error(tiny_models, tmp_path):
+    target = tmp_path / "out"
+    result = runner.invoke(app, ["merge", str(_task_arithmetic(tiny_models, tmp_path)), str(target), "-q", "--cuda"])
+    _assert_clean_failure(result, target, "cuda", "no CUDA device")
+
+
+def test_random_seed_sets_the_seed_of_random_methods(tiny_models, tmp_path):
+    cfg = _write(tmp_path / "dare.yml", {"merge_method": "dare_ties", "base_model": str(tiny_models["base"]),
+                                         "models": [{"model": str(tiny_models[n]), "parameters": {"density": 0.5}} for n in ("ft_a", "ft_b")]})
+
+    def merged(*args: str) -> dict[str, torch.Tensor]:
+        target = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
+        result = runner.invoke(app, ["merge", str(cfg), str(target), "-q", *args])
+        assert result.exit_code == 0, result.output
+        return load_file(target / "model.safetensors")
+
+    one, two, seed_one = merged("--random-seed", "1"), merged("--random-seed", "2"), merged("--seed", "1")
+    key = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(one[key], two[key])
+    assert all(torch.equal(one[k], seed_one[k]) for k in one)
+    target = tmp_path / "disagree"
+    _assert_clean_failure(runner.invoke(app, ["merge", str(cfg), str(target), "-q", "--seed", "1", "--random-seed", "2"]),
+                          target, "--seed", "--random-seed", "disagree")
+
+
+def test_out_shard_size_reads_mergekit_sizes(tiny_models, tmp_path):
+    """mergekit's suffixes are decimal counts (parse_kmb): 5B is 5e9 bytes (not 5 bytes), 100M 1e8."""
+    from flows.cli import _mergekit_size
+
+    assert (_mergekit_size("5B"), _mergekit_size("100M"), _mergekit_size("20k"), _mergekit_size("1234")) == (
+        5 * 10**9, 10**8, 20_000, 1234)
+    cfg = _task_arithmetic(tiny_models, tmp_path)
+    for size, shards in (("5B", 1), ("100M", 1), ("10k", 3)):
+        target = tmp_path / f"out-{size}"
+        result = runner.invoke(app, ["merge", str(cfg), str(target), "-q", "--out-shard-size", size])
+        assert result.exit_code == 0, result.output
+        assert len(list(target.glob("*.safetensors"))) >= shards, size
+        if shards == 1:
+            assert [p.name for p in target.glob("*.safetensors")] == ["model.safetensors"]
+    recorded = yaml.safe_load((tmp_path / "out-5B" / "mergeflow_config.yml").read_text())
+    assert recorded["shard_size"] == 5 * 10**9
+    for bad in ("5GB", "1.5B", "-3"):
+        target = tmp_path / "bad"
+        _assert_clean_failure(runner.invoke(app, ["merge", str(cfg), str(target), "-q", "--out-shard-size", bad]),
+                              target, "--out-shard-size", "--shard-size")
+
+
+def test_no_copy_tokenizer_and_no_write_model_card(tiny_models, tmp_path):
+    from merging.digests import TOKENIZER_FILES
+
+    cfg = _task_arithmetic(tiny_models, tmp_path)
+    default, bare = tmp_path / "default", tmp_path / "bare"
+    assert runner.invoke(app, ["merge", str(cfg), str(default), "-q"]).exit_code == 0
+    result = runner.invoke(app, ["merge", str(cfg), str(bare), "-q", "--no-copy-tokenizer", "--no-write-model-card"])
+    assert result.exit_code == 0, result.output
+    assert (default / "README.md").is_file() and any((default / name).is_file() for name in TOKENIZER_FILES)
+    assert not (bare / "README.md").exists()
+    assert not [name for name in TOKENIZER_FILES if (bare / name).exists()]
+    assert (bare / "config.json").is_file() and (bare / "model.safetensors").is_file()
+    assert load_file(bare / "model.safetensors").keys() == load_file(default / "model.safetensors").keys()
+
+
+def test_num_threads_is_restored_and_checked(tiny_models, tmp_path):
+    cfg = _task_arithmetic(tiny_models, tmp_path)
+    before = torch.get_num_threads()
+    result = runner.invoke(app, ["merge", str(cfg), str(tmp_path / "out"), "-q", "-j", "2", "-vv"])
+    assert result.exit_code == 0, result.output
+    assert torch.get_num_threads() == before
+    target = tmp_path / "zero"
+    _assert_clean_failure(runner.invoke(app, ["merge", str(cfg), str(target), "-q", "-j", "0"]), target, "--num-threads")
