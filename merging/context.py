@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +23,11 @@ from merging.config import MergeConfig
 from merging.errors import MergeConfigError, NonFiniteDeltaError
 from merging.io.checkpoint import CheckpointReader
 from merging.io.files import model_file, read_json_object
-from merging.io.sources import FullModelSource, ModelSource, open_source, resolve_folder
+from merging.io.sources import AdapterSource, FullModelSource, ModelSource, open_source, resolve_folder
 from merging.plan import TensorEntry, build_plan, check_same_kinds, check_same_tensors
 from merging.registry import get_method
 from merging.resolve import build_params, split_global_parameters
-from merging.spec import MethodSpec, TensorGroup
+from merging.spec import LoraFactors, MethodSpec, TensorGroup
 
 __all__ = ["MergeContext", "resolve_device", "reproducible_threads", "DTYPES"]
 
@@ -168,13 +168,30 @@ class MergeContext:
             deltas[t] = d
         return deltas
 
-    def group(self, entry: TensorEntry, deltas: torch.Tensor, with_thresholds: bool = False) -> TensorGroup:
+    def lora_factors(self, entry: TensorEntry) -> LoraFactors | None:
+        """The inputs of a matrix as LoRA factors, when every input is an adapter touching it
+        as a pure LoRA product (any full fine-tune, saved full tensor or untouched input:
+        None, and the methods use the dense deltas)."""
+        if entry.kind != "matrix" or not all(isinstance(s, AdapterSource) for s in self.sources):
+            return None
+        found = [s.factors(entry.name, self.dtype) for s in self.sources]
+        if any(f is None for f in found):
+            return None
+        return LoraFactors(tuple(f[0] for f in found), tuple(f[1] for f in found), tuple(f[2] for f in found))
+
+    def group(self, entry: TensorEntry, deltas: Mapping[str, torch.Tensor], with_thresholds: bool = False) -> TensorGroup:
+        """The group of ``entry`` from the deltas stage's tensors (dense deltas, and the LoRA
+        factors when there are some)."""
         _, model_params = self.params_for(entry)
         values, kinds = self.thresholds
+        lora = LoraFactors.from_tensors(deltas)
+        if lora is not None:
+            lora = LoraFactors(tuple(b.to(self.device) for b in lora.b), tuple(a.to(self.device) for a in lora.a), lora.scales)
         return TensorGroup(
-            name=entry.name, base=self.base_tensor(entry.name), deltas=deltas.to(self.device), model_params=model_params,
-            kind=entry.kind, has_base=self.has_base, trim_thresholds=values if with_thresholds and entry.kind in kinds else None,
-            stats=self.stats.get(entry.name) if self.stats is not None else None,
+            name=entry.name, base=self.base_tensor(entry.name), deltas=deltas["deltas"].to(self.device),
+            model_params=model_params, kind=entry.kind, has_base=self.has_base,
+            trim_thresholds=values if with_thresholds and entry.kind in kinds else None,
+            stats=self.stats.get(entry.name) if self.stats is not None else None, lora=lora,
         )
 
     def input_folders(self) -> dict[str, Path]:

@@ -22,10 +22,35 @@ import torch
 
 from merging.params import MethodParams, ModelParams
 
-__all__ = ["Factors", "GlobalTrim", "MethodSpec", "TensorGroup", "TensorKind"]
+__all__ = ["Factors", "GlobalTrim", "LoraFactors", "MethodSpec", "TensorGroup", "TensorKind"]
 
 Factors = dict[str, torch.Tensor]
 TensorKind = Literal["matrix", "other"]
+
+
+@dataclass(frozen=True)
+class LoraFactors:
+    """Every task delta of one matrix as a LoRA product: ``deltas[t] = scales[t] * b[t] @ a[t]``
+    (``b[t]`` (n, r_t), ``a[t]`` (r_t, m), ranks may differ). Given when every input of the
+    matrix is a LoRA adapter touching it; methods with a factor route (``merging.kernels.
+    factor_svd``, ``core_space``) use it instead of decomposing the dense stack."""
+
+    b: tuple[torch.Tensor, ...]
+    a: tuple[torch.Tensor, ...]
+    scales: tuple[float, ...]
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """As named tensors (a stage artifact stores them beside the dense deltas)."""
+        out = {f"lora_b.{t}": b for t, b in enumerate(self.b)} | {f"lora_a.{t}": a for t, a in enumerate(self.a)}
+        return out | {"lora_scales": torch.tensor(self.scales, dtype=torch.float64)}
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> LoraFactors | None:
+        if "lora_scales" not in tensors:
+            return None
+        scales = tensors["lora_scales"].tolist()
+        return cls(tuple(tensors[f"lora_b.{t}"] for t in range(len(scales))),
+                   tuple(tensors[f"lora_a.{t}"] for t in range(len(scales))), tuple(scales))
 
 
 @dataclass(frozen=True)
@@ -42,6 +67,7 @@ class TensorGroup:
         stats: optional per-tensor statistics (e.g. input activations for Scale-SVD).
         has_base: False when no ``base_model`` was given and ``base`` is only the reference
             model the deltas are taken against (linear, nuslerp without base).
+        lora: the deltas as LoRA factors, when every input is a LoRA adapter of this matrix.
     """
 
     name: str
@@ -52,6 +78,7 @@ class TensorGroup:
     trim_thresholds: torch.Tensor | None = None
     stats: torch.Tensor | None = None
     has_base: bool = True
+    lora: LoraFactors | None = None
 
     @property
     def num_models(self) -> int:

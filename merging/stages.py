@@ -31,18 +31,20 @@ Inputs = Mapping[str, Tensors]
 
 
 def compute_deltas(ctx: MergeContext, entry: TensorEntry, inputs: Inputs) -> Tensors:
-    """theta_t - theta_0 of every input, stacked: ``{"deltas": (T, *shape)}``."""
-    return {"deltas": ctx.deltas(entry)}
+    """theta_t - theta_0 of every input, stacked: ``{"deltas": (T, *shape)}``; when every input
+    is a LoRA adapter of the matrix, its factors too (``LoraFactors.to_tensors``)."""
+    lora = ctx.lora_factors(entry)
+    return {"deltas": ctx.deltas(entry), **(lora.to_tensors() if lora is not None else {})}
 
 
 def decompose(ctx: MergeContext, entry: TensorEntry, inputs: Inputs) -> Tensors:
     """The method's decomposition (identity for element-wise methods)."""
-    return ctx.spec.decompose(ctx.group(entry, inputs["deltas"]["deltas"]), ctx.params_for(entry)[0])
+    return ctx.spec.decompose(ctx.group(entry, inputs["deltas"]), ctx.params_for(entry)[0])
 
 
 def sparsify(ctx: MergeContext, entry: TensorEntry, inputs: Inputs) -> Tensors:
     """Trim / drop / prune and sign election, with the per-tensor generator."""
-    group = ctx.group(entry, inputs["deltas"]["deltas"], with_thresholds=True)
+    group = ctx.group(entry, inputs["deltas"], with_thresholds=True)
     factors = {k: v.to(ctx.device) for k, v in inputs["decompose"].items()}
     return ctx.spec.sparsify(group, factors, ctx.params_for(entry)[0], generator_for(ctx.config.seed, entry.name))
 
@@ -50,7 +52,7 @@ def sparsify(ctx: MergeContext, entry: TensorEntry, inputs: Inputs) -> Tensors:
 def combine(ctx: MergeContext, entry: TensorEntry, inputs: Inputs) -> Tensors:
     """The merged delta of the group, scaled by lambda."""
     factors = {k: v.to(ctx.device) for k, v in inputs["sparsify"].items()}
-    return {"merged_delta": scaled_combine(ctx.spec, ctx.group(entry, inputs["deltas"]["deltas"]), factors,
+    return {"merged_delta": scaled_combine(ctx.spec, ctx.group(entry, inputs["deltas"]), factors,
                                            ctx.params_for(entry)[0])}
 
 

@@ -312,5 +312,19 @@ class LoraAdapter:
                 delta += (product.T if factors.transpose else product) * factors.scaling
         return delta.to(base.device)
 
+    def factors(self, key: str, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """``(B, A, s)`` with ``delta = s * B @ A`` in the base tensor's layout (``(out, r)``,
+        ``(r, in)``), or None when the adapter does not touch ``key`` as a pure LoRA product
+        (untouched, or a saved full tensor, alone or beside the factors)."""
+        found = self._lora.get(key)
+        if found is None or key in self._full:
+            return None
+        with safe_open(self._weights, framework="pt") as handle:
+            a = handle.get_tensor(found.a_key).to(dtype)  # (r, in) or (r, vocab)
+            b = handle.get_tensor(found.b_key).to(dtype)  # (out, r) or (hidden, r)
+        if found.transpose:  # (B A)^T = A^T B^T
+            return a.T.contiguous(), b.T.contiguous(), found.scaling
+        return b, a, found.scaling
+
     def __repr__(self) -> str:
         return f"LoraAdapter({str(self.path)!r}, lora={len(self._lora)}, full={len(self._full)})"

@@ -115,6 +115,10 @@ class AdapterSource:
         d = self.adapter.delta(key, base)
         return None if d is None else d.to(device=base.device, dtype=base.dtype)
 
+    def factors(self, key: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """The LoRA factors of ``key`` (see ``LoraAdapter.factors``)."""
+        return self.adapter.factors(key, dtype)
+
 
 def open_source(ref: str, base_folder: Path, base_shapes: dict[str, tuple[int, ...]], allow_pickle: bool = False,
                 read_dtype: torch.dtype | None = None) -> ModelSource:

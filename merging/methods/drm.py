@@ -34,6 +34,13 @@ modes is the reference's: every entry with |x| >= tau, i.e. round(N (1 - rho)) +
 ties (§1.4).
 The output is invariant to SVD sign conventions (a flipped singular pair flips the basis and
 every block together). No randomness.
+
+LoRA inputs (every input an adapter of the matrix): the SVD of the stack comes from QR of the
+stacked factors and an SVD of a (T r)-sized core (``merging.kernels.factor_svd``, lora-core.md
+§2b/c), never from the dense stack; the merged delta equals the dense route's wherever the kept
+singular values are distinct and no pruning magnitude ties. Rank-1 adapters tie exactly (every
+normalized row of a task is +-a_t/|a_t|), so which entries survive then depends on rounding;
+a warning says so.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from merging.kernels.factor_svd import drm_factors
 from merging.kernels.sign import agreement_mask, disjoint_mean, elect_sign
 from merging.kernels.sparsify import trim_below
 from merging.kernels.svd import relative_rank, thin_svd
@@ -87,9 +95,12 @@ def _bypass(params: DrmParams) -> bool:
 def decompose(group: TensorGroup, params: DrmParams) -> Factors:
     if group.kind != "matrix":
         return {"deltas": group.deltas}
+    dtype = torch.float64 if params.svd_dtype == "float64" else torch.float32
+    if group.lora is not None:  # LoRA inputs: the same SVD from QR of the factors (lora-core.md §2b/c)
+        return drm_factors(group.lora.b, group.lora.a, group.lora.scales, direction=params.direction,
+                           rel_rank_tol=params.rel_rank_tol, reference_compat=params.reference_compat, dtype=dtype)
     deltas = group.deltas  # (T, n, m)
     t, n, m = deltas.shape
-    dtype = torch.float64 if params.svd_dtype == "float64" else torch.float32
     horizontal = params.direction == "horizontal"
     stacked = deltas.permute(1, 0, 2).reshape(n, t * m) if horizontal else deltas.reshape(t * n, m)
     u, s, vh = thin_svd(stacked, dtype)

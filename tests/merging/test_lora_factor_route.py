@@ -1,0 +1,144 @@
+"""LoRA inputs take the factor route (SVDs from QR of the stacked factors, never of the dense
+stack) and give the dense route's merge where the dense decomposition is unique
+(lora-core.md §2): the same adapters merged as adapters and as the full models peft's merge
+would give, in float64."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from merging.config import parse_merge_config
+from merging.pipeline import merge_checkpoints
+from tests.conftest import save_tiny_model
+
+HIDDEN, LAYERS = 16, 2
+MODULES = ("q_proj", "v_proj", "o_proj")
+
+
+def _adapter(folder: Path, base: dict[str, torch.Tensor], *, rank: int, alpha: float, seed: int, rslora: bool = False,
+             modules=MODULES) -> dict[str, torch.Tensor]:
+    """Write a PEFT LoRA adapter; return the full model peft's merge_and_unload would give."""
+    g = torch.Generator().manual_seed(seed)
+    scale = alpha / rank ** 0.5 if rslora else alpha / rank
+    tensors, merged = {}, dict(base)
+    for layer in range(LAYERS):
+        for module in modules:
+            key = f"model.layers.{layer}.self_attn.{module}.weight"
+            out_dim, in_dim = base[key].shape
+            a = torch.randn(rank, in_dim, generator=g) * 0.3
+            b = torch.randn(out_dim, rank, generator=g) * 0.3
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+            tensors[f"{prefix}.lora_A.weight"], tensors[f"{prefix}.lora_B.weight"] = a, b
+            merged[key] = base[key].double() + scale * b.double() @ a.double()
+    folder.mkdir(parents=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": list(modules), "use_rslora": rslora}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return merged
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("lora-route")
+    base_dir = save_tiny_model(root / "base", seed=0, layers=LAYERS)
+    base = load_file(base_dir / "model.safetensors")
+    # base as float64 so the dense route's inputs carry no float32 rounding of the products
+    save_file({k: v.double() for k, v in base.items()}, str(base_dir / "model.safetensors"), metadata={"format": "pt"})
+    base = load_file(base_dir / "model.safetensors")
+    folders = {"base": base_dir}
+    specs = [dict(rank=4, alpha=8, seed=1), dict(rank=3, alpha=3, seed=2), dict(rank=5, alpha=16, seed=3, rslora=True),
+             dict(rank=4, alpha=4, seed=4)]
+    for i, spec in enumerate(specs):
+        merged = _adapter(root / f"lora{i}", base, **spec)
+        full = root / f"full{i}"
+        full.mkdir()
+        save_file({k: v.double() for k, v in merged.items()}, str(full / "model.safetensors"), metadata={"format": "pt"})
+        (full / "config.json").write_text((base_dir / "config.json").read_text())
+        folders[f"lora{i}"], folders[f"full{i}"] = root / f"lora{i}", full
+    return folders
+
+
+def _merge(zoo, kind: str, count: int, method: str, out: Path, **params) -> dict[str, torch.Tensor]:
+    config = parse_merge_config({
+        "merge_method": method, "base_model": str(zoo["base"]), "compute_dtype": "float64", "device": "cpu",
+        "models": [{"model": str(zoo[f"{kind}{i}"])} for i in range(count)], "parameters": params})
+    merge_checkpoints(config, out)
+    return load_file(out / "model.safetensors")
+
+
+def _assert_close(a: dict, b: dict, rtol: float) -> None:
+    for key in a:
+        scale = max(b[key].abs().max().item(), 1e-12)
+        assert (a[key] - b[key]).abs().max().item() <= rtol * scale, key
+
+
+@pytest.mark.parametrize("direction", ["horizontal", "vertical"])
+def test_drm_factor_route_equals_the_dense_route(zoo, tmp_path, monkeypatch, direction):
+    import merging.methods.drm as drm
+
+    calls = []
+    real = drm.drm_factors
+    monkeypatch.setattr(drm, "drm_factors", lambda *a, **k: calls.append(1) or real(*a, **k))
+    params = {"direction": direction, "svd_dtype": "float64", "singular_matrices_drop_rate": 0.5}
+    lora = _merge(zoo, "lora", 4, "drm", tmp_path / "lora", **params)
+    assert len(calls) == LAYERS * len(MODULES), "every LoRA matrix takes the factor route"
+    calls.clear()
+    dense = _merge(zoo, "full", 4, "drm", tmp_path / "dense", **params)
+    assert not calls, "full fine-tunes take the dense route"
+    _assert_close(lora, dense, 1e-9)
+
+
+def test_tsv_m_of_one_adapter_is_that_adapter_on_both_routes(zoo, tmp_path):
+    lora = _merge(zoo, "lora", 1, "tsv_m", tmp_path / "lora1")  # T = 1: k = 16 > r = 4
+    dense = _merge(zoo, "full", 1, "tsv_m", tmp_path / "dense1")
+    # one task: TSV-M is polar(U_k) diag(s_k) polar(V_k^T); the dense route's 12 null columns
+    # carry singular value 0, so the product is the same delta: the adapter's own
+    _assert_close(lora, dense, 1e-9)
+
+
+def test_tsv_m_factor_route_keeps_only_each_tasks_nonzero_triplets(zoo, tmp_path):
+    """T = 2, k = 8 > r_t: the factor route takes each task's r_t triplets (the dense route
+    would add null vectors); checked against that definition computed densely here."""
+    from merging.kernels.svd import polar
+
+    lora = _merge(zoo, "lora", 2, "tsv_m", tmp_path / "lora")
+    base = load_file(zoo["base"] / "model.safetensors")
+    fulls = [load_file(zoo[f"full{i}"] / "model.safetensors") for i in range(2)]
+    key = "model.layers.1.self_attn.v_proj.weight"
+    us, ss, vhs = [], [], []
+    for full, rank in zip(fulls, (4, 3)):
+        u, s, vh = torch.linalg.svd(full[key] - base[key])
+        us.append(u[:, :rank]), ss.append(s[:rank]), vhs.append(vh[:rank])
+    expected = base[key] + (polar(torch.cat(us, 1)) * torch.cat(ss)) @ polar(torch.cat(vhs, 0))
+    assert torch.allclose(lora[key], expected, rtol=0, atol=1e-9)
+
+
+def test_mixed_inputs_fall_back_to_the_dense_route(zoo, tmp_path, monkeypatch):
+    import merging.methods.drm as drm
+
+    calls = []
+    real = drm.drm_factors
+    monkeypatch.setattr(drm, "drm_factors", lambda *a, **k: calls.append(1) or real(*a, **k))
+    config = parse_merge_config({
+        "merge_method": "drm", "base_model": str(zoo["base"]), "compute_dtype": "float64", "device": "cpu",
+        "models": [{"model": str(zoo["lora0"])}, {"model": str(zoo["full1"])}]})
+    merge_checkpoints(config, tmp_path / "out")
+    assert not calls
+
+
+def test_rank_one_drm_inputs_are_warned_about(tmp_path, caplog):
+    base_dir = save_tiny_model(tmp_path / "base", seed=0, layers=LAYERS)
+    base = load_file(base_dir / "model.safetensors")
+    for i in range(2):
+        _adapter(tmp_path / f"r1_{i}", base, rank=1, alpha=1, seed=10 + i, modules=("q_proj",))
+    config = parse_merge_config({"merge_method": "drm", "base_model": str(base_dir), "device": "cpu",
+                                 "models": [{"model": str(tmp_path / f"r1_{i}")} for i in range(2)]})
+    with caplog.at_level(logging.WARNING):
+        merge_checkpoints(config, tmp_path / "out")
+    assert any("rank-1" in r.getMessage() for r in caplog.records)
