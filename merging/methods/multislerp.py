@@ -15,7 +15,9 @@ One model returns that model unchanged. Where the weighted mean direction vanish
 (||sum w_i u_i|| < eps, antipodal inputs with balancing weights) two models fall back to
 the linear mix w_1 x_1 + w_2 x_2, more are an error naming the tensor, as in mergekit.
 mergekit requires ``weight``; here it defaults to 1 (equal weights). A zero weight sum with
-``normalize_weights`` is an error (mergekit would write NaN).
+``normalize_weights`` is an error (mergekit would write NaN). With a ``base_model``, list only the
+other models: the engine hands a method-without-required-base every listed model, so a listed
+base would be one more (zero) point here, while mergekit sets it aside as the base.
 """
 
 from __future__ import annotations
