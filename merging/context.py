@@ -24,6 +24,7 @@ from merging.errors import MergeConfigError, NonFiniteDeltaError
 from merging.io.checkpoint import CheckpointReader
 from merging.io.files import model_file, read_json_object
 from merging.io.sources import AdapterSource, FullModelSource, ModelSource, open_source, resolve_folder
+from merging.kernels.core_space import CoreSpace, project_to_core
 from merging.plan import TensorEntry, build_plan, check_same_kinds, check_same_tensors
 from merging.registry import get_method
 from merging.resolve import build_params, split_global_parameters
@@ -83,6 +84,7 @@ class MergeContext:
         self.out_dtype_name = config.out_dtype or config.dtype
         self.thresholds: tuple[torch.Tensor | None, frozenset] = (None, frozenset())  # sparsify's first pass
         self._last_base: tuple[str | None, torch.Tensor | None] = (None, None)
+        self._last_core: tuple[str | None, CoreSpace | None] = (None, None)
         refs = [m.model for m in config.models]
         if self.spec.needs_base:
             if config.base_model is None:
@@ -118,10 +120,25 @@ class MergeContext:
         for entry in self.plan:  # validate every tensor's parameters before any work
             if entry.kind != "ignore":
                 self.params_for(entry)
+        self._check_core_space()
         self.stats = _load_stats(config.stats) if config.stats else None
         if self.spec.uses_stats and self.stats is None:
             log.warning("%s: no activation statistics given (create them with 'mergeflow collect-stats' and set "
                         "'stats: FILE'); running unscaled", self.spec.name)
+
+    def _check_core_space(self) -> None:
+        """``merge_space: core`` needs LoRA inputs and a per-tensor trim."""
+        core = [e for e in self.merged_entries() if self.in_core_space(e)]
+        if not core:
+            return
+        full = [s.name for s in self.sources if not isinstance(s, AdapterSource)]
+        if full:
+            raise MergeConfigError(f"merge_space: core merges LoRA adapters in their Core Space, but model {full[0]!r} is "
+                                   "a full fine-tune; use merge_space: full, or give its LoRA adapter")
+        params = self.params_for(core[0])[0]
+        if self.spec.global_trim is not None and self.spec.global_trim(params) is not None:
+            raise MergeConfigError("trim_scope: model is not available with merge_space: core (cores are trimmed per "
+                                   "matrix); use trim_scope: tensor")
 
     def params_for(self, entry: TensorEntry):
         """(method params, per-model params) for one tensor, cached by resolved values."""
@@ -168,6 +185,24 @@ class MergeContext:
             deltas[t] = d
         return deltas
 
+    def in_core_space(self, entry: TensorEntry) -> bool:
+        """Whether the method runs on this tensor's Core Space (``merge_space: core``)."""
+        return getattr(self.params_for(entry)[0], "merge_space", "full") == "core" and entry.kind == "matrix"
+
+    def core_space(self, entry: TensorEntry, lora: LoraFactors | None = None) -> CoreSpace | None:
+        """The Core Space of a LoRA-adapted matrix under ``merge_space: core`` (None
+        otherwise); the last one is kept, since every stage of a group asks for it."""
+        if not self.in_core_space(entry):
+            return None
+        if self._last_core[0] != entry.name:
+            lora = lora if lora is not None else self.lora_factors(entry)
+            if lora is None:
+                return None
+            space = project_to_core(lora.b, lora.a, lora.scales, dtype=torch.float64)
+            self._last_core = (entry.name, CoreSpace(space.u_ref.to(self.device), space.v_ref.to(self.device),
+                                                     space.cores.to(self.device)))
+        return self._last_core[1]
+
     def lora_factors(self, entry: TensorEntry) -> LoraFactors | None:
         """The inputs of a matrix as LoRA factors, when every input is an adapter touching it
         as a pure LoRA product (any full fine-tune, saved full tensor or untouched input:
@@ -185,10 +220,13 @@ class MergeContext:
         _, model_params = self.params_for(entry)
         values, kinds = self.thresholds
         lora = LoraFactors.from_tensors(deltas)
+        stack = deltas["deltas"]
         if lora is not None:
             lora = LoraFactors(tuple(b.to(self.device) for b in lora.b), tuple(a.to(self.device) for a in lora.a), lora.scales)
+            if self.in_core_space(entry):
+                stack, lora = self.core_space(entry, lora).cores.to(self.dtype), None
         return TensorGroup(
-            name=entry.name, base=self.base_tensor(entry.name), deltas=deltas["deltas"].to(self.device),
+            name=entry.name, base=self.base_tensor(entry.name), deltas=stack.to(self.device),
             model_params=model_params, kind=entry.kind, has_base=self.has_base,
             trim_thresholds=values if with_thresholds and entry.kind in kinds else None,
             stats=self.stats.get(entry.name) if self.stats is not None else None, lora=lora,

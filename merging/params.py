@@ -12,9 +12,11 @@ Defaults live here and in the method files, nowhere else.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["MethodParams", "ModelParams", "WeightedModelParams"]
+__all__ = ["MethodParams", "ModelParams", "WeightedModelParams", "CoreSpaceParams"]
 
 
 class MethodParams(BaseModel):
@@ -39,3 +41,14 @@ class WeightedModelParams(ModelParams):
     """Per-model weight, as in mergekit's task-arithmetic family."""
 
     weight: float = Field(1.0, description="Weight of this model's delta.")
+
+
+class CoreSpaceParams(MethodParams):
+    """Methods that can also merge LoRA inputs in their Core Space."""
+
+    merge_space: Literal["full", "core"] = Field(
+        "full",
+        description="full: merge the dense deltas. core: merge LoRA-adapted matrices in Core Space (Panariello et "
+                    "al. 2025, arXiv 2509.17786): the method runs on the cores M_t = s_t U^T B_t A_t V (U, V bases "
+                    "of the stacked factors), the result is mapped back; every input must be a LoRA adapter.",
+    )

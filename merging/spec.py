@@ -145,6 +145,11 @@ class MethodSpec:
         return self.param_stages.get(key, "combine")
 
     @property
+    def has_sparsify(self) -> bool:
+        """Whether the method has a real (not identity) sparsify stage."""
+        return self.sparsify is not _identity_sparsify
+
+    @property
     def has_decompose(self) -> bool:
         """Whether the method has a real (not identity) decomposition stage."""
         return self.decompose is not _identity_decompose

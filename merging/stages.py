@@ -45,15 +45,26 @@ def decompose(ctx: MergeContext, entry: TensorEntry, inputs: Inputs) -> Tensors:
 def sparsify(ctx: MergeContext, entry: TensorEntry, inputs: Inputs) -> Tensors:
     """Trim / drop / prune and sign election, with the per-tensor generator."""
     group = ctx.group(entry, inputs["deltas"], with_thresholds=True)
-    factors = {k: v.to(ctx.device) for k, v in inputs["decompose"].items()}
+    if ctx.spec.has_decompose:
+        factors = {k: v.to(ctx.device) for k, v in inputs["decompose"].items()}
+    else:  # identity: the group's deltas, in the space the method runs in (full, or core)
+        factors = {"deltas": group.deltas}
     return ctx.spec.sparsify(group, factors, ctx.params_for(entry)[0], generator_for(ctx.config.seed, entry.name))
 
 
 def combine(ctx: MergeContext, entry: TensorEntry, inputs: Inputs) -> Tensors:
-    """The merged delta of the group, scaled by lambda."""
-    factors = {k: v.to(ctx.device) for k, v in inputs["sparsify"].items()}
-    return {"merged_delta": scaled_combine(ctx.spec, ctx.group(entry, inputs["deltas"]), factors,
-                                           ctx.params_for(entry)[0])}
+    """The merged delta of the group, scaled by lambda (mapped back from Core Space when the
+    method ran there)."""
+    group = ctx.group(entry, inputs["deltas"])
+    if ctx.spec.has_sparsify or ctx.spec.has_decompose:
+        factors = {k: v.to(ctx.device) for k, v in inputs["sparsify"].items()}
+    else:  # identity stages: the group's deltas, in the space the method runs in
+        factors = {"deltas": group.deltas}
+    merged = scaled_combine(ctx.spec, group, factors, ctx.params_for(entry)[0])
+    space = ctx.core_space(entry)
+    if space is not None:
+        merged = (space.u_ref.to(merged.dtype) @ merged @ space.v_ref.T.to(merged.dtype))
+    return {"merged_delta": merged}
 
 
 def save(ctx: MergeContext, entry: TensorEntry, inputs: Inputs) -> Tensors:

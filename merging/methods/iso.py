@@ -25,13 +25,13 @@ import torch
 from pydantic import Field
 
 from merging.kernels.svd import polar
-from merging.params import MethodParams
+from merging.params import CoreSpaceParams, MethodParams
 from merging.spec import Factors, MethodSpec, TensorGroup
 
 PAPER = "Marczak et al. 2025, Isotropic Model Merging (Iso-C, Iso-CTS), arXiv 2502.04959"
 
 
-class IsoCParams(MethodParams):
+class IsoCParams(CoreSpaceParams):
     pass
 
 
@@ -91,6 +91,7 @@ def combine(group: TensorGroup, factors: Factors, params: MethodParams) -> torch
     return factors["scale"] * (factors["u"] @ factors["vh"])
 
 
-ISO_C_SPEC = MethodSpec(name="iso_c", params=IsoCParams, decompose=decompose_c, combine=combine, paper=PAPER)
+ISO_C_SPEC = MethodSpec(name="iso_c", params=IsoCParams, decompose=decompose_c, combine=combine, paper=PAPER,
+                        param_stages={"merge_space": "decompose"})
 ISO_CTS_SPEC = MethodSpec(name="iso_cts", params=IsoCtsParams, decompose=decompose_cts, combine=combine, paper=PAPER,
                           param_stages={"common_space_fraction": "decompose"})

@@ -15,11 +15,11 @@ from __future__ import annotations
 from pydantic import Field
 
 from merging.kernels.fuse import combine_weighted_sum
-from merging.params import MethodParams, WeightedModelParams
+from merging.params import CoreSpaceParams, WeightedModelParams
 from merging.spec import MethodSpec
 
 
-class TaskArithmeticParams(MethodParams):
+class TaskArithmeticParams(CoreSpaceParams):
     normalize: bool = Field(False, description="Divide by the sum of the weights.")
     int8_mask: bool = Field(False, description="Accepted for mergekit configs; has no effect here.")
 

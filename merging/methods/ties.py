@@ -32,7 +32,7 @@ from pydantic import Field
 
 from merging.kernels.fuse import combine_sign_elected
 from merging.kernels.sparsify import keep_topk, trim_below
-from merging.params import MethodParams, WeightedModelParams
+from merging.params import CoreSpaceParams, WeightedModelParams
 from merging.spec import Factors, GlobalTrim, MethodSpec, TensorGroup
 
 
@@ -40,7 +40,7 @@ class TiesModelParams(WeightedModelParams):
     density: float = Field(0.2, gt=0.0, le=1.0, description="Fraction of each delta kept by magnitude.")
 
 
-class TiesParams(MethodParams):
+class TiesParams(CoreSpaceParams):
     normalize: bool = Field(True, description="Disjoint mean (true) or disjoint sum (false).")
     trim_scope: Literal["tensor", "model"] = Field("tensor", description="Top-k per tensor (mergekit) or over the whole model (paper).")
     weight_before_election: bool = Field(True, description="mergekit: weights affect the sign vote; paper: false.")
@@ -83,5 +83,5 @@ SPEC = MethodSpec(
     combine=combine_sign_elected,
     global_trim=model_scope_trim,
     paper="Yadav et al. 2023, TIES-Merging, arXiv 2306.01708",
-    param_stages={"density": "sparsify", "trim_scope": "sparsify"},
+    param_stages={"density": "sparsify", "trim_scope": "sparsify", "merge_space": "sparsify"},
 )

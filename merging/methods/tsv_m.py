@@ -23,11 +23,11 @@ import torch
 
 from merging.kernels.factor_svd import sum_svd
 from merging.kernels.svd import polar
-from merging.params import MethodParams
+from merging.params import CoreSpaceParams
 from merging.spec import Factors, MethodSpec, TensorGroup
 
 
-class TsvMParams(MethodParams):
+class TsvMParams(CoreSpaceParams):
     pass
 
 
@@ -71,5 +71,5 @@ def combine(group: TensorGroup, factors: Factors, params: TsvMParams) -> torch.T
     return (factors["u"] * factors["s"]) @ factors["vh"]
 
 
-SPEC = MethodSpec(name="tsv_m", params=TsvMParams, decompose=decompose, combine=combine,
+SPEC = MethodSpec(name="tsv_m", params=TsvMParams, decompose=decompose, combine=combine, param_stages={"merge_space": "decompose"},
                   paper="Gargiulo et al. 2025, Task Singular Vectors, arXiv 2412.00081")
