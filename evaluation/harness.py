@@ -1,25 +1,34 @@
 """The evaluate stage: lm-eval-harness (Python API) on the merged model, the base and every
 input. Each model's result is cached in ``<store>/eval-cache`` by its ``model_digest``, the
-eval settings, the task files and the evaluation code, so the base and the inputs are
-evaluated once however many merges and sweeps reuse them, a re-sharded model reuses its
-scores and a model with another tokenizer does not. Runs sharing a store evaluate a model
-one at a time (a lock beside its cache file): the second finds the first one's result."""
+eval settings (tasks, limit, batch size, device, dtype, few-shot, chat template, model
+arguments), the task files and the evaluation code, so the base and the inputs are evaluated
+once however many merges and sweeps reuse them, a re-sharded model reuses its scores and a
+model with another tokenizer does not. Runs sharing a store evaluate a model one at a time (a
+lock beside its cache file): the second finds the first one's result.
+
+Tasks are lm-eval task names: those of ``eval.include_path`` (local YAMLs) or lm-eval's own
+(``arc_easy``, ``mmlu``, ...). Every task is built before the model is loaded, so a dataset that
+cannot be loaded (offline, not in the local datasets cache) is a one-line error naming the task
+and the dataset. Gated models and datasets read ``HF_TOKEN`` from the environment (huggingface_hub
+does); a token is never a params key."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 from merging.digests import TOKENIZER_FILES, content_key, file_digest
-from merging.errors import MergeConfigError
+from merging.errors import MergeConfigError, MergeflowError
 from merging.fetch import fetched_models
 from merging.io.artifacts import artifact_digest, exclusive
 from merging.io.writer import atomic_write_text
 from merging.pipeline_params import PipelineParams, require_evaluation
 
-__all__ = ["evaluate_models", "evaluate_folder", "result_path", "cache_file_name", "run_lm_eval", "primary_scores", "RESULTS_FILE"]
+__all__ = ["evaluate_models", "evaluate_folder", "eval_settings", "result_path", "cache_file_name", "run_lm_eval",
+           "primary_scores", "lower_is_better", "RESULTS_FILE"]
 
 RESULTS_FILE = "results.json"
 log = logging.getLogger(__name__)
@@ -42,7 +51,7 @@ def evaluate_models(params: PipelineParams, inputs: dict[str, Path], folder: Pat
     require_evaluation(params, "evaluate")
     targets = eval_targets(params, inputs["fetch"], inputs["save"])
     base_folder = targets["base"][0]
-    settings = {**params.eval.model_dump(mode="json"), "code": code}
+    settings = eval_settings(params, code)
     results = {}
     for name, (model_folder, digest) in targets.items():
         path = evaluate_folder(settings, model_folder, digest, store, base_folder)
@@ -51,8 +60,25 @@ def evaluate_models(params: PipelineParams, inputs: dict[str, Path], folder: Pat
     return [RESULTS_FILE]
 
 
+_KEYED = ("tasks", "include_path", "limit", "batch_size", "device", "dtype", "num_fewshot", "apply_chat_template",
+          "model_args", "code")
+
+
+def eval_settings(params: PipelineParams, code: str = "") -> dict[str, Any]:
+    """The evaluation settings of ``params``, resolved: the device defaults to the pipeline's
+    (``auto``: cuda when available); ``code`` is the evaluate stage's code fingerprint."""
+    settings = params.eval.model_dump(mode="json")
+    device = settings["device"] or params.pipeline.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return {**settings, "device": device, "code": code}
+
+
 def _settings(eval_settings: dict[str, Any]) -> dict[str, Any]:
-    settings = {k: eval_settings.get(k) for k in ("tasks", "include_path", "limit", "batch_size", "device", "code")}
+    """What a cached result is keyed on (and records): every setting that can change a score."""
+    settings = {k: eval_settings.get(k) for k in _KEYED}
     settings["include_digest"] = include_digest(settings["include_path"])
     return settings
 
@@ -99,45 +125,103 @@ def _has_tokenizer(folder: str | Path) -> bool:
     return any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
 
 
-def run_lm_eval(folder: str, settings: dict[str, Any], base_folder: str | None = None) -> dict[str, Any]:
-    """``lm_eval.simple_evaluate`` on a local Hugging Face folder, or on a PEFT adapter folder
-    (through peft, on ``base_folder``); a folder without tokenizer files borrows the base's.
-    Returns lm-eval's results and sample counts."""
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-
-    tasks = list(settings["tasks"])
+def _model_args(folder: str, settings: dict[str, Any], base_folder: str | None) -> dict[str, Any]:
+    """lm-eval's hf model arguments: the model (an adapter through peft on its base; a folder
+    without tokenizer files borrows the base's), the dtype and ``eval.model_args``."""
     if (Path(folder) / "adapter_config.json").is_file():
         if base_folder is None:
             raise MergeConfigError(f"evaluating adapter {folder} needs its base model folder")
-        model_args = f"pretrained={base_folder},peft={folder},dtype=float32"
+        model = {"pretrained": base_folder, "peft": folder}
     else:
-        model_args = f"pretrained={folder},dtype=float32"
+        model = {"pretrained": folder}
         if base_folder and not _has_tokenizer(folder):
-            model_args += f",tokenizer={base_folder}"
-    include = settings.get("include_path")
-    include = str(Path(include).resolve()) if include else None
+            model["tokenizer"] = base_folder
+    return {**model, "dtype": settings.get("dtype") or "auto", **(settings.get("model_args") or {})}
+
+
+def _task_manager(tasks: list[str], include: str | None):
+    from lm_eval.tasks import TaskManager
+
     manager = TaskManager(include_path=include, include_defaults=False) if include else None
     if manager is None or not all(t in manager.all_tasks for t in tasks):
-        manager = TaskManager(include_path=include)  # registry names need the built-in index
+        manager = TaskManager(include_path=include)  # lm-eval's own task names need its built-in index
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise MergeConfigError(f"eval.tasks: unknown lm-eval task(s) {unknown}: not in eval.include_path "
+                               f"({include or 'not set'}) nor lm-eval's own tasks (lm-eval ls tasks lists them)")
+    return manager
+
+
+def _check_datasets(tasks: list[str], manager) -> None:
+    """Build every task (which loads its dataset) before any model is loaded; a task whose
+    dataset cannot be loaded is named with the dataset."""
+    for name in tasks:
+        try:
+            manager.load([name])
+        except Exception as err:  # datasets raises many types (offline, missing, gated): all mean "cannot load"
+            entry = manager.task_index.get(name)
+            config = (entry.cfg if entry is not None else None) or {}
+            dataset = str(config.get("dataset_path") or "of one of its subtasks")
+            if config.get("dataset_name"):
+                dataset += f" (config {config['dataset_name']})"
+            offline = any(os.environ.get(v) in ("1", "true", "True") for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
+            reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+            message = f"eval task {name!r}: dataset {dataset} could not be loaded ({type(err).__name__}{': ' + reason if reason else ''}); "
+            if offline:  # the same every time: not retried
+                raise MergeConfigError(message + "offline: put it in the local datasets cache first (run once with "
+                                                 "network, or copy HF_HOME)") from None
+            raise MergeflowError(message + "check the network, the dataset name, and HF_TOKEN for a gated dataset") from None
+
+
+def run_lm_eval(folder: str, settings: dict[str, Any], base_folder: str | None = None) -> dict[str, Any]:
+    """``lm_eval.simple_evaluate`` on a local Hugging Face folder, or on a PEFT adapter folder
+    (through peft, on ``base_folder``), with the settings of ``eval`` (``eval_settings``).
+    Returns lm-eval's results, sample counts, few-shot counts, metric directions and config."""
+    import lm_eval
+
+    tasks = list(settings["tasks"])
+    include = settings.get("include_path")
+    manager = _task_manager(tasks, str(Path(include).resolve()) if include else None)
+    _check_datasets(tasks, manager)
     out = lm_eval.simple_evaluate(
-        model="hf", model_args=model_args, tasks=tasks, task_manager=manager,
-        device=settings.get("device", "cpu"), batch_size=settings.get("batch_size", 8), limit=settings.get("limit"),
+        model="hf", model_args=_model_args(folder, settings, base_folder), tasks=tasks, task_manager=manager,
+        device=settings.get("device") or "cpu", batch_size=settings.get("batch_size", 8), limit=settings.get("limit"),
+        num_fewshot=settings.get("num_fewshot"), apply_chat_template=settings.get("apply_chat_template") or False,
         log_samples=False,
     )
-    return {"results": out["results"], "n_samples": out.get("n-samples", {})}
+    return {"results": out["results"], "n_samples": out.get("n-samples", {}), "n_shot": out.get("n-shot", {}),
+            "higher_is_better": out.get("higher_is_better", {}),
+            "config": {k: out.get("config", {}).get(k) for k in ("model_args", "batch_size", "batch_sizes", "device")}}
+
+
+_PRIMARY = ("acc,none", "acc_norm,none", "exact_match,none")
+
+
+def _primary(metrics: dict[str, Any]) -> str | None:
+    """A task's main metric: acc, else acc_norm, else exact_match, else the first number."""
+    for name in _PRIMARY:
+        if isinstance(metrics.get(name), (int, float)):
+            return name
+    return next((k for k, v in metrics.items() if isinstance(v, (int, float)) and "stderr" not in k), None)
 
 
 def primary_scores(results: dict[str, Any]) -> dict[str, float]:
     """task -> its main metric (acc, else acc_norm, else exact_match, else the first number)."""
     scores = {}
     for task_name, metrics in results["results"].items():
-        for name in ("acc,none", "acc_norm,none", "exact_match,none"):
-            if isinstance(metrics.get(name), (int, float)):
-                scores[task_name] = float(metrics[name])
-                break
-        else:
-            numeric = [v for k, v in metrics.items() if isinstance(v, (int, float)) and "stderr" not in k]
-            if numeric:
-                scores[task_name] = float(numeric[0])
+        name = _primary(metrics)
+        if name is not None:
+            scores[task_name] = float(metrics[name])
     return scores
+
+
+def lower_is_better(result: dict[str, Any]) -> set[str]:
+    """The tasks whose main metric lm-eval marks lower-is-better (perplexities): a rise there is
+    what a drop of accuracy is elsewhere."""
+    directions = result.get("higher_is_better") or {}
+    lower = set()
+    for task_name, metrics in result["results"].items():
+        name = _primary(metrics)
+        if name is not None and directions.get(task_name, {}).get(name.split(",")[0]) is False:
+            lower.add(task_name)
+    return lower

@@ -8,11 +8,13 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import Any
 
 from merging.metrics import summarize_scores
 from merging.pipeline_params import PipelineParams
 
-__all__ = ["write_report", "build_metrics", "format_table", "METRICS_FILE", "SCORES_CSV", "SCORES_PNG"]
+__all__ = ["write_report", "build_metrics", "format_table", "find_regressions", "params_diff", "regression_markdown",
+           "METRICS_FILE", "SCORES_CSV", "SCORES_PNG"]
 
 METRICS_FILE = "metrics.json"
 SCORES_CSV = "plots/scores.csv"
@@ -80,3 +82,56 @@ def format_table(metrics: dict) -> str:
     if g is not None:
         lines.append(f"gain recovery ((merged - base) / (specialist - base)): {g:.3f}")
     return "\n".join(lines)
+
+
+# --- regressions between two runs -------------------------------------------------------------
+
+def find_regressions(before: dict[str, float], after: dict[str, float], tolerance: float,
+                     lower_is_better: set[str] | frozenset[str] = frozenset()) -> list[tuple[str, float, float]]:
+    """(task, before, after) for every task both runs scored whose score got worse by more than
+    ``tolerance`` (for a lower-is-better metric, a rise is worse)."""
+    worse = []
+    for task in sorted(set(before) & set(after)):
+        drop = after[task] - before[task] if task in lower_is_better else before[task] - after[task]
+        if drop > tolerance:
+            worse.append((task, before[task], after[task]))
+    return worse
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): value}
+
+
+def params_diff(before: dict[str, Any], after: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(dotted key, before, after) for every leaf that differs (absent: None)."""
+    old, new = _flat(before), _flat(after)
+    return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def _recipe(run: dict[str, Any]) -> dict[str, Any]:
+    """What made a run's merged model: the merge section and the inputs as resolved."""
+    return {"merge": run["params"]["merge"], "inputs": run.get("inputs", {}), "model_digest": run.get("model_digest")}
+
+
+def regression_markdown(regressions: list[tuple[str, float, float]], previous: dict[str, Any], current: dict[str, Any],
+                        tolerance: float) -> str:
+    """The markdown a regressed run publishes: the tasks, both recipes and what changed between them."""
+    when = {"previous": previous, "this run": current}
+    lines = [f"# Regression in series {current.get('series')!r}", "",
+             f"The merged model's score dropped by more than {tolerance} from the previous run of the series.", "",
+             "| task | previous | this run | change |", "|---|---|---|---|"]
+    lines += [f"| {task} | {a:.4f} | {b:.4f} | {b - a:+.4f} |" for task, a, b in regressions]
+    for title, run in when.items():
+        lines += ["", f"## Recipe: {title} (flow run {run.get('flow_run')}, code {(run.get('code') or {}).get('git_commit')})",
+                  "", "```json", json.dumps(_recipe(run), indent=2, sort_keys=True), "```"]
+    changed = params_diff({"params": previous["params"], "inputs": previous.get("inputs", {})},
+                          {"params": current["params"], "inputs": current.get("inputs", {})})
+    lines += ["", "## What changed", ""]
+    if changed:
+        lines += ["| key | previous | this run |", "|---|---|---|"]
+        lines += [f"| `{key}` | `{json.dumps(a)}` | `{json.dumps(b)}` |" for key, a, b in changed]
+    else:
+        lines.append("Nothing in the params or the inputs: the code or the environment changed (see the code versions).")
+    return "\n".join(lines) + "\n"

@@ -84,7 +84,8 @@ class Stage:
         first_pass: a whole-model pass before the loop, given ``read(stage, entry)``: what an
             input stage produced for a group (read from its artifact or computed in memory).
         versions: libraries whose versions join the fingerprint.
-        retries: how often an orchestrator retries it (only where failures can be transient).
+        retries: unused (0): how often fetch and evaluate, the stages whose failures can be
+            transient, are retried comes from params.yaml's ``retry`` section (``RetrySection``).
         reads_files: files or folders outside the store it may read, from the params (DVC deps:
             the local ones).
         outside_state: a cheap stand-in for the state of those files that joins the key (None:
@@ -132,7 +133,7 @@ class Stage:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("fetch", (), ("models",), artifact="merging.fetch:fetch_models", versions=(), retries=2,
+    Stage("fetch", (), ("models",), artifact="merging.fetch:fetch_models", versions=(),
           reads_files=model_sources, outside_state=local_state),
     Stage("deltas", (), ("merge.method", "plan", "pipeline.compute_dtype", "pipeline.materialize"),
           group=stages.compute_deltas, fusable=True),

@@ -14,7 +14,9 @@ params models, nowhere else):
   a per-model parameter may be a scalar or a mapping ``{model name: value}``;
 * ``plan``: ``include`` / ``exclude`` / ``ignore`` regexes;
 * ``pipeline``: device, compute/output dtype, ``materialize``, task runner, artifact store;
-* ``eval``: lm-eval tasks, include path, limit, batch size, device;
+* ``eval``: lm-eval tasks (local include path or lm-eval's own), limit, batch size, device,
+  dtype, few-shot, chat template, extra model arguments, the regression tolerance;
+* ``retry``: retries and timeouts where failures can be transient (fetch, evaluate, the flow run);
 * ``schedule``: the nightly deployment's cron and timezone;
 * ``zoo``: how the demo zoo is built (base and output folders, seed, task count, steps).
 """
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -32,7 +34,7 @@ from merging.errors import MergeConfigError
 from merging.registry import get_method
 from merging.resolve import field_names
 
-__all__ = ["PipelineParams", "ModelRef", "ZooSection", "load_params", "apply_overrides", "require_evaluation", "merge_config", "REPLACE"]
+__all__ = ["PipelineParams", "ModelRef", "ZooSection", "EvalSection", "RetrySection", "Retry", "load_params", "apply_overrides", "require_evaluation", "merge_config", "REPLACE"]
 
 _STRICT = ConfigDict(frozen=True, extra="forbid")
 
@@ -94,18 +96,32 @@ class PipelineSection(BaseModel):
     partitions: int = Field(1, ge=1, description="Split decompose/sparsify/combine into this many tensor-group partitions, mapped over the task runner.")
     artifacts: str = "artifacts"
     shard_size: str = "2GB"
+    keep_runs: int = Field(5, ge=0, description="mergeflow gc keeps what the last N recorded runs of each series used (and what the current params use).")
+
+
+# model_args keys mergeflow sets itself (per model, or from another eval key), and credentials,
+# which come from the environment (HF_TOKEN) and never from a file in the repository
+_RESERVED_MODEL_ARGS = {"pretrained": "set per evaluated model", "peft": "set per evaluated adapter",
+                        "dtype": "use eval.dtype", "device": "use eval.device", "batch_size": "use eval.batch_size",
+                        "token": "gated models read HF_TOKEN from the environment",
+                        "use_auth_token": "gated models read HF_TOKEN from the environment"}
 
 
 class EvalSection(BaseModel):
     model_config = _STRICT
 
-    tasks: tuple[str, ...] = Field((), description="lm-eval task names; empty only for params that merge without evaluating (see require_evaluation).")
+    tasks: tuple[str, ...] = Field((), description="lm-eval task names (include_path's or lm-eval's own; offline, their datasets must be in the local cache); empty only for params that merge without evaluating (see require_evaluation).")
     validation_tasks: tuple[str, ...] = Field((), description="Same tasks on validation data, aligned with 'tasks'; sweeps select on them.")
     include_path: str | None = None
     limit: int | None = Field(None, ge=1)
-    batch_size: int = Field(8, ge=1)
-    device: str = "cpu"
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(8, description="Requests per forward pass; auto: the largest that fits.")
+    device: str | None = Field(None, description="cpu, cuda, cuda:1, ...; default: pipeline.device.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="Weights dtype while evaluating; auto: the model's own (config.json).")
+    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples per prompt; default: each task's own.")
+    apply_chat_template: bool | str = Field(False, description="Format prompts with the tokenizer's chat template (true) or the named one.")
+    model_args: dict[str, str | int | float | bool] = Field(default_factory=dict, description="More arguments of lm-eval's hf model (max_length, attn_implementation, trust_remote_code, ...).")
     evaluate_inputs: bool = True
+    regression_tolerance: float = Field(0.02, ge=0, description="A drop of the merged model's score on any task by more than this, from the previous run of the same series, fails the run.")
 
     @model_validator(mode="after")
     def _aligned(self) -> EvalSection:
@@ -113,7 +129,39 @@ class EvalSection(BaseModel):
             raise ValueError("eval.tasks and eval.validation_tasks must not hold empty task names")
         if self.validation_tasks and len(self.validation_tasks) != len(self.tasks):
             raise ValueError("eval.validation_tasks must list one validation task per entry of eval.tasks, in the same order")
+        reserved = sorted(set(self.model_args) & set(_RESERVED_MODEL_ARGS))
+        if reserved:
+            raise ValueError("; ".join(f"eval.model_args.{k}: not allowed ({_RESERVED_MODEL_ARGS[k]})" for k in reserved))
         return self
+
+
+class Retry(BaseModel):
+    """How an orchestrator retries one step whose failures can be transient."""
+
+    model_config = _STRICT
+
+    retries: int = Field(0, ge=0, description="Attempts after the first (a MergeflowError, e.g. a config problem, is never retried).")
+    delay_seconds: float = Field(10, ge=0, description="Wait before each retry.")
+    timeout_seconds: float | None = Field(None, gt=0, description="Fail an attempt that runs longer (null: no limit).")
+
+
+class FetchRetry(Retry):
+    retries: int = Field(2, ge=0, description="Attempts after the first (downloads from the hub).")
+
+
+class EvaluateRetry(Retry):
+    retries: int = Field(1, ge=0, description="Attempts after the first (lm-eval runs: GPUs, dataset downloads).")
+
+
+class RetrySection(BaseModel):
+    """Retries and timeouts where failures can be transient: fetching models, evaluating them, and
+    the whole flow run (Prefect). The compute stages are deterministic and never retried."""
+
+    model_config = _STRICT
+
+    fetch: FetchRetry = FetchRetry()
+    evaluate: EvaluateRetry = EvaluateRetry()
+    flow: Retry = Retry()
 
 
 class ZooSection(BaseModel):
@@ -121,8 +169,8 @@ class ZooSection(BaseModel):
 
     model_config = _STRICT
 
-    base: str = Field("demo/base", description="Hugging Face folder of the base (mergeflow zoo base DIR).")
-    out: str = Field("demo/zoo", description="Where the specialists, zoo.json and the lm-eval tasks (OUT/evals) go.")
+    base: str = Field("./demo/base", description="Hugging Face folder of the base (mergeflow zoo base DIR).")
+    out: str = Field("./demo/zoo", description="Where the specialists, zoo.json and the lm-eval tasks (OUT/evals) go.")
     seed: int = 0
     tasks: int = Field(4, ge=1, description="The first K zoo tasks.")
     steps: int = Field(120, ge=1, description="Optimizer steps per specialist (batch 16).")
@@ -153,6 +201,7 @@ class PipelineParams(BaseModel):
     plan: PlanSection = PlanSection()
     pipeline: PipelineSection = PipelineSection()
     eval: EvalSection = EvalSection()
+    retry: RetrySection = RetrySection()
     schedule: ScheduleSection = ScheduleSection()
     zoo: ZooSection = ZooSection()
 

@@ -11,6 +11,9 @@ Runs in several processes may share a store: each task runs as a serializable tr
 whose lock (``StoreLocks``) is an flock(2) lock on a file beside the records. A second run of
 the same stage and folder waits for the first, then reads its record (Cached), so a shared
 artifact is computed once and a record is never read while another run writes it.
+
+Retries and timeouts are params.yaml's ``retry`` section, given only to the stages whose failures
+can be transient (fetch: downloads; evaluate: lm-eval runs); a ``MergeConfigError`` is never retried.
 """
 
 from __future__ import annotations
@@ -28,10 +31,11 @@ from prefect.transactions import IsolationLevel
 
 from merging import pipeline
 from merging.digests import content_key
+from merging.errors import MergeConfigError
 from merging.io.artifacts import acquire_lock, is_current, release_lock
-from merging.pipeline_params import PipelineParams
+from merging.pipeline_params import PipelineParams, Retry
 
-__all__ = ["StoreCachePolicy", "StoreLocks", "stage_task", "run_stage_task", "CACHE_RECORDS"]
+__all__ = ["StoreCachePolicy", "StoreLocks", "stage_task", "run_stage_task", "is_transient", "CACHE_RECORDS"]
 
 CACHE_RECORDS = ".prefect-cache"
 
@@ -120,8 +124,18 @@ def run_stage_task(stage: str, params: dict, inputs: dict[str, str], out_dir: st
     return str(path)
 
 
-def stage_task(stage: pipeline.Stage, store: str | Path) -> Task:
-    """The task of one stage: named after it, cached in ``store``, retried where failures are transient."""
+def is_transient(task: Task, task_run, state) -> bool:
+    """Whether a failed attempt may succeed when retried (Prefect's ``retry_condition_fn``): not
+    when the params are wrong (``MergeConfigError``: the same failure every time)."""
+    return not isinstance(state.result(raise_on_failure=False), MergeConfigError)
+
+
+def stage_task(stage: pipeline.Stage, store: str | Path, retry: Retry | None = None) -> Task:
+    """The task of one stage: named after it, cached in ``store``; ``retry`` (params.yaml's
+    ``retry.<stage>``, only for stages whose failures can be transient) sets its retries and timeout."""
     records = Path(store).resolve() / CACHE_RECORDS
     policy = StoreCachePolicy(key_storage=records, isolation_level=IsolationLevel.SERIALIZABLE, lock_manager=StoreLocks(records))
-    return run_stage_task.with_options(name=stage.name, retries=stage.retries, retry_delay_seconds=5, cache_policy=policy)
+    retry = retry or Retry()
+    return run_stage_task.with_options(name=stage.name, cache_policy=policy, retries=retry.retries,
+                                       retry_delay_seconds=retry.delay_seconds, timeout_seconds=retry.timeout_seconds,
+                                       retry_condition_fn=is_transient)

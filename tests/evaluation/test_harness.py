@@ -49,3 +49,41 @@ def test_cached_scores_are_keyed_on_the_task_files(tmp_path):
     assert result_path(settings, "digest", str(tmp_path / "store")) == first
     (include / "t" / "test.jsonl").write_text('{"answer": 1}\n')  # same task name, other data (another zoo seed)
     assert result_path(settings, "digest", str(tmp_path / "store")) != first
+
+
+def test_eval_settings_reach_lm_eval_and_key_the_cache(tiny_models, tmp_path):
+    """num_fewshot, dtype and model_args are what lm-eval ran with, and each is part of the
+    cache key (a cached score of other settings is never reused)."""
+    from evaluation.harness import result_path
+
+    settings = {"tasks": ["demo_arith"], "include_path": str(DEMO_EVALS), "limit": 2, "batch_size": 2, "device": "cpu",
+                "dtype": "float32", "num_fewshot": 2, "apply_chat_template": False, "model_args": {"max_length": 48}}
+    store = tmp_path / "store"
+    path = evaluate_folder(settings, str(tiny_models["ft_a"]), "digest-a", str(store), str(tiny_models["base"]))
+    result = json.loads(path.read_text())
+    assert result["n_shot"] == {"demo_arith": 2}
+    assert result["config"]["model_args"] == {"pretrained": str(tiny_models["ft_a"]), "tokenizer": str(tiny_models["base"]),
+                                              "dtype": "float32", "max_length": 48}  # ft_a has no tokenizer files
+    assert result["settings"]["num_fewshot"] == 2 and result["settings"]["model_args"] == {"max_length": 48}
+    keys = {result_path(settings | change, "digest-a", str(store)) for change in
+            ({}, {"num_fewshot": 0}, {"dtype": "auto"}, {"model_args": {}}, {"apply_chat_template": True}, {"batch_size": "auto"})}
+    assert len(keys) == 6
+
+
+def test_a_task_whose_dataset_cannot_be_loaded_is_named(tiny_models, tmp_path):
+    """Offline (HF_DATASETS_OFFLINE, set for the tests), a task over a hub dataset that is not in the
+    local cache fails before any model is loaded, naming the task and the dataset."""
+    import pytest
+
+    from evaluation.harness import run_lm_eval
+    from merging.errors import MergeConfigError
+
+    include = tmp_path / "evals"
+    include.mkdir()
+    (include / "hub_task.yaml").write_text(
+        "task: hub_task\ndataset_path: mergeflow-tests/never-downloaded\ndataset_name: main\ntest_split: test\n"
+        "output_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\n"
+        "metric_list:\n  - {metric: acc, aggregation: mean, higher_is_better: true}\n")
+    settings = {"tasks": ["hub_task"], "include_path": str(include), "limit": 1, "batch_size": 1, "device": "cpu"}
+    with pytest.raises(MergeConfigError, match=r"eval task 'hub_task': dataset mergeflow-tests/never-downloaded \(config main\) could not be loaded.*offline"):
+        run_lm_eval(str(tiny_models["base"]), settings)
