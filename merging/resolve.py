@@ -39,6 +39,9 @@ def resolve_setting(setting: Any, tensor_name: str = "", t: float = 0.0) -> Any:
                 if "value" not in cond:
                     raise MergeConfigError(f"filtered setting {dict(cond)} has no 'value'; write {{filter: ..., value: ...}}")
                 flt = cond.get("filter")
+                if flt is not None and not isinstance(flt, str):
+                    raise MergeConfigError(f"filtered setting {dict(cond)}: 'filter' must be a string (a substring of "
+                                           f"tensor names), got {type(flt).__name__}")
                 if flt is None or flt == "*" or (tensor_name and flt in tensor_name):
                     return resolve_setting(cond["value"], tensor_name, t)
             return _MISSING
