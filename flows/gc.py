@@ -1,11 +1,13 @@
 """``mergeflow gc``: remove the store's orphaned artifacts.
 
 Keys change whenever params, inputs or code change, so old artifacts are never reused and
-never overwritten: they pile up. ``gc`` keeps what the current params use (the artifacts a
-run would reuse, found by walking the stage table with the same keys) and what the last N
-runs recorded in ``<store>/runs.jsonl`` used and what running flows hold a lease on, with the
-partial artifacts, passthrough targets and cached per-model scores those reference; everything
-else goes (an artifact a run leases in the meantime stays: ``remove_unleased``).
+never overwritten: they pile up (a nightly adds a merged model a night). ``gc`` keeps what the
+current params use (the artifacts a run would reuse, found by walking the stage table with the
+same keys), what the last N runs of each series recorded in ``<store>/runs.jsonl`` used (N:
+``pipeline.keep_runs``, the retention; runs without a series count as one series) and what
+running flows hold a lease on, with the partial artifacts, passthrough targets and cached
+per-model scores those reference; everything else goes (an artifact a run leases in the
+meantime stays: ``remove_unleased``).
 """
 
 from __future__ import annotations
@@ -37,9 +39,13 @@ def _current(params: PipelineParams, store: Path) -> set[Path]:
 
 
 def _recent(store: Path, runs: int) -> set[Path]:
+    """The artifacts the last ``runs`` recorded runs of each series used."""
     log = store / RUNS_LOG
-    lines = log.read_text().splitlines()[-runs:] if runs > 0 and log.is_file() else []
-    return {Path(p) for line in lines for p in json.loads(line)["artifacts"].values()}
+    records = [json.loads(line) for line in log.read_text().splitlines()] if runs > 0 and log.is_file() else []
+    by_series: dict[str | None, list[dict]] = {}
+    for record in records:
+        by_series.setdefault(record.get("series"), []).append(record)
+    return {Path(p) for kept in by_series.values() for record in kept[-runs:] for p in record["artifacts"].values()}
 
 
 def _scores_of(folder: Path) -> set[str]:
@@ -50,12 +56,14 @@ def _scores_of(folder: Path) -> set[str]:
     return {cache_file_name(r["digest"], r["settings"]) for r in json.loads(results.read_text()).values()}
 
 
-def collect_garbage(params: PipelineParams, keep_runs: int = 5, dry_run: bool = False) -> list[Path]:
+def collect_garbage(params: PipelineParams, keep_runs: int | None = None, dry_run: bool = False) -> list[Path]:
     """Remove (or with ``dry_run`` only list) the store's artifacts nothing keeps; returns
-    what was removed (or would be)."""
+    what was removed (or would be). ``keep_runs`` (default ``pipeline.keep_runs``): how many
+    recent runs of each series keep their artifacts."""
     store = store_of(params)
     if not store.is_dir():
         return []
+    keep_runs = params.pipeline.keep_runs if keep_runs is None else keep_runs
     keep: set[Path] = set()
     in_use = {p for p in store.iterdir() if p.is_dir() and not p.name.startswith(".") and is_leased(p)}
     for folder in _current(params, store) | _recent(store, keep_runs) | in_use:

@@ -100,3 +100,22 @@ def test_hub_inputs_on_a_branch_are_pinned_to_their_current_commit(prefect_harne
     moved = pin_inputs(load_params(params_file, hub))
     assert moved.models.inputs[0].revision == second and pipeline.stage_key("fetch", moved, {}) != key
     assert pin_inputs(moved) == moved  # a commit is already pinned: nothing to resolve
+
+
+def test_gc_keeps_the_last_runs_of_each_series(tiny_models, tmp_path):
+    """pipeline.keep_runs is the retention: old nightly artifacts go, the last N runs of every
+    series (and of runs without one) keep theirs."""
+    from flows.gc import collect_garbage
+    from merging.pipeline_params import load_params
+
+    params = load_params(write_params(tmp_path / "params.yaml", tiny_models, tmp_path / "art"), {"pipeline.keep_runs": 2})
+    store = tmp_path / "art" / "store"
+    runs = [("nightly", "save-n1"), ("nightly", "save-n2"), ("manual", "save-m1"), ("nightly", "save-n3"), (None, "save-x1")]
+    store.mkdir(parents=True)
+    with open(store / "runs.jsonl", "w") as log:
+        for series, folder in runs:
+            (store / folder).mkdir()
+            log.write(json.dumps({"series": series, "artifacts": {"save": str(store / folder)}}) + "\n")
+    assert [p.name for p in collect_garbage(params, dry_run=True)] == ["save-n1"]
+    assert [p.name for p in collect_garbage(params, keep_runs=1)] == ["save-n1", "save-n2"]
+    assert sorted(p.name for p in store.iterdir() if p.is_dir()) == ["save-m1", "save-n3", "save-x1"]

@@ -1,6 +1,8 @@
-"""A real local Prefect server on loopback (started and stopped by this test, by PID) serves
-the deployments; ``prefect deployment run 'merge-and-eval/manual' --watch`` completes and
-the nightly deployment carries the cron and timezone from params.yaml."""
+"""The laptop route: a real local Prefect server on loopback (started and stopped by this test,
+by PID) and ``mergeflow serve``; ``prefect deployment run 'merge-and-eval/manual' --watch``
+completes, and the nightly deployment carries the cron and timezone from params.yaml and its
+name as the series its runs are compared in. (The server route, a work pool and a worker, is
+tests/flows/test_worker.py.)"""
 
 from __future__ import annotations
 
@@ -70,6 +72,7 @@ def test_served_deployment_runs_to_completion(tiny_models, tmp_path):
     params = write_params(tmp_path / "params.yaml", tiny_models, tmp_path / "art")
     raw = yaml.safe_load(params.read_text())
     raw["schedule"] = {"cron": "30 3 * * *", "timezone": "Europe/Berlin"}
+    raw["eval"].update({"tasks": ["demo_arith"], "limit": 1, "evaluate_inputs": False})
     params.write_text(yaml.safe_dump(raw))
     log = open(tmp_path / "server.log", "w")
     server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
@@ -91,6 +94,7 @@ def test_served_deployment_runs_to_completion(tiny_models, tmp_path):
         nightly = next(d for d in _post(f"{api}/deployments/filter", {}) if d["name"] == "nightly")
         schedule = nightly["schedules"][0]["schedule"]
         assert schedule["cron"] == "30 3 * * *" and schedule["timezone"] == "Europe/Berlin"
+        assert nightly["parameters"]["series"] == "nightly" and nightly["parameters"]["params_file"] == str(params)
 
         run = subprocess.run([str(BIN / "prefect"), "deployment", "run", "merge-and-eval/manual", "--watch"],
                              env=env, capture_output=True, text=True, timeout=600)
