@@ -35,11 +35,17 @@ class CheckpointReader:
         path: a Hugging Face model folder.
         name: how the model is named in messages (defaults to the path).
         allow_pickle: allow ``pytorch_model.bin`` checkpoints (weights only, no code).
+        shapes_only: also accept safetensors files that hold only their header (no tensor data):
+            their tensors have names, shapes and dtypes, and reading one is an error. For a base
+            whose weights a merge never reads (an ``out_format: peft`` merge of LoRA adapters).
     """
 
-    def __init__(self, path: str | Path, name: str | None = None, allow_pickle: bool = False) -> None:
+    def __init__(self, path: str | Path, name: str | None = None, allow_pickle: bool = False,
+                 shapes_only: bool = False) -> None:
         self.path = Path(path)
         self.name = name or str(path)
+        self.shapes_only = shapes_only
+        self._headers_only: set[Path] = set()  # files without their data area (shapes_only)
         if not self.path.is_dir():
             raise CheckpointNotFoundError(
                 f"model {self.name!r}: folder {self.path} does not exist (give a local model folder, "
@@ -82,7 +88,13 @@ class CheckpointReader:
         """Validate one safetensors file's header and record its tensors (``wanted``: the
         tensors an index assigns to it, each of which must be there)."""
         path = model_file(self.path, name, self._owner)
-        header = read_header(path, self._owner)
+        try:
+            header = read_header(path, self._owner)
+        except CheckpointMismatchError:
+            if not self.shapes_only:
+                raise
+            header = read_header(path, self._owner, shapes_only=True)
+            self._headers_only.add(path)
         for tensor in sorted(header) if wanted is None else wanted:
             if tensor not in header:
                 raise CheckpointMismatchError(f"{self._owner}: {SAFETENSORS_INDEX} puts tensor {tensor!r} in {name}, "
@@ -164,6 +176,11 @@ class CheckpointReader:
             raise KeyError(key)
         if self._pickled is not None:
             return self._pickled[key]
+        if self._files[key] in self._headers_only:
+            raise CheckpointMismatchError(
+                f"{self._owner}: {self._files[key].name} holds tensor headers only (no data), and this merge reads "
+                f"tensor {key!r}; a header-only base serves only out_format: peft merges of LoRA adapters (without "
+                "modules_to_save) by a method that keeps their span; give the full base")
         return self._handle(self._files[key]).get_tensor(key)
 
     def close(self) -> None:

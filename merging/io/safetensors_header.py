@@ -33,8 +33,13 @@ DTYPES = {
 }
 
 
-def read_header(path: Path, owner: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """``{tensor name: (shape, dtype)}`` of a safetensors file whose header is consistent."""
+def read_header(path: Path, owner: str, shapes_only: bool = False) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """``{tensor name: (shape, dtype)}`` of a safetensors file whose header is consistent.
+
+    With ``shapes_only`` the data area may be missing or short (a header-only file, written to
+    give a model's shapes without its weights): offsets are not checked against the file's
+    size, everything else is.
+    """
 
     def bad(what: str) -> CheckpointMismatchError:
         return CheckpointMismatchError(f"{owner}: {path.name} is not a valid safetensors file: {what}; "
@@ -72,7 +77,10 @@ def read_header(path: Path, owner: str) -> dict[str, tuple[tuple[int, ...], torc
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
             raise bad(f"tensor {name!r} has an invalid shape {shape!r}")
         if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
-                or not 0 <= offsets[0] <= offsets[1] <= data_size):
+                or not 0 <= offsets[0] <= offsets[1] <= (offsets[1] if shapes_only else data_size)):
+            if data_size == 0 and isinstance(offsets, list) and all(type(o) is int and o >= 0 for o in offsets):
+                raise bad("it holds tensor headers but no tensor data (a header-only file gives shapes only: enough "
+                          "for the base of an out_format: peft merge of LoRA adapters that keeps their span, not here)")
             raise bad(f"tensor {name!r} has data_offsets {offsets!r} outside the {data_size}-byte data area")
         expected = math.prod(shape) * dtype.itemsize
         if offsets[1] - offsets[0] != expected:
