@@ -8,7 +8,9 @@ names: which 2-D tensors merge as matrices, which take the "other" path, which k
 base value), ``shard_size``, ``allow_pickle``, ``allow_nonfinite`` (write merged tensors
 holding NaN/Inf instead of refusing), ``copy_tokenizer`` and ``write_model_card`` (mergekit's
 output options: tokenizer files and the README.md card), ``stats`` (activation statistics file) and
-``out`` (output folder; the CLI's ``--out`` or positional argument wins).
+``out`` (output folder; the CLI's ``--out`` or positional argument wins), ``out_format`` (``hf``, or
+``peft``: the merge of LoRA adapters written as a PEFT adapter, ``merging.io.adapter_writer``) and
+``adapter_rank`` (its per-module rank cap).
 
 The DRM seed YAML (``merging_config``, ``save_path``) and the Circuit-Merge YAML
 (``variant_models``, ``output_dir``) are recognised by their keys and mapped onto the
@@ -70,6 +72,12 @@ class MergeConfig(BaseModel):
     write_model_card: bool = Field(True, description="Write a README.md model card into the output.")
     stats: str | None = None
     out: str | None = None
+    out_format: Literal["hf", "peft"] = Field(
+        "hf", description="hf: a Hugging Face model folder. peft: a PEFT LoRA adapter folder (every input a LoRA "
+                          "adapter; exact for methods that keep the adapters' span, else give adapter_rank).")
+    adapter_rank: int | None = Field(
+        None, ge=1, description="out_format: peft: truncate every LoRA module to at most this rank (a truncated SVD; "
+                                "the energy dropped is reported).")
 
     @field_validator("models")
     @classmethod
@@ -103,7 +111,8 @@ class MergeConfig(BaseModel):
 
 
 # top-level keys of a DRM / Circuit-Merge YAML that are ours too, copied as they are
-_SHARED_KEYS = ("device", "out_dtype", "shard_size", "allow_pickle", "allow_nonfinite", "tokenizer_source")
+_SHARED_KEYS = ("device", "out_dtype", "shard_size", "allow_pickle", "allow_nonfinite", "tokenizer_source", "out_format",
+                "adapter_rank")
 _DRM_KEYS = ("seed", *_SHARED_KEYS)
 _DRM_RENAMES = {"linear_parameter_regex_pattern": "include", "linear_parameter_ignore_regex_pattern": "exclude",
                 "ignore_module_regex_pattern": "ignore"}

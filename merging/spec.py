@@ -123,6 +123,11 @@ class MethodSpec:
         param_stages: which pipeline stage reads each parameter (``"decompose"`` or
             ``"sparsify"``); every parameter not listed is read by ``"combine"``. A changed
             parameter reruns its stage and the ones after it, never those before.
+        lora_span: when every input is a LoRA adapter, the merged delta of each matrix they
+            adapt stays in the span of their factors (column space of B_cat or row space of
+            A_cat, rank <= sum of ranks) and depends on the deltas alone, so it is stored exactly
+            as a LoRA adapter (``out_format: peft``). Any method run with ``merge_space: core``
+            (or ``knots``: U X keeps the column space) does too (``keeps_lora_span``).
     """
 
     name: str
@@ -139,6 +144,11 @@ class MethodSpec:
     paper: str = ""
     param_stages: Mapping[str, str] = field(default_factory=dict)
     uses_stats: bool = False
+    lora_span: bool = False
+
+    def keeps_lora_span(self, params: MethodParams) -> bool:
+        """Whether the merge of LoRA adapters with ``params`` stays in their span (see ``lora_span``)."""
+        return self.lora_span or getattr(params, "merge_space", "full") in ("core", "knots")
 
     def stage_of(self, key: str) -> str:
         """The pipeline stage that reads parameter ``key``."""

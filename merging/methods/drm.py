@@ -192,6 +192,7 @@ SPEC = MethodSpec(
     combine=combine,
     global_trim=non_linear_trim,
     paper="Chaichana et al. 2025, Decom-Renorm-Merge, arXiv 2505.23117",
+    lora_span=True,
     param_stages={
         "direction": "decompose", "rel_rank_tol": "decompose", "svd_dtype": "decompose", "reference_compat": "decompose",
         "singular_matrices_drop_rate": "sparsify", "enable_sign_resolution": "sparsify",

@@ -46,4 +46,5 @@ SPEC = MethodSpec(
     combine=combine,
     needs_base=False,
     paper="Wortsman et al. 2022, Model soups, arXiv 2203.05482",
+    lora_span=True,
 )

@@ -30,4 +30,5 @@ SPEC = MethodSpec(
     model_params=WeightedModelParams,
     combine=combine_weighted_sum,
     paper="Ilharco et al. 2023, Editing Models with Task Arithmetic, arXiv 2212.04089",
+    lora_span=True,
 )

@@ -72,4 +72,4 @@ def combine(group: TensorGroup, factors: Factors, params: TsvMParams) -> torch.T
 
 
 SPEC = MethodSpec(name="tsv_m", params=TsvMParams, decompose=decompose, combine=combine, param_stages={"merge_space": "decompose"},
-                  paper="Gargiulo et al. 2025, Task Singular Vectors, arXiv 2412.00081")
+                  paper="Gargiulo et al. 2025, Task Singular Vectors, arXiv 2412.00081", lora_span=True)
