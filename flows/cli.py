@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
@@ -238,6 +237,7 @@ def run(
     params: Annotated[str, typer.Option("--params", help="Pipeline params file.")] = "params.yaml",
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a dotted key: --set merge.sparsify.density=0.3")] = None,
     refresh: Annotated[bool, typer.Option(help="Recompute every stage, ignoring caches.")] = False,
+    series: Annotated[str | None, typer.Option(help="Compare the scores with the previous run of this series; a drop beyond eval.regression_tolerance fails the run (exit code 1).")] = None,
 ) -> None:
     """Run the merge-and-eval flow once (Prefect; cached stages are skipped)."""
     with exit_on_error():
@@ -245,7 +245,14 @@ def run(
         _pipeline_env()
         from flows.merge_and_eval import merge_and_eval, task_runner
 
-        merge_and_eval.with_options(task_runner=task_runner(params, overrides))(params, overrides, refresh)
+        flow = merge_and_eval.with_options(task_runner=task_runner(params, overrides))
+        state = flow(params, overrides, refresh, series, return_state=True)
+        if state.is_failed():
+            error = state.result(raise_on_failure=False)
+            if isinstance(error, BaseException):
+                raise error  # a MergeflowError is one line and exit code 2
+            typer.echo(state.message, err=True)  # a regression: the run ended Failed on purpose
+            raise typer.Exit(code=1)
 
 
 @app.command()
@@ -280,7 +287,8 @@ def leaderboard(
 
 @app.command()
 def serve(params: Annotated[str, typer.Option("--params")] = "params.yaml") -> None:
-    """Serve the 'merge-and-eval/manual' and 'merge-and-eval/nightly' deployments."""
+    """Serve the 'merge-and-eval/manual' and 'merge-and-eval/nightly' deployments from this process
+    (a laptop; on a server: prefect.yaml, prefect deploy --all and prefect worker start --pool mergeflow)."""
     with exit_on_error():
         from flows.deploy import serve_deployments
 
@@ -327,7 +335,7 @@ def dvc_yaml(
 @app.command()
 def gc(
     params: Annotated[str, typer.Option("--params")] = "params.yaml",
-    keep_runs: Annotated[int, typer.Option(help="Also keep what the last N runs used.")] = 5,
+    keep_runs: Annotated[int | None, typer.Option(help="Also keep what the last N runs of each series used (default: pipeline.keep_runs).")] = None,
     dry_run: Annotated[bool, typer.Option(help="List what would be removed.")] = False,
 ) -> None:
     """Remove store artifacts that neither the current params nor the last N runs use."""
@@ -380,20 +388,86 @@ def zoo_build(
         typer.echo(f"{name:<10} {acc['base']:>6.3f} {acc['specialist']:>10.3f}")
 
 
-@app.command()
-def methods() -> None:
-    """List the merge methods and their parameters."""
-    from merging.registry import METHODS
-    from merging.resolve import field_names
+_INERT = "has no effect"  # a description that says so: accepted for mergekit configs, not used
 
-    for name, spec in sorted(METHODS.items()):
-        shared = ", ".join(sorted(field_names(spec.params)))
-        per_model = ", ".join(sorted(field_names(spec.model_params))) or "-"
-        typer.echo(f"{name:18s} shared: {shared} | per model: {per_model}")
+
+def _bounds(info) -> str:
+    """A field's bounds (ge/gt/le/lt) or choices, as 0 <= x <= 1 or a|b."""
+    from typing import Literal, get_args, get_origin
+
+    args = [a for a in (info.annotation, *get_args(info.annotation)) if get_origin(a) is Literal]
+    if args:
+        return "|".join(str(v) for v in get_args(args[0]))
+    low = next(((f"{m.ge} <=", m.ge) for m in info.metadata if getattr(m, "ge", None) is not None), None) or \
+        next(((f"{m.gt} <", m.gt) for m in info.metadata if getattr(m, "gt", None) is not None), None)
+    high = next((f"<= {m.le}" for m in info.metadata if getattr(m, "le", None) is not None), None) or \
+        next((f"< {m.lt}" for m in info.metadata if getattr(m, "lt", None) is not None), None)
+    return " ".join(p for p in ((low[0] if low else None), "x" if low or high else None, high) if p) or "-"
+
+
+def _method_rows(spec) -> tuple[list[tuple[str, ...]], list[str]]:
+    """(name, stage, default, bounds, description) of every parameter a method uses, and the names
+    of those it only accepts."""
+    rows, inert = [], []
+    for model, scope in ((spec.params, ""), (spec.model_params, " (per model)")):
+        for name, info in model.model_fields.items():
+            key = info.alias or name
+            if _INERT in (info.description or ""):
+                inert.append(key)
+                continue
+            default = "-" if info.is_required() else repr(info.get_default(call_default_factory=True))
+            rows.append((key + scope, spec.stage_of(key), default, _bounds(info), info.description or ""))
+    return rows, inert
+
+
+@app.command()
+def methods(
+    names: Annotated[list[str] | None, typer.Argument(metavar="[METHOD]...", help="Only these methods.")] = None,
+) -> None:
+    """List the merge methods and, for each, the parameters it uses: stage, default, bounds, description."""
+    from merging.registry import METHODS, get_method
+
+    with exit_on_error():
+        specs = [get_method(n) for n in names] if names else [METHODS[n] for n in sorted(METHODS)]
+    for spec in specs:
+        typer.echo(f"{spec.name}" + (f"  ({spec.paper})" if spec.paper else ""))
+        rows, inert = _method_rows(spec)
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        for row in rows:
+            typer.echo("  " + "  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths)) + f"  {row[4]}")
+        if inert:
+            typer.echo(f"  accepted, no effect: {', '.join(inert)}")
+        typer.echo("")
+
+
+@app.command()
+def lineage(
+    target: Annotated[str, typer.Argument(metavar="PATH_OR_DIGEST", help="A saved model folder (store save-* or DVC artifacts/save), or its digest (8+ hex digits).")],
+    params: Annotated[str, typer.Option("--params", help="Where the artifacts are (pipeline.artifacts).")] = "params.yaml",
+    as_json: Annotated[bool, typer.Option("--json", help="JSON instead of YAML.")] = False,
+) -> None:
+    """Where a merged model came from: its digest, the params that made it, the code version, its inputs' digests and its scores."""
+    import json
+
+    from flows.lineage import format_lineage
+    from flows.lineage import lineage as find_lineage
+    from merging.pipeline_params import load_params
+
+    with exit_on_error():
+        info = find_lineage(target, load_params(params))
+    typer.echo(json.dumps(info, indent=2, sort_keys=True) if as_json else format_lineage(info))
+
+
+@app.callback()
+def _options(
+    verbose: Annotated[int, typer.Option("-v", "--verbose", count=True, help="Log INFO (-vv: DEBUG) for any command: mergeflow -v run.")] = 0,
+) -> None:
+    if verbose:
+        logging.getLogger().setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO if "-v" in sys.argv else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")  # -v: _options
     app()
 
 
