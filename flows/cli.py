@@ -129,6 +129,8 @@ def merge(
     safe_serialization: Annotated[bool, typer.Option("--safe-serialization/--no-safe-serialization", rich_help_panel=MERGEKIT, help="safetensors only (--no-safe-serialization is refused).")] = True,
     transformers_cache: Annotated[str | None, typer.Option(rich_help_panel=MERGEKIT, help="Refused: set HF_HUB_CACHE=DIR.")] = None,
     lora_merge_dtype: Annotated[str | None, typer.Option(rich_help_panel=MERGEKIT, help="Refused: set compute_dtype in the config.")] = None,
+    out_format: Annotated[str | None, typer.Option("--out-format", metavar="hf|peft", help="hf: a model folder (default). peft: a PEFT LoRA adapter (every input a LoRA adapter; exact for task_arithmetic, linear, drm, tsv_m and merge_space: core).")] = None,
+    adapter_rank: Annotated[int | None, typer.Option("--adapter-rank", metavar="K", help="With --out-format peft: truncate every LoRA module to rank <= K and report the energy dropped (needed for methods whose result is full-rank).")] = None,
 ) -> None:
     """Merge models as a config describes, streaming one tensor at a time."""
     from merging.config import load_merge_config
@@ -154,6 +156,7 @@ def merge(
                                   ("--out-shard-size", None if out_shard_size is None else _mergekit_size(out_shard_size))),
             "copy_tokenizer": copy_tokenizer, "write_model_card": write_model_card,
             "allow_pickle": allow_pickle or None, "allow_nonfinite": allow_nonfinite or None,
+            "out_format": out_format, "adapter_rank": adapter_rank,
         }
         overrides = {k: v for k, v in overrides.items() if v is not None}
         if overrides:
@@ -165,6 +168,10 @@ def merge(
             for flag in (f for f, given in inert.items() if given):
                 log.info("%s: accepted for mergekit compatibility, no effect in mergeflow (see 'mergeflow merge --help')", flag)
             _run_merge(config, out or out_arg, overwrite, quiet)
+        if config.out_format == "peft":
+            from merging.io.adapter_writer import read_report, summary_line
+
+            typer.echo(f"adapter: {summary_line(read_report(out or out_arg or config.out))}")
 
 
 @app.command("circuit-merge")

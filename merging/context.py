@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from merging.api import check_model_count
 from merging.config import MergeConfig
 from merging.errors import MergeConfigError, NonFiniteDeltaError
+from merging.io.adapter_writer import adapter_contents
 from merging.io.checkpoint import CheckpointReader
 from merging.io.files import model_file, read_json_object
 from merging.io.sources import AdapterSource, FullModelSource, ModelSource, open_source, resolve_folder
@@ -98,7 +99,8 @@ class MergeContext:
         self.has_base = config.base_model is not None
         self.base_ref = base_ref
         self.base_folder = resolve_folder(base_ref)
-        self.base = CheckpointReader(self.base_folder, name=base_ref, allow_pickle=config.allow_pickle)
+        self.base = CheckpointReader(self.base_folder, name=base_ref, allow_pickle=config.allow_pickle,
+                                     shapes_only=config.out_format == "peft")
         base_shapes = self.base.shapes()
         self.entries = entries
         read_dtype = DTYPES[config.dtype] if config.dtype else None
@@ -121,6 +123,12 @@ class MergeContext:
             if entry.kind != "ignore":
                 self.params_for(entry)
         self._check_core_space()
+        # out_format: peft of LoRA adapters (no whole tensors) merged in their span: the result is a
+        # function of the deltas alone, so the base gives shapes only (it may be header-only) and is never read
+        self.base_values_unused = (
+            config.out_format == "peft" and all(isinstance(s, AdapterSource) and not adapter_contents(s.adapter).full
+                                                for s in self.sources)
+            and all(self.spec.keeps_lora_span(self.params_for(e)[0]) for e in self.merged_entries()))
         self.stats = _load_stats(config.stats) if config.stats else None
         if self.spec.uses_stats and self.stats is None:
             log.warning("%s: no activation statistics given (create them with 'mergeflow collect-stats' and set "
@@ -162,7 +170,7 @@ class MergeContext:
         """The base tensor (read in ``dtype`` when set) on the compute device and dtype; the
         last one is kept, since every stage of a tensor group asks for it."""
         if self._last_base[0] != name:
-            raw = self.base.get(name)
+            raw = torch.zeros(self.base.shape(name), dtype=self.dtype) if self.base_values_unused else self.base.get(name)
             if self.config.dtype:
                 raw = raw.to(DTYPES[self.config.dtype])
             self._last_base = (name, raw.to(device=self.device, dtype=self.dtype))

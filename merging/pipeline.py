@@ -33,11 +33,12 @@ import torch
 
 from merging import stages
 from merging.config import MergeConfig
-from merging.context import MergeContext, reproducible_threads
+from merging.context import DTYPES, MergeContext, reproducible_threads
 from merging.digests import content_key, model_digest
 from merging.errors import ArtifactError, MergeConfigError
 from merging.fetch import fetched_folders, local_state, model_sources
 from merging.fingerprint import closure_files, fingerprint
+from merging.io.adapter_writer import MergedAdapter
 from merging.io.artifacts import (
     ArtifactReader,
     ArtifactWriter,
@@ -46,6 +47,7 @@ from merging.io.artifacts import (
     relative_link,
     write_manifest,
 )
+from merging.io.sources import AdapterSource
 from merging.io.writer import ShardedWriter, atomic_output_dir, parse_size, refuse_overlap
 from merging.pipeline_params import PipelineParams, merge_config
 from merging.plan import TensorEntry
@@ -342,11 +344,16 @@ def run_stage(name: str, params: PipelineParams, inputs: dict[str, str | Path], 
 
 def merge_checkpoints(config: MergeConfig, out: str | Path, *, overwrite: bool = False, progress: Progress = None) -> Path:
     """Merge the models of ``config`` into a Hugging Face folder at ``out``: every merge stage
-    fused in memory, tensor group by tensor group, written atomically (``mergeflow merge``)."""
+    fused in memory, tensor group by tensor group, written atomically (``mergeflow merge``).
+    With ``out_format: peft`` the merged deltas become a PEFT LoRA adapter instead (``_adapter_sink``)."""
     started = time.perf_counter()
     ctx = MergeContext(config)
-    with _sink(MERGE_STAGES[-1], ctx, Path(out), None, overwrite) as add:
-        _loop(list(MERGE_STAGES), ctx, {}, add, None, progress)
+    if config.out_format == "peft":
+        with _adapter_sink(ctx, Path(out), overwrite) as add:
+            _loop([s for s in MERGE_STAGES if not s.covers_ignored], ctx, {}, add, None, progress)
+    else:
+        with _sink(MERGE_STAGES[-1], ctx, Path(out), None, overwrite) as add:
+            _loop(list(MERGE_STAGES), ctx, {}, add, None, progress)
     log.info("merged with %s into %s (%.1f s)", ctx.spec.name, out, time.perf_counter() - started)
     return Path(out)
 
@@ -411,6 +418,27 @@ def _sink(stage: Stage, ctx: MergeContext, out: Path, manifest: dict[str, Any] |
             digest = model_digest(tmp)
             (tmp / MODEL_DIGEST_FILE).write_text(digest + "\n")
             write_manifest(tmp, {**manifest, "files": sorted(p.name for p in tmp.iterdir()), "output_digest": digest})
+
+
+@contextlib.contextmanager
+def _adapter_sink(ctx: MergeContext, out: Path, overwrite: bool) -> Iterator[Callable[[str, stages.Tensors], None]]:
+    """``out_format: peft``: combine's merged deltas written as a PEFT LoRA adapter folder
+    (``merging.io.adapter_writer``), atomically; tensors whose delta is zero are left out."""
+    full = [s.name for s in ctx.sources if not isinstance(s, AdapterSource)]
+    if full:
+        raise MergeConfigError(f"out_format: peft needs every input to be a LoRA adapter, but model {full[0]!r} is a "
+                               "full model; use out_format: hf (then mergeflow extract-lora for an adapter)")
+    output = MergedAdapter(
+        [s.adapter for s in ctx.sources], rank=ctx.config.adapter_rank, method=ctx.spec.name,
+        in_span=all(ctx.spec.keeps_lora_span(ctx.params_for(e)[0]) for e in ctx.merged_entries()),
+        dtype=DTYPES[ctx.out_dtype_name] if ctx.out_dtype_name else torch.float32)
+    entries = {e.name: e for e in ctx.plan}
+    refuse_overlap(out, ctx.input_folders())
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        yield lambda name, tensors: output.add(
+            name, tensors["merged_delta"], lambda: stages.save(ctx, entries[name], {"combine": tensors})[name])
+        output.write(tmp, ctx.config.base_model)
+        (tmp / "mergeflow_config.yml").write_text(ctx.config.to_yaml())
 
 
 def _marker(stage: Stage, out: Path) -> Path:
