@@ -174,6 +174,29 @@ def merge(
             typer.echo(f"adapter: {summary_line(read_report(out or out_arg or config.out))}")
 
 
+@app.command("extract-lora")
+def extract_lora_command(
+    base: Annotated[str, typer.Argument(metavar="BASE", help="Base model folder (or hub id).")],
+    finetuned: Annotated[str, typer.Argument(metavar="FINETUNED", help="A full fine-tune of BASE.")],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Folder for the PEFT LoRA adapter.")],
+    rank: Annotated[int, typer.Option("--rank", "--max-rank", metavar="K", help="Largest rank of a module (truncated SVD of its delta).")],
+    embed_lora: Annotated[bool, typer.Option("--embed-lora", help="Also factor embeddings and the LM head (else they are stored whole in modules_to_save).")] = False,
+    compute_dtype: Annotated[str, typer.Option(help="float32 | float64 for the deltas and SVDs.")] = "float32",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet/--no-quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Extract a LoRA adapter from a full fine-tune (per matrix a truncated SVD of its delta); prints the
+    reconstruction error per module and writes it to OUT/adapter_report.json."""
+    from merging.extract_lora import extract_lora, report_table
+
+    with exit_on_error():
+        with progress_bar("extracting", enabled=not quiet) as update:
+            report = extract_lora(base, finetuned, out, rank=rank, embed_lora=embed_lora, overwrite=overwrite,
+                             compute_dtype=compute_dtype, progress=update)
+        typer.echo(report_table(report))
+        typer.echo(f"wrote {out}")
+
+
 @app.command("circuit-merge")
 def circuit_merge(
     paths: Annotated[list[str] | None, typer.Argument(metavar="BASE VARIANT [VARIANT ...] OUTPUT", help="Base model, variants (first = highest priority), output folder.")] = None,
