@@ -26,6 +26,8 @@ from merging.io.checkpoint import CheckpointReader
 from merging.io.files import model_file, read_json_object
 from merging.io.sources import AdapterSource, FullModelSource, ModelSource, open_source, resolve_folder
 from merging.kernels.core_space import CoreSpace, project_to_core
+from merging.kernels.knots import KnotsMatrix
+from merging.kernels.knots import decompose_matrix as knots_decompose
 from merging.plan import TensorEntry, build_plan, check_same_kinds, check_same_tensors
 from merging.registry import get_method
 from merging.resolve import build_params, split_global_parameters
@@ -34,6 +36,9 @@ from merging.spec import LoraFactors, MethodSpec, TensorGroup
 __all__ = ["MergeContext", "resolve_device", "reproducible_threads", "DTYPES"]
 
 log = logging.getLogger(__name__)
+
+KNOTS_MIN_SINGULAR_VALUE = 1e-5
+"""KnOTS keeps the singular triplets above this absolute value (the reference's cut)."""
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -86,6 +91,7 @@ class MergeContext:
         self.thresholds: tuple[torch.Tensor | None, frozenset] = (None, frozenset())  # sparsify's first pass
         self._last_base: tuple[str | None, torch.Tensor | None] = (None, None)
         self._last_core: tuple[str | None, CoreSpace | None] = (None, None)
+        self._last_knots: tuple[str | None, KnotsMatrix | None] = (None, None)
         refs = [m.model for m in config.models]
         if self.spec.needs_base:
             if config.base_model is None:
@@ -136,6 +142,8 @@ class MergeContext:
 
     def _check_core_space(self) -> None:
         """``merge_space: core`` needs LoRA inputs and a per-tensor trim."""
+        if any(self.space_of(e) == "knots" for e in self.merged_entries()) and not self.has_base:
+            raise MergeConfigError("merge_space: knots needs base_model (it decomposes the task deltas)")
         core = [e for e in self.merged_entries() if self.in_core_space(e)]
         if not core:
             return
@@ -193,9 +201,32 @@ class MergeContext:
             deltas[t] = d
         return deltas
 
+    def space_of(self, entry: TensorEntry) -> str:
+        """Where the method runs on this tensor: ``full``, ``core`` or ``knots`` (matrices only)."""
+        return getattr(self.params_for(entry)[0], "merge_space", "full") if entry.kind == "matrix" else "full"
+
     def in_core_space(self, entry: TensorEntry) -> bool:
         """Whether the method runs on this tensor's Core Space (``merge_space: core``)."""
-        return getattr(self.params_for(entry)[0], "merge_space", "full") == "core" and entry.kind == "matrix"
+        return self.space_of(entry) == "core"
+
+    def knots_space(self, entry: TensorEntry, lora: LoraFactors | None = None,
+                    deltas: torch.Tensor | None = None) -> KnotsMatrix | None:
+        """KnOTS basis U and representations X_t = diag(s) V_t^T of a matrix under
+        ``merge_space: knots`` (None otherwise), from its LoRA factors or its dense deltas; the
+        last one is kept, since every stage of a group asks for it."""
+        if self.space_of(entry) != "knots":
+            return None
+        if self._last_knots[0] != entry.name:
+            if lora is not None:
+                space = knots_decompose(lora.b, lora.a, lora.scales, min_singular_value=KNOTS_MIN_SINGULAR_VALUE)
+            else:
+                t, n, m = deltas.shape
+                u, s, vh = torch.linalg.svd(deltas.to(torch.float64).permute(1, 0, 2).reshape(n, t * m), full_matrices=False)
+                k = int((s > KNOTS_MIN_SINGULAR_VALUE).sum())
+                blocks = vh[:k].reshape(k, t, m).permute(1, 0, 2)  # (T, k, m)
+                space = KnotsMatrix(u[:, :k], s[:k].reshape(1, k, 1) * blocks)
+            self._last_knots = (entry.name, KnotsMatrix(space.basis.to(self.device), space.representations.to(self.device)))
+        return self._last_knots[1]
 
     def core_space(self, entry: TensorEntry, lora: LoraFactors | None = None) -> CoreSpace | None:
         """The Core Space of a LoRA-adapted matrix under ``merge_space: core`` (None
@@ -233,6 +264,8 @@ class MergeContext:
             lora = LoraFactors(tuple(b.to(self.device) for b in lora.b), tuple(a.to(self.device) for a in lora.a), lora.scales)
             if self.in_core_space(entry):
                 stack, lora = self.core_space(entry, lora).cores.to(self.dtype), None
+        if self.space_of(entry) == "knots":
+            stack, lora = self.knots_space(entry, lora, stack).representations.to(self.dtype), None
         return TensorGroup(
             name=entry.name, base=self.base_tensor(entry.name), deltas=stack.to(self.device),
             model_params=model_params, kind=entry.kind, has_base=self.has_base,

@@ -16,7 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["MethodParams", "ModelParams", "WeightedModelParams", "CoreSpaceParams"]
+__all__ = ["MethodParams", "ModelParams", "WeightedModelParams", "CoreSpaceParams", "KnotsSpaceParams"]
 
 
 class MethodParams(BaseModel):
@@ -51,4 +51,16 @@ class CoreSpaceParams(MethodParams):
         description="full: merge the dense deltas. core: merge LoRA-adapted matrices in Core Space (Panariello et "
                     "al. 2025, arXiv 2509.17786): the method runs on the cores M_t = s_t U^T B_t A_t V (U, V bases "
                     "of the stacked factors), the result is mapped back; every input must be a LoRA adapter.",
+    )
+
+
+class KnotsSpaceParams(MethodParams):
+    """TIES-family methods, which can also merge in Core Space or in KnOTS space."""
+
+    merge_space: Literal["full", "core", "knots"] = Field(
+        "full",
+        description="full: the dense deltas. core: Core Space (Panariello et al. 2025) of LoRA inputs. knots: KnOTS "
+                    "(Stoica et al. 2025, arXiv 2410.19735): per matrix the SVD of the task stack [D_1 | ... | D_T] "
+                    "= U diag(s) V^T, the method runs on X_t = diag(s) V_t^T with one trim budget per task over "
+                    "every matrix of the model, and the result is U merged.",
     )

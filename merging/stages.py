@@ -22,6 +22,7 @@ from merging.errors import NonFiniteOutputError
 from merging.io.model_card import model_card, write_support_files
 from merging.plan import TensorEntry
 from merging.rng import generator_for
+from merging.spec import LoraFactors
 from merging.thresholds import global_thresholds
 
 __all__ = ["Tensors", "compute_deltas", "decompose", "sparsify", "combine", "save", "trim_thresholds", "write_model_files"]
@@ -64,6 +65,9 @@ def combine(ctx: MergeContext, entry: TensorEntry, inputs: Inputs) -> Tensors:
     space = ctx.core_space(entry)
     if space is not None:
         merged = (space.u_ref.to(merged.dtype) @ merged @ space.v_ref.T.to(merged.dtype))
+    knots = ctx.knots_space(entry, LoraFactors.from_tensors(inputs["deltas"]), inputs["deltas"]["deltas"])
+    if knots is not None:
+        merged = knots.basis.to(merged.dtype) @ merged
     return {"merged_delta": merged}
 
 
@@ -100,7 +104,8 @@ def trim_thresholds(ctx: MergeContext, read: Callable[[str, TensorEntry], Tensor
     entries = ctx.merged_entries()
     if entries:
         params, model_params = ctx.params_for(entries[0])
-        ctx.thresholds = global_thresholds(ctx.spec, params, model_params, entries, lambda e: read("deltas", e)["deltas"],
+        # in the space the method runs in: Core Space cores, KnOTS representations or the deltas
+        ctx.thresholds = global_thresholds(ctx.spec, params, model_params, entries, lambda e: ctx.group(e, read("deltas", e)).deltas,
                                            ctx.dtype, ctx.device)
 
 

@@ -50,7 +50,7 @@ def fuse_deltas(
 
 def model_weights(group) -> torch.Tensor:
     """The per-model ``weight`` of a tensor group's resolved model params, shape ``(T,)``."""
-    return torch.tensor([p.weight for p in group.model_params])
+    return torch.tensor([p.weight for p in group.model_params], dtype=torch.float64)  # exact; cast by the caller
 
 
 def combine_weighted_sum(group, factors, params) -> torch.Tensor:

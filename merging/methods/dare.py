@@ -23,7 +23,7 @@ from pydantic import Field, field_validator
 
 from merging.kernels.fuse import combine_sign_elected, combine_weighted_sum
 from merging.kernels.rescale import Rescale, apply_rescale, parse_rescale
-from merging.params import CoreSpaceParams, MethodParams, WeightedModelParams
+from merging.params import KnotsSpaceParams, MethodParams, WeightedModelParams
 from merging.rng import uniform
 from merging.spec import Factors, MethodSpec, TensorGroup
 
@@ -40,7 +40,7 @@ class DareParams(MethodParams):
     _rescale = field_validator("rescale", mode="before")(parse_rescale)
 
 
-class DareTiesParams(DareParams, CoreSpaceParams):
+class DareTiesParams(DareParams, KnotsSpaceParams):
     weight_before_election: bool = Field(True, description="mergekit: weights affect the sign vote.")
     sign_tie_rule: Literal["positive", "majority"] = Field("positive", description="Sign at zero mass.")
 

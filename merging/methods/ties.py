@@ -32,7 +32,7 @@ from pydantic import Field
 
 from merging.kernels.fuse import combine_sign_elected
 from merging.kernels.sparsify import keep_topk, trim_below
-from merging.params import CoreSpaceParams, WeightedModelParams
+from merging.params import KnotsSpaceParams, WeightedModelParams
 from merging.spec import Factors, GlobalTrim, MethodSpec, TensorGroup
 
 
@@ -40,7 +40,7 @@ class TiesModelParams(WeightedModelParams):
     density: float = Field(0.2, gt=0.0, le=1.0, description="Fraction of each delta kept by magnitude.")
 
 
-class TiesParams(CoreSpaceParams):
+class TiesParams(KnotsSpaceParams):
     normalize: bool = Field(True, description="Disjoint mean (true) or disjoint sum (false).")
     trim_scope: Literal["tensor", "model"] = Field("tensor", description="Top-k per tensor (mergekit) or over the whole model (paper).")
     weight_before_election: bool = Field(True, description="mergekit: weights affect the sign vote; paper: false.")
@@ -67,10 +67,13 @@ def sparsify(group: TensorGroup, factors: Factors, params: TiesParams, rng: torc
 
 
 def model_scope_trim(params: TiesParams) -> GlobalTrim | None:
-    if params.trim_scope != "model":
+    """The paper's whole-model trim; in KnOTS space the matrices' representations always share
+    one budget per task (the other tensors keep ``trim_scope``)."""
+    if params.trim_scope != "model" and params.merge_space != "knots":
         return None
+    kinds = {"matrix", "other"} if params.trim_scope == "model" else {"matrix"}
     return GlobalTrim(
-        kinds=frozenset({"matrix", "other"}),
+        kinds=frozenset(kinds),
         kth_smallest=lambda n, model: 0 if model.density >= 1 else n - math.floor(n * model.density),
     )
 

@@ -4,6 +4,7 @@ tasks, winners reported on test tasks, a leaderboard."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import yaml
 
@@ -112,3 +113,18 @@ def test_pruning_spares_artifacts_the_sweep_did_not_create_or_another_run_leases
         assert Path(users["sparsify"]).is_dir()  # shared by every point, made by the user's run
         assert not remove_unleased(leased["save"])
     assert remove_unleased(leased["save"]) and not Path(leased["save"]).exists()  # the other run is done with it
+
+
+def test_every_point_of_the_repos_sweep_file_is_valid_params():
+    """The leaderboard's grid (sweep.yaml) against the repo's params.yaml: each point's keys sit in
+    the stage that reads them and every value validates, before anything runs."""
+    from merging.config import read_yaml
+    from merging.pipeline_params import load_params, merge_config
+
+    repo = Path(__file__).resolve().parents[2]
+    points = expand_grid(read_yaml(repo / "sweep.yaml")["grid"])
+    names = {p["name"] for p in points}
+    assert {"task_arithmetic_core", "ties_core", "tsv_m_core", "iso_c_core", "knots_ties"} <= names
+    for point in points:
+        params = load_params(repo / "params.yaml", {k: v for k, v in point.items() if k != "name"})
+        merge_config(params)  # method parameters resolve (merge_space included)

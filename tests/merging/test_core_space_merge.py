@@ -111,3 +111,53 @@ def test_refusals(example, zoo, tmp_path):  # noqa: F811
     with pytest.raises(MergeConfigError, match="merge_space"):
         _merge(example, "breadcrumbs", tmp_path / "c", merge_space="core")
     assert not any((tmp_path / n).exists() for n in "abc")
+
+
+def _knots_reference(base: dict, fulls: list[dict], keys: list[str], density: float, weights: list[float]) -> dict:
+    """KnOTS-TIES written from lora-core.md §4, float64, dense SVDs: per matrix X_t = diag(s) V_t^T
+    of H = [D_1 | ... | D_T]; per task one magnitude threshold over every matrix (keep |x| >= the
+    (N - floor(N d))-th smallest); sign = sign of the weighted mass (0 -> +); mean of the agreeing
+    weighted entries; Delta = U merged."""
+    spaces = {}
+    for key in keys:
+        deltas = [f[key] - base[key] for f in fulls]
+        u, s, vh = torch.linalg.svd(torch.cat(deltas, dim=1), full_matrices=False)
+        k = int((s > 1e-5).sum())
+        m = deltas[0].shape[1]
+        spaces[key] = (u[:, :k], torch.stack([s[:k, None] * vh[:k, t * m:(t + 1) * m] for t in range(len(fulls))]))
+    flat = torch.cat([x.reshape(len(fulls), -1).abs() for _, x in spaces.values()], dim=1)
+    n = flat.shape[1]
+    taus = [torch.sort(flat[t]).values[n - int(n * density) - 1] for t in range(len(fulls))]
+    out = {}
+    for key, (u, x) in spaces.items():
+        w = torch.tensor(weights, dtype=torch.float64).reshape(-1, 1, 1)
+        kept = torch.stack([torch.where(x[t].abs() >= taus[t], x[t], 0) for t in range(len(fulls))]) * w
+        sign = torch.where(kept.sum(0) >= 0, 1.0, -1.0)
+        agree = (torch.sign(kept) == sign) & (kept != 0)
+        merged = (kept * agree).sum(0) / (w * agree).sum(0).clamp_min(1e-300)
+        out[key] = base[key] + u @ torch.where(agree.any(0), merged, 0)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_knots_ties_matches_an_independent_reference(zoo, tmp_path, kind):  # noqa: F811
+    weights, density = [1.0, 0.5, 0.8], 0.4
+    config = parse_merge_config({
+        "merge_method": "ties", "base_model": str(zoo["base"]), "compute_dtype": "float64", "device": "cpu",
+        "parameters": {"merge_space": "knots", "density": density},
+        "models": [{"model": str(zoo[f"{kind}{i}"]), "parameters": {"weight": w}} for i, w in enumerate(weights)]})
+    merge_checkpoints(config, tmp_path / kind)
+    merged = load_file(tmp_path / kind / "model.safetensors")
+    base = load_file(zoo["base"] / "model.safetensors")
+    fulls = [load_file(zoo[f"full{i}"] / "model.safetensors") for i in range(3)]
+    keys = [f"model.layers.{layer}.self_attn.{m}.weight" for layer in range(2) for m in ("q_proj", "v_proj", "o_proj")]
+    expected = _knots_reference(base, fulls, keys, density, weights)
+    for key in keys:
+        assert torch.allclose(merged[key], expected[key], rtol=0, atol=1e-9), (key, (merged[key] - expected[key]).abs().max().item(), ((merged[key] - expected[key]).abs() > 1e-9).sum().item())
+    # one budget per task across layers: the kept share differs from matrix to matrix
+    assert not torch.allclose(merged[keys[0]], base[keys[0]])
+
+
+def test_knots_is_refused_where_it_does_not_apply(example, tmp_path):
+    with pytest.raises(MergeConfigError, match="merge_space"):
+        _merge(example, "tsv_m", tmp_path / "a", merge_space="knots")
