@@ -23,7 +23,7 @@ from merging.digests import model_digest
 from merging.errors import ArtifactError, MergeConfigError
 from merging.fetch import fetched_models
 from merging.io.artifacts import MANIFEST, artifact_digest, read_manifest
-from merging.pipeline import MODEL_DIGEST_FILE
+from merging.pipeline import MODEL_DIGEST_FILE, STAGES
 from merging.pipeline_params import PipelineParams
 
 __all__ = ["lineage", "format_lineage", "DVC_ROOT"]
@@ -110,14 +110,21 @@ def _scores(digest: str, params: PipelineParams) -> list[dict[str, Any]]:
             result = json.loads(path.read_text())
             if result.get("digest") == digest:
                 settings = {k: v for k, v in result["settings"].items() if v not in (None, {}, False) and k != "include_digest"}
-                found.append({"scores": result["scores"], "settings": settings})
+                found.append({"scores": result["scores"], "settings": settings, "cached_in": str(path)})
     return found
+
+
+def _own(read: Any, stage: str) -> Any:
+    """What a stage's manifest says it read, without the stage's own name around it (a merge stage
+    records ``{stage: params}``; a fused one, every stage of its chain)."""
+    return read[stage] if isinstance(read, dict) and list(read) == [stage] else read
 
 
 def lineage(target: str, params: PipelineParams) -> dict[str, Any]:
     """The lineage of a saved model (see the module docstring) as a plain dict."""
     folder, digest = _find(target, params)
-    chain = _upstream(folder)
+    found = _upstream(folder)
+    chain = {s.name: found[s.name] for s in STAGES if s.name in found}  # in table order
     run = _run_of(folder, params)
     manifests = {stage: read_manifest(path) for stage, path in chain.items()}
     code = run["code"] if run and run.get("code") else {
@@ -126,7 +133,7 @@ def lineage(target: str, params: PipelineParams) -> dict[str, Any]:
     out: dict[str, Any] = {
         "model": str(folder), "digest": digest, "route": "prefect" if folder.parent.name == "store" else "dvc",
         "method": next((m["method"] for m in manifests.values() if m.get("method")), None),
-        "params": {stage: manifests[stage].get("params") for stage in chain},
+        "params": {stage: _own(manifests[stage].get("params"), stage) for stage in chain},
         "inputs": ({name: {k: m.get(k) for k in ("source", "revision", "commit", "digest")}
                     for name, m in fetched_models(chain["fetch"]).items()} if "fetch" in chain else {}),
         "code": code, "scores": _scores(digest, params), "artifacts": {stage: str(path) for stage, path in chain.items()},
