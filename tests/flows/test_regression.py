@@ -62,6 +62,15 @@ def test_a_score_drop_beyond_the_tolerance_fails_the_run(prefect_harness, tiny_m
     assert merge_and_eval(params, good, return_state=True).is_completed()
     assert merge_and_eval(params, worse, return_state=True).is_completed()
 
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    lean = ["--params", params, "--series", "cli", "--set", "eval.tasks=[demo_arith]", "--set", "eval.evaluate_inputs=false"]
+    assert CliRunner().invoke(app, ["run", *lean, "--set", "merge.combine.lambda=1.0"]).exit_code == 0
+    flagged = CliRunner().invoke(app, ["run", *lean, "--set", "merge.combine.lambda=0.0"])
+    assert flagged.exit_code == 1 and "regression in series 'cli'" in flagged.output  # mergeflow run: exit code 1
+
 
 def test_hub_inputs_on_a_branch_are_pinned_to_their_current_commit(prefect_harness, tiny_models, tmp_path, monkeypatch):
     """A hub model given by branch resolves to the commit the branch points at (here from a local hub
