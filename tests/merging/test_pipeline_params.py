@@ -110,3 +110,34 @@ def test_params_with_nothing_to_evaluate_are_refused_for_runs_that_evaluate(tmp_
         require_evaluation(merge_only, "manual")
     with pytest.raises(MergeConfigError, match=r"eval: .*must not hold empty task names"):
         load_params(path, {"eval.tasks": ["t1", " "]})
+
+
+def test_eval_and_retry_settings_and_their_defaults():
+    from merging.pipeline_params import PipelineParams
+
+    raw = _raw()
+    raw["eval"] = {"tasks": ["arc_easy"], "batch_size": "auto", "num_fewshot": 5, "apply_chat_template": True,
+                   "model_args": {"max_length": 4096, "attn_implementation": "sdpa"}}
+    raw["retry"] = {"evaluate": {"timeout_seconds": 3600}}
+    params = parse_params(raw)
+    assert params.eval.batch_size == "auto" and params.eval.model_args["max_length"] == 4096
+    assert params.eval.dtype == "auto" and params.eval.device is None  # the model's dtype, the pipeline's device
+    # a section given in part keeps the defaults of its other keys, per step
+    assert (params.retry.evaluate.retries, params.retry.evaluate.timeout_seconds) == (1, 3600)
+    assert (params.retry.fetch.retries, params.retry.flow.retries) == (2, 0)
+    zoo = PipelineParams.model_validate(_raw()).zoo
+    assert (zoo.base, zoo.out) == ("./demo/base", "./demo/zoo")  # local defaults are written ./...
+
+
+def test_tokens_and_per_model_keys_are_refused_in_model_args():
+    raw = _raw()
+    raw["eval"] = {"tasks": ["t"], "model_args": {"token": "hf_secret", "pretrained": "x"}}
+    with pytest.raises(MergeConfigError, match=r"eval\.model_args\.pretrained: not allowed.*eval\.model_args\.token: not allowed \(gated models read HF_TOKEN from the environment\)"):
+        parse_params(raw)
+    raw["eval"] = {"tasks": ["t"], "batch_size": 0}
+    with pytest.raises(MergeConfigError, match="eval.batch_size"):
+        parse_params(raw)
+    raw["eval"] = {"tasks": ["t"]}
+    raw["retry"] = {"compute": {"retries": 3}}  # deterministic stages are never retried: no such key
+    with pytest.raises(MergeConfigError, match=r"retry\.compute: unknown key \(valid: fetch, evaluate, flow\)"):
+        parse_params(raw)
