@@ -153,7 +153,7 @@ STAGES: tuple[Stage, ...] = (
           group=stages.combine, partitioned=True, method_code=lambda spec: (spec.combine,)),
     Stage("save", ("combine",), ("pipeline.out_dtype", "pipeline.shard_size"), group=stages.save, covers_ignored=True,
           identity_file=MODEL_DIGEST_FILE),
-    Stage("evaluate", ("save", "fetch"), ("eval",), artifact="evaluation.harness:evaluate_models",
+    Stage("evaluate", ("save", "fetch"), ("eval", "pipeline.device"), artifact="evaluation.harness:evaluate_models",
           versions=("lm_eval", "transformers", "torch"),
           reads_files=lambda params: [params.eval.include_path] if params.eval.include_path else []),
     Stage("report", ("evaluate",), ("models", "merge.method", "eval"), artifact="evaluation.report:write_report",
