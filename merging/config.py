@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from merging.errors import MergeConfigError
 
-__all__ = ["ModelEntry", "MergeConfig", "load_merge_config", "parse_merge_config", "read_yaml", "parse_yaml", "check_plain", "DEFAULT_EXCLUDE"]
+__all__ = ["ModelEntry", "SliceSource", "OutputSlice", "MergeConfig", "load_merge_config", "parse_merge_config", "read_yaml", "parse_yaml", "check_plain", "DEFAULT_EXCLUDE"]
 
 # 2-D tensors that are not merged as matrices by default (embeddings and LM heads).
 DEFAULT_EXCLUDE = (
@@ -47,6 +47,43 @@ class ModelEntry(BaseModel):
     parameters: dict[str, Any] = Field(default_factory=dict)
 
 
+class SliceSource(BaseModel):
+    """One input of an output slice: layers ``[layer_range[0], layer_range[1])`` of ``model``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str
+    layer_range: tuple[int, int]
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("layer_range")
+    @classmethod
+    def _ordered(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if not 0 <= value[0] < value[1]:
+            raise ValueError(f"layer_range {list(value)} must be [start, end) with 0 <= start < end")
+        return value
+
+
+class OutputSlice(BaseModel):
+    """A run of output layers: the merge of its sources' layers (mergekit's output slice)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    sources: tuple[SliceSource, ...]
+    base_model: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("sources")
+    @classmethod
+    def _same_length(cls, sources: tuple[SliceSource, ...]) -> tuple[SliceSource, ...]:
+        if not sources:
+            raise ValueError("a slice needs at least one source")
+        lengths = {s.layer_range[1] - s.layer_range[0] for s in sources}
+        if len(lengths) > 1:
+            raise ValueError(f"every source of a slice must cover the same number of layers, got {sorted(lengths)}")
+        return sources
+
+
 class MergeConfig(BaseModel):
     """A validated merge recipe (frozen)."""
 
@@ -55,6 +92,9 @@ class MergeConfig(BaseModel):
     merge_method: str
     base_model: str | None = None
     models: tuple[ModelEntry, ...]
+    slices: tuple[OutputSlice, ...] | None = Field(
+        None, description="mergekit's layer slices: the output's layers are the slices' layers in order; 'models' "
+                          "is then derived (every model a slice reads).")
     parameters: dict[str, Any] = Field(default_factory=dict)
     dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
     out_dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
@@ -78,6 +118,18 @@ class MergeConfig(BaseModel):
     adapter_rank: int | None = Field(
         None, ge=1, description="out_format: peft: truncate every LoRA module to at most this rank (a truncated SVD; "
                                 "the energy dropped is reported).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _models_of_slices(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("slices") is not None:
+            if data.get("models"):
+                raise ValueError("give either 'models' or 'slices', not both")
+            refs = [s.model if isinstance(s, SliceSource) else s.get("model") if isinstance(s, dict) else None
+                    for sl in data["slices"] for s in (sl.sources if isinstance(sl, OutputSlice)
+                                                       else sl.get("sources") or [] if isinstance(sl, dict) else [])]
+            data = {**data, "models": [{"model": r} for r in dict.fromkeys(refs) if isinstance(r, str)]}
+        return data
 
     @field_validator("models")
     @classmethod
@@ -107,6 +159,8 @@ class MergeConfig(BaseModel):
     def to_yaml(self) -> str:
         data = self.model_dump(mode="json", exclude_defaults=True)
         data["merge_method"] = self.merge_method
+        if self.slices is not None:
+            data.pop("models", None)
         return yaml.safe_dump(data, sort_keys=False)
 
 
@@ -159,11 +213,16 @@ def _from_circuit(raw: dict) -> dict:
 
 
 def _from_mergekit(raw: dict) -> dict:
-    if "slices" in raw or "modules" in raw:
+    if "modules" in raw:
         raise MergeConfigError(
-            "mergekit 'slices'/'modules' configs (layer stacking) are not supported; list whole models under 'models'"
+            "mergekit 'modules' (per-module configs of multi-modal models) are not supported; use 'slices' or "
+            "'models' on a single-module (text) model"
         )
+    if "slices" in raw and "models" in raw:
+        raise MergeConfigError("give either 'models' or 'slices', not both")
     mapped = dict(raw)
+    if isinstance(mapped.get("slices"), list):  # YAML's empty 'parameters:' is null
+        mapped["slices"] = [_without_null_parameters(s) for s in mapped["slices"]]
     tokenizer = mapped.pop("tokenizer", None)
     if tokenizer is not None:
         if not isinstance(tokenizer, dict) or set(tokenizer) - {"source"}:
@@ -174,6 +233,15 @@ def _from_mergekit(raw: dict) -> dict:
     if mapped.pop("chat_template", None) not in (None, "auto"):
         raise MergeConfigError("chat_template is not supported; the base model's template is copied with its tokenizer")
     return mapped
+
+
+def _without_null_parameters(item: Any) -> Any:
+    if not isinstance(item, dict):
+        return item
+    item = {k: v for k, v in item.items() if not (k == "parameters" and v is None)}
+    if isinstance(item.get("sources"), list):
+        item["sources"] = [_without_null_parameters(s) for s in item["sources"]]
+    return item
 
 
 def check_plain(value: Any, where: str) -> None:

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +25,21 @@ from merging.errors import MergeConfigError, NonFiniteDeltaError
 from merging.io.adapter_writer import adapter_contents
 from merging.io.checkpoint import CheckpointReader
 from merging.io.files import model_file, read_json_object
-from merging.io.sources import AdapterSource, FullModelSource, ModelSource, open_source, resolve_folder
+from merging.io.sources import (
+    AdapterSource,
+    FullModelSource,
+    ModelSource,
+    is_adapter_folder,
+    open_source,
+    resolve_folder,
+)
 from merging.kernels.core_space import CoreSpace, project_to_core
 from merging.kernels.knots import KnotsMatrix
 from merging.kernels.knots import decompose_matrix as knots_decompose
-from merging.plan import TensorEntry, build_plan, check_same_kinds, check_same_tensors
+from merging.plan import LAYER_PATTERN, TensorEntry, build_plan, check_same_kinds, check_same_tensors
 from merging.registry import get_method
 from merging.resolve import build_params, split_global_parameters
+from merging.slices import MappedTensor, expand_slices, sliced_layer_count
 from merging.spec import LoraFactors, MethodSpec, TensorGroup
 
 __all__ = ["MergeContext", "resolve_device", "reproducible_threads", "DTYPES"]
@@ -92,6 +101,30 @@ class MergeContext:
         self._last_base: tuple[str | None, torch.Tensor | None] = (None, None)
         self._last_core: tuple[str | None, CoreSpace | None] = (None, None)
         self._last_knots: tuple[str | None, KnotsMatrix | None] = (None, None)
+        self.mapped: dict[str, MappedTensor] | None = None  # sliced configs: each output tensor's inputs
+        self.out_layers: int | None = None  # the output's layer count when slices change it
+        if config.slices is not None:
+            self._open_slices(config)
+        else:
+            self._open_models(config)
+        self._param_cache: dict[Any, Any] = {}
+        for entry in self.plan:  # validate every tensor's parameters before any work
+            if entry.kind != "ignore":
+                self.params_for(entry)
+        self._check_core_space()
+        # out_format: peft of LoRA adapters (no whole tensors) merged in their span: the result is a
+        # function of the deltas alone, so the base gives shapes only (it may be header-only) and is never read
+        self.base_values_unused = (
+            config.out_format == "peft" and all(isinstance(s, AdapterSource) and not adapter_contents(s.adapter).full
+                                                for s in self.sources)
+            and all(self.spec.keeps_lora_span(self.params_for(e)[0]) for e in self.merged_entries()))
+        self.stats = _load_stats(config.stats) if config.stats else None
+        if self.spec.uses_stats and self.stats is None:
+            log.warning("%s: no activation statistics given (create them with 'mergeflow collect-stats' and set "
+                        "'stats: FILE'); running unscaled", self.spec.name)
+
+    def _open_models(self, config: MergeConfig) -> None:
+        """Whole models (``models:``): every input's tensors are the base's."""
         refs = [m.model for m in config.models]
         if self.spec.needs_base:
             if config.base_model is None:
@@ -124,21 +157,44 @@ class MergeContext:
             ((k, self.base.shape(k), self.base.dtype(k)) for k in self.base.keys()),
             config.include, config.exclude, config.ignore, num_layers,
         )
-        self._param_cache: dict[Any, Any] = {}
-        for entry in self.plan:  # validate every tensor's parameters before any work
-            if entry.kind != "ignore":
-                self.params_for(entry)
-        self._check_core_space()
-        # out_format: peft of LoRA adapters (no whole tensors) merged in their span: the result is a
-        # function of the deltas alone, so the base gives shapes only (it may be header-only) and is never read
-        self.base_values_unused = (
-            config.out_format == "peft" and all(isinstance(s, AdapterSource) and not adapter_contents(s.adapter).full
-                                                for s in self.sources)
-            and all(self.spec.keeps_lora_span(self.params_for(e)[0]) for e in self.merged_entries()))
-        self.stats = _load_stats(config.stats) if config.stats else None
-        if self.spec.uses_stats and self.stats is None:
-            log.warning("%s: no activation statistics given (create them with 'mergeflow collect-stats' and set "
-                        "'stats: FILE'); running unscaled", self.spec.name)
+
+    def _open_slices(self, config: MergeConfig) -> None:
+        """``slices:``: every output tensor merges named tensors of the slices' models
+        (``merging.slices``); the base (else the first model) gives the non-layer tensors,
+        config and tokenizer."""
+        if config.out_format == "peft":
+            raise MergeConfigError("slices: out_format: peft is not available with slices; use out_format: hf")
+        refs = [m.model for m in config.models]
+        self.has_base = config.base_model is not None
+        self.base_ref = config.base_model or refs[0]
+        self.base_folder = resolve_folder(self.base_ref)
+        read_dtype = DTYPES[config.dtype] if config.dtype else None
+        self._by_ref: dict[str, FullModelSource] = {}
+        for ref in dict.fromkeys([self.base_ref, *refs]):
+            folder = resolve_folder(ref)
+            if is_adapter_folder(folder) or "+" in ref and not Path(ref).exists():
+                raise MergeConfigError(f"slices: model {ref!r} is a LoRA adapter; slices take full models (merge the "
+                                       "adapter into its base first)")
+            self._by_ref[ref] = FullModelSource(ref, CheckpointReader(folder, name=ref, allow_pickle=config.allow_pickle),
+                                                read_dtype)
+        self.base = self._by_ref[self.base_ref].reader
+        self.entries = []
+        self.sources = [self._by_ref[r] for r in refs if r != self.base_ref]
+        self.model_names = [s.name for s in self.sources]
+        self.shared, self.model_defaults = split_global_parameters(self.spec, config.parameters)
+        readers = {ref: source.reader for ref, source in self._by_ref.items()}
+        mapped = expand_slices(config, self.base_ref, self.spec.needs_base, lambda r: readers[r].shapes(),
+                               lambda r: _layer_count(readers[r], r))
+        for group in {m.group.index: m.group for m in mapped}.values():
+            try:
+                check_model_count(self.spec, len(group.inputs))
+            except MergeConfigError as err:
+                raise MergeConfigError(f"slices[{group.index}]: {err}") from None
+        self.mapped = {m.name: m for m in mapped}
+        self.out_layers = sliced_layer_count(config.slices)
+        planned = build_plan(((m.name, m.shape, readers[m.reference[0]].dtype(m.reference[1])) for m in mapped),
+                             config.include, config.exclude, config.ignore, self.out_layers)
+        self.plan = tuple(replace(e, layer_t=self.mapped[e.name].layer_t) for e in planned)
 
     def _check_core_space(self) -> None:
         """``merge_space: core`` needs LoRA inputs and a per-tensor trim."""
@@ -160,10 +216,20 @@ class MergeContext:
         """(method params, per-model params) for one tensor, cached by resolved values."""
         key = (entry.name, entry.layer_t)
         if key not in self._param_cache:
-            self._param_cache[key] = build_params(
-                self.spec, self.shared, self.model_defaults, [m.parameters for m in self.entries],
-                self.model_names, entry.name, entry.layer_t,
-            )
+            if self.mapped is not None:
+                group = self.mapped[entry.name].group
+                try:
+                    shared, defaults = split_global_parameters(self.spec, group.parameters)
+                    self._param_cache[key] = build_params(
+                        self.spec, {**self.shared, **shared}, {**self.model_defaults, **defaults},
+                        group.model_parameters, group.inputs, entry.name, entry.layer_t)
+                except MergeConfigError as err:
+                    raise MergeConfigError(f"slices[{group.index}]: {err}") from None
+            else:
+                self._param_cache[key] = build_params(
+                    self.spec, self.shared, self.model_defaults, [m.parameters for m in self.entries],
+                    self.model_names, entry.name, entry.layer_t,
+                )
         return self._param_cache[key]
 
     def merged_entries(self) -> list[TensorEntry]:
@@ -171,14 +237,23 @@ class MergeContext:
         return [e for e in self.plan if e.kind != "ignore"]
 
     def all_entries(self) -> list[TensorEntry]:
-        """Every tensor of the output, in the base's file order."""
+        """Every tensor of the output, in the base's file order (sliced: the output's layer order)."""
+        if self.mapped is not None:
+            return list(self.plan)
         return sorted(self.plan, key=lambda e: self.base.file_of(e.name))
+
+    def raw_base(self, name: str) -> torch.Tensor:
+        """The reference tensor of output tensor ``name`` as stored (sliced: the slice's reference model's)."""
+        if self.mapped is not None:
+            model, key = self.mapped[name].reference
+            return self._by_ref[model].reader.get(key)
+        return self.base.get(name)
 
     def base_tensor(self, name: str) -> torch.Tensor:
         """The base tensor (read in ``dtype`` when set) on the compute device and dtype; the
         last one is kept, since every stage of a tensor group asks for it."""
         if self._last_base[0] != name:
-            raw = torch.zeros(self.base.shape(name), dtype=self.dtype) if self.base_values_unused else self.base.get(name)
+            raw = torch.zeros(self.base.shape(name), dtype=self.dtype) if self.base_values_unused else self.raw_base(name)
             if self.config.dtype:
                 raw = raw.to(DTYPES[self.config.dtype])
             self._last_base = (name, raw.to(device=self.device, dtype=self.dtype))
@@ -187,9 +262,13 @@ class MergeContext:
     def deltas(self, entry: TensorEntry) -> torch.Tensor:
         """theta_t - theta_0 of every input, stacked: (T, *shape); NaN or Inf is an error."""
         base = self.base_tensor(entry.name)
-        deltas = torch.empty((len(self.sources), *base.shape), dtype=base.dtype, device=base.device)
-        for t, source in enumerate(self.sources):
-            d = source.delta(entry.name, base)
+        if self.mapped is not None:
+            inputs = [(self._by_ref[model], key) for model, key in self.mapped[entry.name].inputs]
+        else:
+            inputs = [(source, entry.name) for source in self.sources]
+        deltas = torch.empty((len(inputs), *base.shape), dtype=base.dtype, device=base.device)
+        for t, (source, key) in enumerate(inputs):
+            d = source.delta(key, base)
             if d is None:
                 deltas[t].zero_()
                 continue
@@ -303,6 +382,15 @@ def _num_layers(folder: Path, owner: str) -> int | None:
         if isinstance(data.get(key), int):
             return data[key]
     return None
+
+
+def _layer_count(reader: CheckpointReader, ref: str) -> int:
+    """A model's number of layers: its config.json's, else its highest layer index + 1."""
+    count = _num_layers(reader.path, f"model {ref!r}") if reader.path.is_dir() else None
+    if count is None:
+        found = [int(m.group(1)) for k in reader.keys() if (m := LAYER_PATTERN.search(k))]
+        count = max(found) + 1 if found else 0
+    return count
 
 
 def _load_stats(path: str) -> dict[str, torch.Tensor]:

@@ -22,10 +22,11 @@ import torch
 
 from merging.errors import CheckpointMismatchError, MergeConfigError
 
-__all__ = ["TensorEntry", "build_plan", "check_same_tensors", "check_same_kinds", "classify"]
+__all__ = ["LAYER_PATTERN", "TensorEntry", "build_plan", "check_same_tensors", "check_same_kinds", "classify"]
 
 PlanKind = Literal["matrix", "other", "ignore"]
-_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
+LAYER_PATTERN = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
+"""A numbered layer in a tensor name; group 1 is the layer index."""
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ def build_plan(
     """Classify every base tensor; ``num_layers`` defaults to the highest layer index + 1."""
     inc, exc, ign = _compile(include, "include"), _compile(exclude, "exclude"), _compile(ignore, "ignore")
     items = list(names_shapes_dtypes)
-    layers = {name: int(m.group(1)) for name, _, _ in items if (m := _LAYER.search(name))}
+    layers = {name: int(m.group(1)) for name, _, _ in items if (m := LAYER_PATTERN.search(name))}
     if num_layers is None:
         num_layers = max(layers.values()) + 1 if layers else 1
     beyond = [name for name, layer in layers.items() if layer >= num_layers]

@@ -73,10 +73,10 @@ def combine(ctx: MergeContext, entry: TensorEntry, inputs: Inputs) -> Tensors:
 
 def save(ctx: MergeContext, entry: TensorEntry, inputs: Inputs) -> Tensors:
     """base + merged delta in the output dtype; ignored tensors keep the base value."""
-    stored = ctx.base.dtype(entry.name)
+    stored = entry.dtype
     out_dtype = DTYPES[ctx.out_dtype_name] if ctx.out_dtype_name and stored.is_floating_point else stored
     if entry.kind == "ignore":
-        return {entry.name: ctx.base.get(entry.name).to(out_dtype)}
+        return {entry.name: ctx.raw_base(entry.name).to(out_dtype)}
     merged = ctx.base_tensor(entry.name) + inputs["combine"]["merged_delta"].to(ctx.device)
     out = merged.to(out_dtype)
     if not ctx.config.allow_nonfinite and not torch.isfinite(out).all():
@@ -116,4 +116,4 @@ def write_model_files(ctx: MergeContext, out: Path) -> None:
     if ctx.config.write_model_card:
         card = model_card(ctx.spec.name, ctx.spec.paper, ctx.config.base_model, ctx.model_names, recipe)
     write_support_files(base_folder=ctx.base_folder, tokenizer_folder=ctx.tokenizer_folder(), out=out,
-                        out_dtype=ctx.out_dtype_name, card=card, recipe_yaml=recipe)
+                        out_dtype=ctx.out_dtype_name, card=card, recipe_yaml=recipe, num_layers=ctx.out_layers)

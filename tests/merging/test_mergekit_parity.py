@@ -105,3 +105,51 @@ def test_same_tensors_as_mergekit(case, layered_models, tmp_path):
         scale = e.abs().max().clamp(min=1e-12)
         tol = 1e-6 if expected[key].dtype == torch.float32 else 1e-2
         assert ((e - g).abs().max() / scale) <= tol, (key, float((e - g).abs().max() / scale))
+
+
+def _sliced_cases(base: str, a: str, b: str) -> dict[str, dict]:
+    return {
+        "frankenmerge": {"merge_method": "passthrough", "slices": [
+            {"sources": [{"model": a, "layer_range": [0, 2]}]},
+            {"sources": [{"model": b, "layer_range": [1, 3]}]},
+            {"sources": [{"model": a, "layer_range": [1, 3]}]}]},
+        "frankenmerge_scaled": {"merge_method": "passthrough", "slices": [
+            {"sources": [{"model": a, "layer_range": [0, 3]}]},
+            {"sources": [{"model": b, "layer_range": [2, 3], "parameters": {"scale": 0.5}}]}]},
+        "slerp_sliced": {"merge_method": "slerp", "base_model": a, "slices": [
+            {"sources": [{"model": a, "layer_range": [0, 3]}, {"model": b, "layer_range": [0, 3]}]}],
+            "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                                 {"filter": "mlp", "value": [1, 0.3]}, {"value": 0.5}]}},
+        "slerp_two_slices": {"merge_method": "slerp", "base_model": a, "slices": [
+            {"sources": [{"model": a, "layer_range": [0, 2]}, {"model": b, "layer_range": [0, 2]}]},
+            {"sources": [{"model": a, "layer_range": [1, 3]}, {"model": b, "layer_range": [1, 3]}],
+             "parameters": {"t": [0.9, 0.1]}}],
+            "parameters": {"t": [0.2, 0.6]}},
+        "ties_sliced": {"merge_method": "ties", "base_model": base, "slices": [
+            {"sources": [{"model": base, "layer_range": [0, 2]},
+                         {"model": a, "layer_range": [0, 2], "parameters": {"density": [0.2, 0.8], "weight": 1.0}},
+                         {"model": b, "layer_range": [1, 3], "parameters": {"density": 0.5, "weight": 0.4}}]}],
+            "parameters": {"normalize": True}},
+    }
+
+
+@pytest.mark.parametrize("case", list(_sliced_cases("b", "a", "b")))
+def test_slices_same_tensors_and_layer_count_as_mergekit(case, layered_models, tmp_path):
+    import json
+
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    m = layered_models
+    raw = _sliced_cases(m["base"], m["a"], m["b"])[case]
+    run_merge(MergeConfiguration.model_validate(raw), str(tmp_path / "mk"),
+              options=MergeOptions(write_model_card=False, quiet=True, copy_tokenizer=False))
+    merge_checkpoints(parse_merge_config(raw), tmp_path / "mf")
+    expected, got = load_file(tmp_path / "mk" / "model.safetensors"), load_file(tmp_path / "mf" / "model.safetensors")
+    assert expected.keys() == got.keys()
+    for key in expected:
+        e, g = expected[key].double(), got[key].double()
+        assert ((e - g).abs().max() / e.abs().max().clamp(min=1e-12)) <= 1e-6, key
+    layers = [json.loads((tmp_path / side / "config.json").read_text())["num_hidden_layers"] for side in ("mk", "mf")]
+    assert layers[0] == layers[1]
