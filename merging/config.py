@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from merging.errors import MergeConfigError
 
-__all__ = ["ModelEntry", "SliceSource", "OutputSlice", "MergeConfig", "load_merge_config", "parse_merge_config", "read_yaml", "parse_yaml", "check_plain", "DEFAULT_EXCLUDE"]
+__all__ = ["ModelEntry", "SliceSource", "OutputSlice", "ModelToken", "ZeroToken", "TokenOverride", "MergeConfig", "load_merge_config", "parse_merge_config", "read_yaml", "parse_yaml", "check_plain", "DEFAULT_EXCLUDE"]
 
 # 2-D tensors that are not merged as matrices by default (embeddings and LM heads).
 DEFAULT_EXCLUDE = (
@@ -84,6 +84,51 @@ class OutputSlice(BaseModel):
         return sources
 
 
+CHAT_TEMPLATE_NAMES = ("alpaca", "chatml", "exaone", "llama3", "mistral")
+"""The named chat templates (mergekit 0.1.5's; their text is ``merging.tokenizer_merge.CHAT_TEMPLATES``)."""
+
+
+def check_chat_template(value: str) -> str:
+    """``auto``, a named template or inline Jinja; anything else is a ``MergeConfigError``."""
+    if value == "auto" or value in CHAT_TEMPLATE_NAMES or ("{" in value and len(value) >= 20):
+        return value
+    raise MergeConfigError(f"chat_template: {value!r} is neither auto, a named template "
+                           f"({', '.join(CHAT_TEMPLATE_NAMES)}) nor a Jinja template")
+
+
+class ModelToken(BaseModel):
+    """A token's row taken from a model's own token (by id or by text)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["model_token"]
+    model: str
+    token_id: int | None = None
+    token: str | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> ModelToken:
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("give exactly one of token_id or token")
+        return self
+
+
+class ZeroToken(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["zero"]
+
+
+class TokenOverride(BaseModel):
+    """Where one output token's embedding rows come from (``tokens:``); ``force`` uses it
+    even for models that have the token."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    source: ModelToken | ZeroToken | str | None = None
+    force: bool = False
+
+
 class MergeConfig(BaseModel):
     """A validated merge recipe (frozen)."""
 
@@ -99,6 +144,12 @@ class MergeConfig(BaseModel):
     dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
     out_dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
     tokenizer_source: str | None = None
+    tokens: dict[str, TokenOverride] = Field(
+        default_factory=dict, description="Per-token embedding sources (mergekit's tokenizer.tokens); tokens not in "
+                                          "the vocabulary are added.")
+    pad_to_multiple_of: int | None = Field(None, ge=1, description="Pad the vocabulary rows to a multiple of this.")
+    chat_template: str | None = Field(None, description="auto, a named template (alpaca, chatml, exaone, llama3, "
+                                                        "mistral) or an inline Jinja template.")
     seed: int = Field(0, description="Seed of the per-tensor generators of random methods.")
     device: Literal["cpu", "cuda", "auto"] = "auto"
     compute_dtype: Literal["float32", "float64"] = "float32"
@@ -137,6 +188,16 @@ class MergeConfig(BaseModel):
         if not models:
             raise ValueError("the model list is empty; list at least one model under 'models'")
         return models
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_template(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            return check_chat_template(value)
+        except MergeConfigError as err:
+            raise ValueError(str(err)) from None
 
     @field_validator("shard_size")
     @classmethod
@@ -225,13 +286,17 @@ def _from_mergekit(raw: dict) -> dict:
         mapped["slices"] = [_without_null_parameters(s) for s in mapped["slices"]]
     tokenizer = mapped.pop("tokenizer", None)
     if tokenizer is not None:
-        if not isinstance(tokenizer, dict) or set(tokenizer) - {"source"}:
-            raise MergeConfigError("only 'tokenizer: {source: base | <model path>}' is supported")
-        mapped["tokenizer_source"] = tokenizer.get("source")
-    if mapped.get("tokenizer_source") == "union":
-        raise MergeConfigError("tokenizer_source: union is not supported; use 'base' or a model path")
-    if mapped.pop("chat_template", None) not in (None, "auto"):
-        raise MergeConfigError("chat_template is not supported; the base model's template is copied with its tokenizer")
+        if "tokenizer_source" in mapped:
+            raise MergeConfigError("give either 'tokenizer_source' or a 'tokenizer:' section, not both")
+        unknown = set(tokenizer) - {"source", "tokens", "pad_to_multiple_of"} if isinstance(tokenizer, dict) else None
+        if unknown is None or unknown:
+            raise MergeConfigError("'tokenizer' must be a mapping of source, tokens and pad_to_multiple_of"
+                                   + (f"; unknown key(s) {sorted(unknown)}" if unknown else ""))
+        mapped["tokenizer_source"] = tokenizer.get("source") or "union"  # mergekit's default
+        mapped.update({k: tokenizer[k] for k in ("tokens", "pad_to_multiple_of") if tokenizer.get(k) is not None})
+    source = mapped.get("tokenizer_source")
+    if isinstance(source, str) and source.startswith("model:"):  # older mergekit's 'model:<path>'
+        mapped["tokenizer_source"] = source.removeprefix("model:")
     return mapped
 
 

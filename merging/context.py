@@ -41,6 +41,7 @@ from merging.registry import get_method
 from merging.resolve import build_params, split_global_parameters
 from merging.slices import MappedTensor, expand_slices, sliced_layer_count
 from merging.spec import LoraFactors, MethodSpec, TensorGroup
+from merging.tokenizer_merge import VOCAB_TENSOR, Vocabulary, align_rows, build_vocabulary, needs_vocabulary
 
 __all__ = ["MergeContext", "resolve_device", "reproducible_threads", "DTYPES"]
 
@@ -103,6 +104,8 @@ class MergeContext:
         self._last_knots: tuple[str | None, KnotsMatrix | None] = (None, None)
         self.mapped: dict[str, MappedTensor] | None = None  # sliced configs: each output tensor's inputs
         self.out_layers: int | None = None  # the output's layer count when slices change it
+        self.vocabulary: Vocabulary | None = None  # a tokenizer merge's output vocabulary
+        self._last_aligned: tuple[str | None, dict[str, torch.Tensor] | None] = (None, None)
         if config.slices is not None:
             self._open_slices(config)
         else:
@@ -146,15 +149,16 @@ class MergeContext:
         self.sources: list[ModelSource] = [
             open_source(m.model, self.base_folder, base_shapes, config.allow_pickle, read_dtype) for m in entries
         ]
+        self.vocabulary = self._build_vocabulary(config, [s.name for s in self.sources])
         for source in self.sources:
             if isinstance(source, FullModelSource):
-                check_same_tensors(base_shapes, source.shapes(), source.name)
+                check_same_tensors(self._masked(base_shapes), self._masked(source.shapes()), source.name)
                 check_same_kinds(self.base.dtypes(), source.reader.dtypes(), source.name)
         self.model_names = [m.model for m in entries]
         self.shared, self.model_defaults = split_global_parameters(self.spec, config.parameters)
         num_layers = _num_layers(self.base_folder, f"base model {base_ref!r}")
         self.plan: tuple[TensorEntry, ...] = build_plan(
-            ((k, self.base.shape(k), self.base.dtype(k)) for k in self.base.keys()),
+            ((k, self._out_shape(k, self.base.shape(k)), self.base.dtype(k)) for k in self.base.keys()),
             config.include, config.exclude, config.ignore, num_layers,
         )
 
@@ -183,7 +187,8 @@ class MergeContext:
         self.model_names = [s.name for s in self.sources]
         self.shared, self.model_defaults = split_global_parameters(self.spec, config.parameters)
         readers = {ref: source.reader for ref, source in self._by_ref.items()}
-        mapped = expand_slices(config, self.base_ref, self.spec.needs_base, lambda r: readers[r].shapes(),
+        self.vocabulary = self._build_vocabulary(config, refs)
+        mapped = expand_slices(config, self.base_ref, self.spec.needs_base, lambda r: self._masked(readers[r].shapes()),
                                lambda r: _layer_count(readers[r], r))
         for group in {m.group.index: m.group for m in mapped}.values():
             try:
@@ -192,9 +197,57 @@ class MergeContext:
                 raise MergeConfigError(f"slices[{group.index}]: {err}") from None
         self.mapped = {m.name: m for m in mapped}
         self.out_layers = sliced_layer_count(config.slices)
-        planned = build_plan(((m.name, m.shape, readers[m.reference[0]].dtype(m.reference[1])) for m in mapped),
+        planned = build_plan(((m.name, self._out_shape(m.name, m.shape), readers[m.reference[0]].dtype(m.reference[1]))
+                              for m in mapped),
                              config.include, config.exclude, config.ignore, self.out_layers)
         self.plan = tuple(replace(e, layer_t=self.mapped[e.name].layer_t) for e in planned)
+
+    def _build_vocabulary(self, config: MergeConfig, refs: list[str]) -> Vocabulary | None:
+        """The output vocabulary of a tokenizer merge (``merging.tokenizer_merge``); None when the
+        base's tokenizer is copied as it is."""
+        full = [s for s in self.sources if isinstance(s, FullModelSource)]
+        differ = config.tokenizer_source == "base" and any(
+            s.reader.shape(k)[0] != self.base.shape(k)[0] for s in full for k in self.base.keys()
+            if VOCAB_TENSOR.match(k) and k in s.reader)
+        if not (needs_vocabulary(config) or differ):
+            return None
+        adapters = [s.name for s in self.sources if isinstance(s, AdapterSource)]
+        if adapters:
+            raise MergeConfigError(f"tokenizer_source: {config.tokenizer_source} aligns full models' embeddings, but "
+                                   f"model {adapters[0]!r} is a LoRA adapter; merge it into its base first")
+        names = list(dict.fromkeys([self.base_ref, *refs]))
+        return build_vocabulary(config.tokenizer_source, self.base_ref, names, {r: resolve_folder(r) for r in names},
+                                list(config.tokens), config.pad_to_multiple_of)
+
+    def _masked(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        """Shapes to compare across models: token tensors' rows are aligned later, so not compared."""
+        if self.vocabulary is None:
+            return dict(shapes)
+        return {k: (-1, *s[1:]) if VOCAB_TENSOR.match(k) else tuple(s) for k, s in shapes.items()}
+
+    def _out_shape(self, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        if self.vocabulary is not None and VOCAB_TENSOR.match(name):
+            return (self.vocabulary.rows, *shape[1:])
+        return tuple(shape)
+
+    def _aligned(self, name: str) -> dict[str, torch.Tensor] | None:
+        """A token tensor of every model of ``name`` with its rows in the output vocabulary's
+        order (None for other tensors, or without a tokenizer merge); the last one is kept."""
+        if self.vocabulary is None or not VOCAB_TENSOR.match(name):
+            return None
+        if self._last_aligned[0] != name:
+            if self.mapped is not None:
+                pairs = [*self.mapped[name].inputs, self.mapped[name].reference]
+                readers = {ref: self._by_ref[ref].reader for ref, _ in pairs}
+            else:
+                pairs = [*((s.name, name) for s in self.sources), (self.base_ref, name)]
+                readers = {self.base_ref: self.base, **{s.name: s.reader for s in self.sources}}
+            raw = {}
+            for ref, key in pairs:
+                tensor = readers[ref].get(key)
+                raw[ref] = tensor.to(DTYPES[self.config.dtype]) if self.config.dtype else tensor
+            self._last_aligned = (name, align_rows(raw, self.vocabulary, self.config.tokens, self.config.base_model))
+        return self._last_aligned[1]
 
     def _check_core_space(self) -> None:
         """``merge_space: core`` needs LoRA inputs and a per-tensor trim."""
@@ -243,7 +296,11 @@ class MergeContext:
         return sorted(self.plan, key=lambda e: self.base.file_of(e.name))
 
     def raw_base(self, name: str) -> torch.Tensor:
-        """The reference tensor of output tensor ``name`` as stored (sliced: the slice's reference model's)."""
+        """The reference tensor of output tensor ``name`` as stored (sliced: the slice's reference
+        model's; token tensors of a tokenizer merge: aligned to the output vocabulary)."""
+        aligned = self._aligned(name)
+        if aligned is not None:
+            return aligned[self.mapped[name].reference[0] if self.mapped is not None else self.base_ref]
         if self.mapped is not None:
             model, key = self.mapped[name].reference
             return self._by_ref[model].reader.get(key)
@@ -267,8 +324,12 @@ class MergeContext:
         else:
             inputs = [(source, entry.name) for source in self.sources]
         deltas = torch.empty((len(inputs), *base.shape), dtype=base.dtype, device=base.device)
+        aligned = self._aligned(entry.name)
         for t, (source, key) in enumerate(inputs):
-            d = source.delta(key, base)
+            if aligned is not None:
+                d = aligned[source.name].to(device=base.device, dtype=base.dtype) - base
+            else:
+                d = source.delta(key, base)
             if d is None:
                 deltas[t].zero_()
                 continue
@@ -358,6 +419,9 @@ class MergeContext:
         for source in self.sources:
             folders[f"model {source.name!r}"] = source.reader.path if isinstance(source, FullModelSource) else source.adapter.path
         tokenizer = self.tokenizer_folder()
+        if self.vocabulary is not None:
+            for ref in self.vocabulary.originals:
+                folders.setdefault(f"tokenizer of {ref!r}", resolve_folder(ref))
         if tokenizer is not None:
             folders[f"tokenizer source {self.config.tokenizer_source!r}"] = tokenizer
         if self.config.stats:
@@ -366,7 +430,9 @@ class MergeContext:
 
     def tokenizer_folder(self) -> Path | None:
         """Where the merged model's tokenizer files come from (``tokenizer_source``); None
-        when ``copy_tokenizer`` is off."""
+        when ``copy_tokenizer`` is off (a tokenizer merge writes its tokenizer anyway, as mergekit does)."""
+        if self.vocabulary is not None:
+            return self.vocabulary.donor
         if not self.config.copy_tokenizer:
             return None
         source = self.config.tokenizer_source

@@ -24,6 +24,7 @@ from merging.plan import TensorEntry
 from merging.rng import generator_for
 from merging.spec import LoraFactors
 from merging.thresholds import global_thresholds
+from merging.tokenizer_merge import chat_template_text, write_tokenizer
 
 __all__ = ["Tensors", "compute_deltas", "decompose", "sparsify", "combine", "save", "trim_thresholds", "write_model_files"]
 
@@ -115,5 +116,11 @@ def write_model_files(ctx: MergeContext, out: Path) -> None:
     card = None
     if ctx.config.write_model_card:
         card = model_card(ctx.spec.name, ctx.spec.paper, ctx.config.base_model, ctx.model_names, recipe)
-    write_support_files(base_folder=ctx.base_folder, tokenizer_folder=ctx.tokenizer_folder(), out=out,
-                        out_dtype=ctx.out_dtype_name, card=card, recipe_yaml=recipe, num_layers=ctx.out_layers)
+    tokenizer = ctx.tokenizer_folder()
+    template = chat_template_text(ctx.config.chat_template, [ctx.base_folder, *ctx.input_folders().values()])
+    rebuilt = ctx.vocabulary is not None or (template is not None and tokenizer is not None)
+    write_support_files(base_folder=ctx.base_folder, tokenizer_folder=None if rebuilt else tokenizer, out=out,
+                        out_dtype=ctx.out_dtype_name, card=card, recipe_yaml=recipe, num_layers=ctx.out_layers,
+                        vocab_size=ctx.vocabulary.rows if ctx.vocabulary is not None else None)
+    if rebuilt:  # a merged vocabulary and/or a chat template of its own
+        write_tokenizer(out, tokenizer, ctx.vocabulary.tokenizer_json if ctx.vocabulary is not None else None, template)

@@ -19,7 +19,8 @@ __all__ = ["write_support_files", "model_card"]
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
 
-def _write_config(base_folder: Path, out: Path, out_dtype: str | None, num_layers: int | None = None) -> None:
+def _write_config(base_folder: Path, out: Path, out_dtype: str | None, num_layers: int | None = None,
+                  vocab_size: int | None = None) -> None:
     owner = f"base model {str(base_folder)!r}"
     source = model_file(base_folder, "config.json", owner, required=False)
     if source is None:
@@ -32,6 +33,8 @@ def _write_config(base_folder: Path, out: Path, out_dtype: str | None, num_layer
     if num_layers is not None:
         for key in [k for k in _LAYER_KEYS if k in config][:1] or ["num_hidden_layers"]:
             config[key] = num_layers
+    if vocab_size is not None:
+        config["vocab_size"] = vocab_size
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
@@ -70,12 +73,13 @@ def write_support_files(
     card: str | None,
     recipe_yaml: str,
     num_layers: int | None = None,
+    vocab_size: int | None = None,
 ) -> None:
     """Write config.json (dtype updated), generation_config.json, tokenizer files (unless
     ``tokenizer_folder`` is None), the model card README.md (unless ``card`` is None) and the
     recipe ``mergeflow_config.yml`` into ``out``; ``num_layers`` replaces config.json's layer
-    count (sliced merges)."""
-    _write_config(base_folder, out, out_dtype, num_layers)
+    count (sliced merges), ``vocab_size`` its vocabulary size (tokenizer merges)."""
+    _write_config(base_folder, out, out_dtype, num_layers, vocab_size)
     generation = model_file(base_folder, "generation_config.json", f"base model {str(base_folder)!r}", required=False)
     if generation is not None:
         shutil.copyfile(generation, out / generation.name)

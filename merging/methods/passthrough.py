@@ -12,7 +12,8 @@ Without ``base_model`` the one model is also the reference, so the delta is zero
 copy is bit-exact (any dtype). mergekit refuses a ``base_model`` other than the model
 (its base would count as a second input); here such a base only supplies the output's
 config and tokenizer, and the copy goes through theta_0 + (theta_1 - theta_0) in the compute
-dtype (float32 rounding). ``slices:`` (layer stacking) are a separate feature, not this file.
+dtype (float32 rounding). Layer stacking ("frankenmerges") is ``slices:`` with one source per
+slice (``merging/slices.py`` maps each output tensor to its source; this file copies it).
 """
 
 from __future__ import annotations

@@ -153,3 +153,47 @@ def test_slices_same_tensors_and_layer_count_as_mergekit(case, layered_models, t
         assert ((e - g).abs().max() / e.abs().max().clamp(min=1e-12)) <= 1e-6, key
     layers = [json.loads((tmp_path / side / "config.json").read_text())["num_hidden_layers"] for side in ("mk", "mf")]
     assert layers[0] == layers[1]
+
+
+@pytest.mark.parametrize("tokenizer", [{"source": "union"}, {"source": "base"}, {"source": "union", "pad_to_multiple_of": 8,
+                                       "tokens": {"<think>": {"source": "c", "force": True}, "<q>": {"source": {"kind": "zero"}}}}])
+def test_added_tokens_same_rows_as_mergekit(tokenizer, tmp_path_factory, tmp_path):
+    """Two fine-tunes whose tokenizers add different tokens: every output token's embedding and
+    LM-head row equals mergekit's (compared token by token: mergekit's new ids follow a hash order)."""
+    import json
+
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+    from tokenizers import Tokenizer
+
+    from tests.conftest import save_tiny_model, save_tokenizer
+    from tests.merging.test_tokenizer_merge import add_tokens
+
+    root = tmp_path_factory.mktemp("vocab_parity")
+    base = save_tiny_model(root / "base", seed=0)
+    save_tokenizer(base)
+    b = add_tokens(save_tiny_model(root / "b", seed=1, base=base), ["<tool>", "<think>"], 1)
+    c = add_tokens(save_tiny_model(root / "c", seed=2, base=base), ["<think>", "<x>"], 2)
+    section = json.loads(json.dumps(tokenizer).replace('"c"', json.dumps(str(c))))
+    raw = {"merge_method": "ties", "base_model": str(base), "models": [
+        {"model": str(b), "parameters": {"weight": 0.7, "density": 0.5}}, {"model": str(c), "parameters": {"weight": 0.4, "density": 0.7}}],
+        "tokenizer": section}
+    run_merge(MergeConfiguration.model_validate(raw), str(tmp_path / "mk"),
+              options=MergeOptions(write_model_card=False, quiet=True))
+    merge_checkpoints(parse_merge_config(raw), tmp_path / "mf")
+    vocabs = {side: Tokenizer.from_file(str(tmp_path / side / "tokenizer.json")).get_vocab() for side in ("mk", "mf")}
+    assert vocabs["mk"].keys() == vocabs["mf"].keys()
+    expected, got = load_file(tmp_path / "mk" / "model.safetensors"), load_file(tmp_path / "mf" / "model.safetensors")
+    assert expected.keys() == got.keys()
+    for key in expected:
+        e, g = expected[key].double(), got[key].double()
+        assert e.shape == g.shape, key
+        if key in ("model.embed_tokens.weight", "lm_head.weight"):
+            order = sorted(vocabs["mk"])
+            rows = len(vocabs["mk"])
+            e = torch.cat([e[[vocabs["mk"][t] for t in order]], e[rows:]])
+            g = torch.cat([g[[vocabs["mf"][t] for t in order]], g[rows:]])
+        assert ((e - g).abs().max() / e.abs().max().clamp(min=1e-12)) <= 1e-6, key
+    sizes = [json.loads((tmp_path / side / "config.json").read_text())["vocab_size"] for side in ("mk", "mf")]
+    assert sizes[0] == sizes[1]
