@@ -82,7 +82,7 @@ def test_mergekit_yaml_defaults():
     [
         ({"merge_method": "ties", "models": []}, "empty"),
         ({"merge_method": "ties", "models": ["a"], "colour": 1}, "colour"),
-        ({"merge_method": "ties", "models": ["a"], "tokenizer_source": "union"}, "union"),
+        ({"merge_method": "ties", "models": ["a"], "modules": {"text": {}}}, "'modules'"),
         ({"merge_method": "ties", "models": ["a"], "dtype": "float8"}, "dtype"),
         ([1, 2], "mapping"),
         ({"base_model": "b", "variant_models": [{"model": "v"}], "parameters": {"merge_method": "dynamic_ties"}}, "dynamic_ties"),
