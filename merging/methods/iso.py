@@ -14,7 +14,10 @@ Iso-CTS, per 2-D matrix, f = common_space_fraction (0.8):
   specific  R_t = tau_t - U_c U_c^T tau_t; its top-kt triplets;
   merged    U_cat = [task blocks | common], s_cat, V_cat^T likewise (r slots);
             merged = mean(s_cat) polar(U_cat) polar(V_cat^T).
-Other tensors: mean over tasks. theta = theta_0 + lambda * merged. Stages: decompose holds
+LoRA inputs (Iso-C): the SVD of the sum from the factors, and the result's span part only (see
+``iso_c_lora_factors``); Iso-CTS stays dense (its common subspace of floor(r f) directions
+reaches into the null space whenever floor(r f) > T r). Other tensors: mean over tasks.
+theta = theta_0 + lambda * merged. Stages: decompose holds
 every SVD and polar factor; combine is one product, so a lambda sweep reuses them. No data,
 no randomness. ``iso_cts_subspaces`` is shared with Scale-SVD.
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
+from merging.kernels.factor_svd import sum_svd
 from merging.kernels.svd import polar
 from merging.params import CoreSpaceParams, MethodParams
 from merging.spec import Factors, MethodSpec, TensorGroup
@@ -76,7 +80,22 @@ def iso_cts_factors(deltas: torch.Tensor, fraction: float) -> Factors:
 def decompose_c(group: TensorGroup, params: IsoCParams) -> Factors:
     if group.kind != "matrix":
         return {"mean": group.deltas.mean(dim=0)}
+    if group.lora is not None:
+        return iso_c_lora_factors(group)
     return iso_c_factors(group.deltas)
+
+
+def iso_c_lora_factors(group: TensorGroup) -> Factors:
+    """Iso-C of LoRA inputs from the factors (QR of the stacked factors, SVD of a (T r)-sized
+    core): the same scale mean(s) over all r = min(m, n) singular values (zeros included), on
+    the R directions the adapters span. The dense route adds mean(s) on r - R further null
+    directions, an arbitrary completion of the basis; the factor route is the dense result's
+    unique part, U_R U_R^T (dense Iso-C)."""
+    t, m, n = group.deltas.shape
+    u, s, vh = sum_svd(group.lora.b, group.lora.a, group.lora.scales, dtype=torch.float64)
+    scale = s.sum() / min(m, n)
+    dtype = group.deltas.dtype
+    return {"u": u.to(dtype), "vh": vh.to(dtype), "scale": scale.to(dtype).reshape(1)}
 
 
 def decompose_cts(group: TensorGroup, params: IsoCtsParams) -> Factors:

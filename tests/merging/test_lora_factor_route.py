@@ -142,3 +142,21 @@ def test_rank_one_drm_inputs_are_warned_about(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         merge_checkpoints(config, tmp_path / "out")
     assert any("rank-1" in r.getMessage() for r in caplog.records)
+
+
+def test_iso_c_factor_route_is_the_unique_part_of_the_dense_result(zoo, tmp_path):
+    """Dense Iso-C of LoRA deltas lifts every null direction of the sum to mean(s) (an arbitrary
+    completion); the factor route keeps the same scale on the adapters' span: it equals the
+    dense result projected on that span, U_R U_R^T (dense Iso-C)."""
+    lora = _merge(zoo, "lora", 2, "iso_c", tmp_path / "lora")  # ranks 4 + 3 < 16: the sum has null directions
+    dense = _merge(zoo, "full", 2, "iso_c", tmp_path / "dense")
+    base = load_file(zoo["base"] / "model.safetensors")
+    for layer in range(LAYERS):
+        for module in MODULES:
+            key = f"model.layers.{layer}.self_attn.{module}.weight"
+            total = sum(load_file(zoo[f"full{i}"] / "model.safetensors")[key] - base[key] for i in range(2))
+            u, s, _ = torch.linalg.svd(total)
+            span = u[:, : int((s > 1e-9 * s[0]).sum())]
+            projected = span @ span.T @ (dense[key] - base[key])
+            assert torch.allclose(lora[key] - base[key], projected, rtol=0, atol=1e-9), key
+            assert torch.linalg.matrix_rank(lora[key] - base[key]) == 7 < torch.linalg.matrix_rank(dense[key] - base[key])
