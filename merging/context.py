@@ -129,14 +129,15 @@ class MergeContext:
     def _open_models(self, config: MergeConfig) -> None:
         """Whole models (``models:``): every input's tensors are the base's."""
         refs = [m.model for m in config.models]
-        if self.spec.needs_base:
-            if config.base_model is None:
+        base_ref = config.base_model
+        if base_ref is None:  # the first model is the reference; every listed model an input
+            if self.spec.needs_base:
                 raise MergeConfigError(f"method {self.spec.name!r} needs base_model; add 'base_model: <path>'")
-            base_ref = config.base_model
-            entries = [m for m in config.models if m.model != base_ref]
-        else:
-            base_ref = config.base_model or refs[0]
+            base_ref, entries = refs[0], list(config.models)
+        elif self.spec.base == "input":  # a listed base is an input; an unlisted one only the reference
             entries = list(config.models)
+        else:  # required / optional: the base is the reference, never an input
+            entries = [m for m in config.models if m.model != base_ref]
         check_model_count(self.spec, len(entries))
         self.has_base = config.base_model is not None
         self.base_ref = base_ref

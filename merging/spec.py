@@ -22,10 +22,11 @@ import torch
 
 from merging.params import MethodParams, ModelParams
 
-__all__ = ["Factors", "GlobalTrim", "LoraFactors", "MethodSpec", "TensorGroup", "TensorKind"]
+__all__ = ["BaseRule", "Factors", "GlobalTrim", "LoraFactors", "MethodSpec", "TensorGroup", "TensorKind"]
 
 Factors = dict[str, torch.Tensor]
 TensorKind = Literal["matrix", "other"]
+BaseRule = Literal["required", "optional", "input"]
 
 
 @dataclass(frozen=True)
@@ -113,8 +114,16 @@ class MethodSpec:
         model_params: the per-model params model.
         combine: the merged delta from the factors.
         decompose / sparsify: optional earlier stages (identity when absent).
-        needs_base: deltas are taken against ``base_model``; when False (linear, slerp with
-            mergekit semantics) a model listed as base still counts as an input.
+        base: what ``base_model`` is to the method (mergekit 0.1.5's ``InputContract.base``, with
+            ``merge_planner`` adding an unlisted base to the inputs):
+            ``"required"`` (REQUIRED): it must be given; it is the reference the deltas are taken
+            against and never an input, listed or not (ties, slerp, ...);
+            ``"optional"`` (OPTIONAL): when given, the same, listed or not; without it the first
+            model is the reference and every listed model an input (multislerp, nuslerp);
+            ``"input"`` (IGNORED): the reference (else the first model); an input only when
+            listed (linear, karcher, passthrough). mergekit also adds an unlisted base to the
+            inputs; mergeflow does not, because params.yaml's ``models.base`` is always given as
+            the deltas' reference and ``MergeConfig`` does not yet say which dialect it came from.
         min_models / max_models: bounds on the number of task models.
         random: whether the method draws random numbers (then ``seed`` matters).
         global_trim: whole-model trim declared by the params, if any.
@@ -136,7 +145,7 @@ class MethodSpec:
     model_params: type[ModelParams] = ModelParams
     decompose: Callable[[TensorGroup, MethodParams], Factors] = _identity_decompose
     sparsify: Callable[[TensorGroup, Factors, MethodParams, torch.Generator], Factors] = _identity_sparsify
-    needs_base: bool = True
+    base: BaseRule = "required"
     min_models: int = 1
     max_models: int | None = None
     random: bool = False
@@ -145,6 +154,11 @@ class MethodSpec:
     param_stages: Mapping[str, str] = field(default_factory=dict)
     uses_stats: bool = False
     lora_span: bool = False
+
+    @property
+    def needs_base(self) -> bool:
+        """Whether ``base_model`` must be given (``base == "required"``)."""
+        return self.base == "required"
 
     def keeps_lora_span(self, params: MethodParams) -> bool:
         """Whether the merge of LoRA adapters with ``params`` stays in their span (see ``lora_span``)."""

@@ -79,7 +79,7 @@ SPEC = MethodSpec(
     name="karcher",
     params=KarcherParams,
     combine=combine,
-    needs_base=False,
+    base="input",
     min_models=1,
     paper="Karcher mean of the models (mergekit karcher; arXiv 2603.04972)",
 )

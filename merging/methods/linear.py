@@ -44,7 +44,7 @@ SPEC = MethodSpec(
     params=LinearParams,
     model_params=WeightedModelParams,
     combine=combine,
-    needs_base=False,
+    base="input",
     paper="Wortsman et al. 2022, Model soups, arXiv 2203.05482",
     lora_span=True,
 )

@@ -73,7 +73,7 @@ SPEC = MethodSpec(
     params=MultislerpParams,
     model_params=WeightedModelParams,
     combine=combine,
-    needs_base=False,
+    base="optional",
     min_models=1,
     paper="mergekit multislerp (Goddard, goddard.blog/posts/multislerp-wow-what-a-cool-idea)",
 )

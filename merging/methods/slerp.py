@@ -52,5 +52,5 @@ def combine_nuslerp(group: TensorGroup, factors: Factors, params: NuslerpParams)
 SLERP_SPEC = MethodSpec(name="slerp", params=SlerpParams, combine=combine_slerp, min_models=1, max_models=1,
                         paper="Shoemake 1985, Animating rotation with quaternion curves (SLERP)")
 NUSLERP_SPEC = MethodSpec(name="nuslerp", params=NuslerpParams, model_params=WeightedModelParams,
-                          combine=combine_nuslerp, needs_base=False, min_models=2, max_models=2,
+                          combine=combine_nuslerp, base="optional", min_models=2, max_models=2,
                           paper="mergekit nuslerp (Goddard et al. 2024, arXiv 2403.13257)")

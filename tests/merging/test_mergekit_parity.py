@@ -63,6 +63,13 @@ def _cases(base: str, a: str, b: str, c: str) -> dict[str, dict]:
                     "parameters": {"max_iter": 20, "tol": 1e-7}},
         "karcher_base_listed": {"merge_method": "karcher", "base_model": base,
                                 "models": [{"model": base}, {"model": a}, {"model": b}]},
+        # mergekit's base rule: multislerp sets a listed base aside as its reference; linear keeps it an input
+        "linear_base_listed": {"merge_method": "linear", "base_model": base, "models": [
+            {"model": a, "parameters": {"weight": 0.3}}, {"model": base, "parameters": {"weight": 0.2}},
+            {"model": b, "parameters": {"weight": 0.5}}]},
+        "multislerp_base_listed": {"merge_method": "multislerp", "base_model": base, "models": [
+            {"model": base, "parameters": {"weight": 0.4}}, {"model": a, "parameters": {"weight": 0.5}},
+            {"model": b, "parameters": {"weight": 0.3}}]},
         "sce": {"merge_method": "sce", "base_model": base, "models": [{"model": a}, {"model": b}, {"model": c}]},
         "sce_select_topk": {"merge_method": "sce", "base_model": base, "models": [{"model": a}, {"model": b}, {"model": c}],
                             "parameters": {"select_topk": [0.3, 0.7], "int8_mask": True}},
