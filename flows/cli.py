@@ -197,6 +197,22 @@ def extract_lora_command(
         typer.echo(f"wrote {out}")
 
 
+@app.command("import-gguf")
+def import_gguf_command(
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="A .gguf file (quantized or not), or a folder holding one.")],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Folder for the Hugging Face safetensors model.")],
+    gguf_file: Annotated[str | None, typer.Option(help="The .gguf file to use when FILE is a folder holding several.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+) -> None:
+    """Convert a llama.cpp GGUF model into a Hugging Face folder (dequantized to float32, tokenizer
+    rebuilt from the file), as the pipeline's fetch stage does; a .gguf path is also accepted as a
+    model in merge configs directly."""
+    from merging.io.gguf import import_gguf
+
+    with exit_on_error():
+        typer.echo(f"wrote {import_gguf(file, gguf_file, out, overwrite=overwrite)}")
+
+
 @app.command("circuit-merge")
 def circuit_merge(
     paths: Annotated[list[str] | None, typer.Argument(metavar="BASE VARIANT [VARIANT ...] OUTPUT", help="Base model, variants (first = highest priority), output folder.")] = None,

@@ -8,6 +8,10 @@ are dropped before ``save_pretrained`` (the weights are dense by then, and a qua
 refuses to save). The folder is written atomically and carries ``gguf_source.json`` with the
 GGUF's sha256: a second import of the same file is a no-op.
 
+A ``.gguf`` file given as a model reference (``mergeflow merge``) is converted once into
+``<cache>/<sha256 prefix>`` (``converted_gguf``): the folder is named by the file's content, so
+the same bytes anywhere share one conversion and a changed file gets a new one.
+
 This is the one module of ``merging`` that imports transformers (inside ``import_gguf``, so
 importing the module stays light): reading GGUF is transformers' job.
 """
@@ -16,17 +20,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import struct
 import time
 from pathlib import Path
 
 from merging.digests import file_digest
-from merging.errors import CheckpointNotFoundError, MergeConfigError
+from merging.errors import CheckpointNotFoundError, MergeConfigError, OutputExistsError
 from merging.io.writer import atomic_output_dir
 
-__all__ = ["import_gguf", "find_gguf", "is_converted", "MARKER"]
+__all__ = ["import_gguf", "find_gguf", "is_converted", "converted_gguf", "gguf_cache_dir", "MARKER", "CACHE_ENV"]
 
 MARKER = "gguf_source.json"
+CACHE_ENV = "MERGEFLOW_GGUF_CACHE"
 log = logging.getLogger(__name__)
 
 
@@ -71,27 +77,49 @@ def is_converted(out_dir: Path, digest: str) -> bool:
         return False
 
 
-def import_gguf(source: Path, gguf_file: str | None, out_dir: Path) -> Path:
+def gguf_cache_dir() -> Path:
+    """Where ``.gguf`` model references are converted: ``$MERGEFLOW_GGUF_CACHE``, else
+    ``$XDG_CACHE_HOME/mergeflow/gguf`` (``~/.cache/mergeflow/gguf``)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "mergeflow" / "gguf"
+
+
+def converted_gguf(path: Path, cache_dir: Path | None = None) -> Path:
+    """The Hugging Face folder of the GGUF file ``path``: ``<cache_dir>/<sha256[:24]>``
+    (``gguf_cache_dir()`` by default), converted on first use, atomically."""
+    path = find_gguf(Path(path))
+    digest = file_digest(path)
+    return _convert(path, digest, Path(cache_dir or gguf_cache_dir()) / digest[:24])
+
+
+def import_gguf(source: Path, gguf_file: str | None, out_dir: Path, *, overwrite: bool = True) -> Path:
     """Dequantize a GGUF model into a Hugging Face safetensors folder at ``out_dir``.
 
     Args:
         source: a ``.gguf`` file, or a folder holding one (``gguf_file`` picks among several).
         gguf_file: the file's name inside ``source`` (relative path), or None.
         out_dir: the folder to write; left as is when it already holds this GGUF's conversion.
+        overwrite: replace an ``out_dir`` holding anything else (else ``OutputExistsError``).
 
     Returns:
         ``out_dir``: config, float32 safetensors weights, tokenizer and ``gguf_source.json``.
 
     Raises:
         CheckpointNotFoundError: no such file or folder.
+        OutputExistsError: ``out_dir`` holds something else and ``overwrite`` is False.
         MergeConfigError: ambiguous or unreadable file, or an architecture transformers cannot load.
     """
     path = find_gguf(Path(source), gguf_file)
-    out_dir = Path(out_dir)
-    digest = file_digest(path)
+    return _convert(path, file_digest(path), Path(out_dir), overwrite)
+
+
+def _convert(path: Path, digest: str, out_dir: Path, overwrite: bool = True) -> Path:
     if is_converted(out_dir, digest):
         log.info("GGUF %s already converted in %s", path.name, out_dir)
         return out_dir
+    if not overwrite and os.path.lexists(out_dir):
+        raise OutputExistsError(f"{out_dir} exists and is not a conversion of {path.name}; pass --overwrite to replace it")
     start = time.perf_counter()
     import torch
     import transformers
@@ -108,7 +136,7 @@ def import_gguf(source: Path, gguf_file: str | None, out_dir: Path) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    with atomic_output_dir(out_dir, overwrite=True) as tmp:
+    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         marker = {"gguf_file": path.name, "gguf_sha256": digest, "transformers": transformers.__version__}

@@ -1,9 +1,10 @@
 """Model references -> local folders -> sources of per-tensor deltas.
 
-A reference is a local folder (full model or PEFT LoRA adapter), a Hugging Face id with an
-optional ``@revision`` (downloaded with ``huggingface_hub.snapshot_download``, safetensors
-and JSON/tokenizer files only), or mergekit's ``model+adapter`` form. A source yields the
-dense delta of one tensor against the base, one tensor at a time.
+A reference is a local folder (full model or PEFT LoRA adapter), a local ``.gguf`` file
+(converted to a folder once), a Hugging Face id with an optional ``@revision`` (downloaded
+with ``huggingface_hub.snapshot_download``, safetensors and JSON/tokenizer files only), or
+mergekit's ``model+adapter`` form. A source yields the dense delta of one tensor against the
+base, one tensor at a time.
 """
 
 from __future__ import annotations
@@ -71,8 +72,14 @@ def resolve_source(ref: str, revision: str | None = None) -> tuple[Path, str | N
 
 
 def resolve_folder(ref: str) -> Path:
-    """The local folder of a model reference (see ``resolve_source``)."""
-    return resolve_source(ref)[0]
+    """The local folder of a model reference (see ``resolve_source``); a ``.gguf`` file is
+    converted once into the GGUF cache (``merging.io.gguf.converted_gguf``)."""
+    path = resolve_source(ref)[0]
+    if path.is_file() and path.suffix == ".gguf":
+        from merging.io.gguf import converted_gguf  # needs transformers: imported only for GGUF files
+
+        return converted_gguf(path)
+    return path
 
 
 class ModelSource(Protocol):

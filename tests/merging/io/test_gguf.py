@@ -203,3 +203,45 @@ def test_fetch_converts_gguf_sources(tiny_gguf, tmp_path):
         folder = Path(models[name]["folder"])
         assert folder == tmp_path / "store" / "gguf" / name
         assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
+
+
+def test_gguf_files_merge_as_models_converted_once_into_the_cache(tiny_gguf, tmp_path, monkeypatch):
+    import transformers
+    from safetensors.torch import load_file
+
+    from merging import merge_checkpoints, parse_merge_config
+
+    path, base = tiny_gguf
+    tuned = write_tiny_gguf(tmp_path / "ft.gguf", seed=3)
+    monkeypatch.setenv("MERGEFLOW_GGUF_CACHE", str(tmp_path / "cache"))
+    raw = {"merge_method": "task_arithmetic", "base_model": str(path),
+           "models": [{"model": str(tmp_path / "ft.gguf"), "parameters": {"weight": 0.5}}], "device": "cpu"}
+    merged = load_file(merge_checkpoints(parse_merge_config(raw), tmp_path / "out") / "model.safetensors")
+    for name, tensor in base.items():
+        torch.testing.assert_close(merged[name], tensor + 0.5 * (tuned[name] - tensor), msg=name)
+    folders = sorted((tmp_path / "cache").iterdir())
+    assert len(folders) == 2 and all(len(f.name) == 24 and (f / MARKER).is_file() for f in folders)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    merge_checkpoints(parse_merge_config(raw), tmp_path / "again")  # the cached conversions are reused
+    assert sorted((tmp_path / "cache").iterdir()) == folders
+
+
+def test_import_gguf_command(tiny_gguf, tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    path, _ = tiny_gguf
+    runner = CliRunner()
+    result = runner.invoke(app, ["import-gguf", str(path), str(tmp_path / "hf")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "hf" / "model.safetensors").is_file() and (tmp_path / "hf" / MARKER).is_file()
+    assert runner.invoke(app, ["import-gguf", str(path), str(tmp_path / "hf")]).exit_code == 0  # already converted
+    (tmp_path / "other").mkdir()
+    result = runner.invoke(app, ["import-gguf", str(path), str(tmp_path / "other")])
+    assert result.exit_code == 2 and "--overwrite" in result.output and len(result.output.strip().splitlines()) == 1
+    assert runner.invoke(app, ["import-gguf", str(path), str(tmp_path / "other"), "--overwrite"]).exit_code == 0
