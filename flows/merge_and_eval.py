@@ -50,8 +50,8 @@ from merging.io.writer import commit_dir, temp_sibling
 from merging.pipeline_params import PipelineParams, Retry, load_params, require_evaluation
 from tasks.stage import is_transient, stage_task
 
-__all__ = ["merge_and_eval", "run_pipeline", "walk", "artifact_dir", "task_runner", "store_of", "pin_inputs", "last_run",
-           "code_version", "RUNS_LOG"]
+__all__ = ["merge_and_eval", "run_pipeline", "record_run", "walk", "artifact_dir", "task_runner", "store_of", "pin_inputs",
+           "last_run", "code_version", "RUNS_LOG"]
 
 RUNS_LOG = "runs.jsonl"
 _COMMIT = re.compile(r"[0-9a-f]{40}")
@@ -69,12 +69,12 @@ def merge_and_eval(params_file: str = "params.yaml", overrides: dict[str, Any] |
         params = pin_inputs(params)
         previous = last_run(store_of(params), series) if series else None
         with contextlib.ExitStack() as leases:
-            produced = run_pipeline(params, refresh, leases, series)
+            produced = run_pipeline(params, refresh, leases)
+            current = record_run(params, produced, series)
             report = Path(produced["report"])
             metrics = json.loads((report / "metrics.json").read_text())
             _publish(params, report, metrics)
     if previous is not None:
-        current = last_run(store_of(params), series)
         worse = find_regressions(previous["scores"], current["scores"], params.eval.regression_tolerance,
                                  set(current["lower_is_better"]))
         if worse:
@@ -101,12 +101,10 @@ def artifact_dir(store: Path, stage: pipeline.Stage, key: str, part: bool = Fals
     return store / f"{stage.name}{'-part' if part else ''}-{key[:16]}"
 
 
-def run_pipeline(params: PipelineParams, refresh: bool = False, leases: contextlib.ExitStack | None = None,
-                 series: str | None = None) -> dict[str, str]:
-    """Every stage of the table as a cached task; returns stage name -> artifact folder and
-    records the run in ``<store>/runs.jsonl`` (what ``mergeflow gc``, regressions and
-    ``mergeflow lineage`` read). The leases on the artifacts go into ``leases`` (the caller
-    releases them when done with the artifacts; default: on return)."""
+def run_pipeline(params: PipelineParams, refresh: bool = False, leases: contextlib.ExitStack | None = None) -> dict[str, str]:
+    """Every stage of the table as a cached task; returns stage name -> artifact folder. The
+    leases on the artifacts go into ``leases`` (the caller releases them when done with the
+    artifacts; default: on return)."""
     store = store_of(params)
     fused = not params.pipeline.materialize
     with contextlib.ExitStack() as own:
@@ -117,22 +115,25 @@ def run_pipeline(params: PipelineParams, refresh: bool = False, leases: contextl
                 return _run_partitioned(stage, params, inputs, store, fused, refresh, held)
             return _run(stage, params, inputs, store, fused, refresh, held)
 
-        produced = walk(params, visit)
-    with open(store / RUNS_LOG, "a") as log:
-        fcntl.flock(log, fcntl.LOCK_EX)  # released at close, after the flush: whole lines, however long
-        log.write(json.dumps(_record(params, produced, series), sort_keys=True) + "\n")
-    return produced
+        return walk(params, visit)
 
 
-def _record(params: PipelineParams, produced: dict[str, str], series: str | None) -> dict[str, Any]:
+def record_run(params: PipelineParams, produced: dict[str, str], series: str | None = None) -> dict[str, Any]:
+    """Append the run to ``<store>/runs.jsonl`` (what ``mergeflow gc``, regressions and ``mergeflow
+    lineage`` read): params, artifacts, inputs as fetch resolved them, the merged model's digest and
+    scores, the code version. Returns the record."""
     from prefect.runtime import flow_run
 
     merged = json.loads((Path(produced["evaluate"]) / RESULTS_FILE).read_text())["merged"]
     inputs = {name: {k: m.get(k) for k in ("source", "revision", "commit", "digest")}
               for name, m in fetched_models(produced["fetch"]).items()}
-    return {"time": time.time(), "series": series, "flow_run": flow_run.id, "params": params.model_dump(mode="json"),
-            "artifacts": produced, "inputs": inputs, "model_digest": merged["digest"], "scores": merged["scores"],
-            "lower_is_better": sorted(lower_is_better(merged)), "code": code_version()}
+    record = {"time": time.time(), "series": series, "flow_run": flow_run.id, "params": params.model_dump(mode="json"),
+              "artifacts": produced, "inputs": inputs, "model_digest": merged["digest"], "scores": merged["scores"],
+              "lower_is_better": sorted(lower_is_better(merged)), "code": code_version()}
+    with open(store_of(params) / RUNS_LOG, "a") as log:
+        fcntl.flock(log, fcntl.LOCK_EX)  # released at close, after the flush: whole lines, however long
+        log.write(json.dumps(record, sort_keys=True) + "\n")
+    return record
 
 
 def last_run(store: Path, series: str) -> dict[str, Any] | None:

@@ -77,17 +77,17 @@ def test_the_flow_run_is_retried_and_timed_out_as_params_say(prefect_harness, ti
     params = str(write_params(tmp_path / "params.yaml", tiny_models, tmp_path / "art"))
     real, attempts = flow_module.run_pipeline, []
 
-    def failing_once(params, refresh=False, leases=None, series=None):
+    def failing_once(params, refresh=False, leases=None):
         attempts.append(1)
         if len(attempts) == 1:
             raise ConnectionError("the store's file server went away")
-        return real(params, refresh, leases, series)
+        return real(params, refresh, leases)
 
     monkeypatch.setattr(flow_module, "run_pipeline", failing_once)
     state = flow_module.merge_and_eval(params, {**LEAN, "retry.flow": {"retries": 1, "delay_seconds": 0}}, return_state=True)
     assert state.is_completed() and len(attempts) == 2 and _flow_run(state).run_count == 2
 
-    def hanging(params, refresh=False, leases=None, series=None):
+    def hanging(params, refresh=False, leases=None):
         time.sleep(30)
 
     monkeypatch.setattr(flow_module, "run_pipeline", hanging)
