@@ -302,6 +302,26 @@ def run(
 
 
 @app.command()
+def multi(
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="mergekit-multi file: merge configs as YAML documents (or a list), each named with 'name:' except at most one final merge.")],
+    intermediate_dir: Annotated[Path, typer.Option("--intermediate-dir", help="Folder for the named steps' outputs (<DIR>/<name>) and their cache records.")],
+    out_path: Annotated[Path | None, typer.Option("--out-path", help="Output folder of the unnamed final merge.")] = None,
+    lazy: Annotated[bool, typer.Option("--lazy/--no-lazy", help="Keep any complete existing output of a step, even if its config changed (mergekit-multi's default; mergeflow's default reruns edited steps).")] = False,
+) -> None:
+    """Run a multi-step merge as one Prefect flow: later steps use earlier ones' outputs by name; a step
+    reruns only when it, or a step it reads, changed."""
+    with exit_on_error():
+        if not file.is_file():
+            raise MergeConfigError(f"multi-merge file {file} does not exist")
+        _pipeline_env()
+        from flows.multi import multi_merge
+
+        outputs = multi_merge(str(file), str(intermediate_dir), str(out_path) if out_path else None, lazy)
+        for name, folder in outputs.items():
+            typer.echo(f"{name}: {folder}")
+
+
+@app.command()
 def sweep(
     sweep_file: Annotated[str, typer.Argument(metavar="SWEEP.yaml", help="Grid of methods and parameters.")] = "sweep.yaml",
     params: Annotated[str, typer.Option("--params")] = "params.yaml",
