@@ -158,6 +158,9 @@ class MergeConfig(BaseModel):
     ignore: tuple[str, ...] = ()
     shard_size: int | str = "5GB"
     allow_pickle: bool = False
+    base_is_reference: bool = Field(False, description="The base is only the reference the deltas are taken against "
+                                    "(params.yaml); in a mergekit config, methods that take no base (linear, karcher, "
+                                    "passthrough) merge an unlisted base_model as one more input, as mergekit does.")
     allow_nonfinite: bool = Field(False, description="Write merged tensors that hold NaN or Inf instead of refusing.")
     copy_tokenizer: bool = Field(True, description="Copy the tokenizer files of tokenizer_source into the output.")
     write_model_card: bool = Field(True, description="Write a README.md model card into the output.")

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from merging.api import check_model_count
-from merging.config import MergeConfig
+from merging.config import MergeConfig, ModelEntry
 from merging.errors import MergeConfigError, NonFiniteDeltaError
 from merging.io.adapter_writer import adapter_contents
 from merging.io.checkpoint import CheckpointReader
@@ -134,8 +134,10 @@ class MergeContext:
             if self.spec.needs_base:
                 raise MergeConfigError(f"method {self.spec.name!r} needs base_model; add 'base_model: <path>'")
             base_ref, entries = refs[0], list(config.models)
-        elif self.spec.base == "input":  # a listed base is an input; an unlisted one only the reference
+        elif self.spec.base == "input":  # the base is an input (mergekit: an unlisted one is added)
             entries = list(config.models)
+            if not config.base_is_reference and base_ref not in refs:
+                entries.append(ModelEntry(model=base_ref))
         else:  # required / optional: the base is the reference, never an input
             entries = [m for m in config.models if m.model != base_ref]
         check_model_count(self.spec, len(entries))

@@ -353,5 +353,6 @@ def merge_config(params: PipelineParams, folders: dict[str, str] | None = None) 
         "exclude": list(params.plan.exclude),
         "ignore": list(params.plan.ignore),
         "shard_size": params.pipeline.shard_size,
+        "base_is_reference": True,
     }
     return parse_merge_config(raw, "params.yaml")

@@ -120,10 +120,9 @@ class MethodSpec:
             against and never an input, listed or not (ties, slerp, ...);
             ``"optional"`` (OPTIONAL): when given, the same, listed or not; without it the first
             model is the reference and every listed model an input (multislerp, nuslerp);
-            ``"input"`` (IGNORED): the reference (else the first model); an input only when
-            listed (linear, karcher, passthrough). mergekit also adds an unlisted base to the
-            inputs; mergeflow does not, because params.yaml's ``models.base`` is always given as
-            the deltas' reference and ``MergeConfig`` does not yet say which dialect it came from.
+            ``"input"`` (IGNORED): an input, listed or not (an unlisted one is appended, as
+            mergekit does), and the reference of the deltas (linear, karcher, passthrough);
+            params.yaml's ``models.base`` sets ``base_is_reference``: then only the reference.
         min_models / max_models: bounds on the number of task models.
         random: whether the method draws random numbers (then ``seed`` matters).
         global_trim: whole-model trim declared by the params, if any.

@@ -67,6 +67,10 @@ def _cases(base: str, a: str, b: str, c: str) -> dict[str, dict]:
         "linear_base_listed": {"merge_method": "linear", "base_model": base, "models": [
             {"model": a, "parameters": {"weight": 0.3}}, {"model": base, "parameters": {"weight": 0.2}},
             {"model": b, "parameters": {"weight": 0.5}}]},
+        # an unlisted base_model is one more input of the methods that take no base, as in mergekit
+        "karcher_base_unlisted": {"merge_method": "karcher", "base_model": base, "models": [{"model": a}, {"model": b}]},
+        "linear_base_unlisted": {"merge_method": "linear", "base_model": base, "parameters": {"weight": 0.2}, "models": [
+            {"model": a, "parameters": {"weight": 0.3}}, {"model": b, "parameters": {"weight": 0.5}}]},
         "multislerp_base_listed": {"merge_method": "multislerp", "base_model": base, "models": [
             {"model": base, "parameters": {"weight": 0.4}}, {"model": a, "parameters": {"weight": 0.5}},
             {"model": b, "parameters": {"weight": 0.3}}]},
