@@ -137,7 +137,7 @@ class Stage:
 STAGES: tuple[Stage, ...] = (
     Stage("fetch", (), ("models",), artifact="merging.fetch:fetch_models", versions=(),
           reads_files=model_sources, outside_state=local_state),
-    Stage("deltas", (), ("merge.method", "plan", "pipeline.compute_dtype", "pipeline.materialize"),
+    Stage("deltas", (), ("merge.method", "plan", "tokenizer", "pipeline.compute_dtype", "pipeline.materialize"),
           group=stages.compute_deltas, fusable=True),
     Stage("decompose", ("deltas",), ("merge.method", "merge.decompose", "pipeline.materialize"),
           group=stages.decompose, partitioned=True, fusable=True,

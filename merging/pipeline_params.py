@@ -12,7 +12,10 @@ params models, nowhere else):
   parameters: ``decompose``, ``sparsify``, ``combine``. Each key must sit in the section
   of the stage that reads it, so that DVC reruns exactly that stage and those after it;
   a per-model parameter may be a scalar or a mapping ``{model name: value}``;
-* ``plan``: ``include`` / ``exclude`` / ``ignore`` regexes;
+* ``plan``: ``include`` / ``exclude`` / ``ignore`` regexes, and mergekit's ``slices`` (sources
+  name models of ``models``);
+* ``tokenizer``: the output vocabulary (``source: base | union | <model name>``, ``tokens``,
+  ``pad_to_multiple_of``, ``chat_template``), as mergekit's tokenizer section;
 * ``pipeline``: device, compute/output dtype, ``materialize``, task runner, artifact store;
 * ``eval``: lm-eval tasks (local include path or lm-eval's own), limit, batch size, device,
   dtype, few-shot, chat template, extra model arguments, the regression tolerance;
@@ -82,6 +85,20 @@ class PlanSection(BaseModel):
     include: tuple[str, ...] = (r".*",)
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     ignore: tuple[str, ...] = ()
+    slices: tuple[dict[str, Any], ...] | None = Field(
+        None, description="mergekit's layer slices, each {sources: [{model: <model name>, layer_range: [a, b], "
+                          "parameters}], parameters}; model names are those of 'models'.")
+
+
+class TokenizerSection(BaseModel):
+    """The output vocabulary (mergekit's tokenizer section); model names are those of 'models'."""
+
+    model_config = _STRICT
+
+    source: str | None = Field(None, description="base (default), union, or a model name.")
+    tokens: dict[str, Any] = Field(default_factory=dict, description="Per-token overrides, as mergekit's tokenizer.tokens.")
+    pad_to_multiple_of: int | None = Field(None, ge=1)
+    chat_template: str | None = Field(None, description="auto, a named template or an inline Jinja template.")
 
 
 class PipelineSection(BaseModel):
@@ -199,6 +216,7 @@ class PipelineParams(BaseModel):
     models: ModelsSection
     merge: MergeSection = MergeSection()
     plan: PlanSection = PlanSection()
+    tokenizer: TokenizerSection = TokenizerSection()
     pipeline: PipelineSection = PipelineSection()
     eval: EvalSection = EvalSection()
     retry: RetrySection = RetrySection()
@@ -355,4 +373,41 @@ def merge_config(params: PipelineParams, folders: dict[str, str] | None = None) 
         "shard_size": params.pipeline.shard_size,
         "base_is_reference": True,
     }
+    folder_of = {m.name: folders.get(m.name, m.source) for m in (params.models.base, *params.models.inputs)}
+    if params.plan.slices is not None:
+        raw.pop("models")
+        raw["slices"] = [_named_slice(s, folder_of) for s in params.plan.slices]
+    section = params.tokenizer
+    if section.source is not None or section.tokens or section.pad_to_multiple_of is not None:
+        raw["tokenizer"] = {**({"source": folder_of.get(section.source, section.source)} if section.source else {}),
+                            "tokens": {t: _named_token(o, folder_of) for t, o in section.tokens.items()},
+                            **({"pad_to_multiple_of": section.pad_to_multiple_of} if section.pad_to_multiple_of else {})}
+    if section.chat_template is not None:
+        raw["chat_template"] = section.chat_template
     return parse_merge_config(raw, "params.yaml")
+
+
+def _named(value: Any, folder_of: dict[str, str], key: str) -> Any:
+    """A model name of params.yaml -> its folder (``MergeConfigError`` for an unknown name)."""
+    if not isinstance(value, str) or value not in folder_of:
+        raise MergeConfigError(f"{key}: {value!r} is not a model name of 'models' (known: {', '.join(folder_of)})")
+    return folder_of[value]
+
+
+def _named_slice(piece: dict[str, Any], folder_of: dict[str, str]) -> dict[str, Any]:
+    out = dict(piece)
+    if not isinstance(out.get("sources"), list):
+        raise MergeConfigError("plan.slices: each slice needs a 'sources' list")
+    out["sources"] = [{**s, "model": _named(s.get("model"), folder_of, "plan.slices[].sources[].model")}
+                      if isinstance(s, dict) else s for s in out["sources"]]
+    if "base_model" in out:
+        out["base_model"] = _named(out["base_model"], folder_of, "plan.slices[].base_model")
+    return out
+
+
+def _named_token(override: Any, folder_of: dict[str, str]) -> Any:
+    """A token override whose ``source`` names a model (``{kind: model_token, model: NAME}``)."""
+    if isinstance(override, dict) and isinstance(override.get("source"), dict) and "model" in override["source"]:
+        source = {**override["source"], "model": _named(override["source"]["model"], folder_of, "tokenizer.tokens[].source.model")}
+        return {**override, "source": source}
+    return override
