@@ -77,7 +77,8 @@ def test_union_merge_aligns_rows_and_writes_tokenizer_and_template(vocab_models,
     from transformers import AutoTokenizer
 
     m = vocab_models
-    raw = {"merge_method": "linear", "base_model": str(m["base"]),
+    # base_is_reference: the base only gives the vocabulary's reference, not a third linear input
+    raw = {"merge_method": "linear", "base_model": str(m["base"]), "base_is_reference": True,
            "models": [{"model": str(m[n]), "parameters": {"weight": 0.5}} for n in "bc"],
            "tokenizer": {"source": "union", "pad_to_multiple_of": 8, "tokens": {"<new>": {"source": {"kind": "zero"}}}},
            "chat_template": "chatml"}
