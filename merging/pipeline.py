@@ -86,8 +86,6 @@ class Stage:
         first_pass: a whole-model pass before the loop, given ``read(stage, entry)``: what an
             input stage produced for a group (read from its artifact or computed in memory).
         versions: libraries whose versions join the fingerprint.
-        retries: unused (0): how often fetch and evaluate, the stages whose failures can be
-            transient, are retried comes from params.yaml's ``retry`` section (``RetrySection``).
         reads_files: files or folders outside the store it may read, from the params (DVC deps:
             the local ones).
         outside_state: a cheap stand-in for the state of those files that joins the key (None:
@@ -109,7 +107,6 @@ class Stage:
     method_code: Callable[[MethodSpec], tuple] | None = None
     first_pass: Callable[[MergeContext, Callable[[str, TensorEntry], stages.Tensors]], None] | None = None
     versions: tuple[str, ...] = _LIBS
-    retries: int = 0
     reads_files: Callable[[PipelineParams], list[str]] | None = None
     outside_state: Callable[[PipelineParams], Any] | None = None
     identity_file: str | None = None
