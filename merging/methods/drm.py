@@ -50,18 +50,12 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from merging.kernels.factor_svd import drm_factors
+from merging.kernels.factor_svd import drm_factors, renormalize_blocks
 from merging.kernels.sign import agreement_mask, disjoint_mean, elect_sign
 from merging.kernels.sparsify import trim_below
 from merging.kernels.svd import relative_rank, thin_svd
 from merging.params import MethodParams, ModelParams
 from merging.spec import Factors, GlobalTrim, MethodSpec, TensorGroup
-
-
-def _norm_eps(dtype: torch.dtype) -> float:
-    """Norm below which a task's block row/column (of unit-norm SVD rows/columns) is numerical
-    noise of the SVD: sqrt(eps) of the SVD dtype (see the module docstring for measured noise)."""
-    return torch.finfo(dtype).eps ** 0.5
 
 
 class DrmModelParams(ModelParams):
@@ -107,24 +101,11 @@ def decompose(group: TensorGroup, params: DrmParams) -> Factors:
     r = relative_rank(s, params.rel_rank_tol)
     u, s, vh = u[:, :r], s[:r], vh[:r]
     if horizontal:
-        blocks = vh.reshape(r, t, m).permute(1, 0, 2)  # (T, r, m): B_t
-        norms = blocks.norm(dim=2)  # (T, r): nu
-        basis = u  # (n, r)
+        blocks, basis = vh.reshape(r, t, m).permute(1, 0, 2), u  # (T, r, m): B_t; (n, r)
     else:
-        blocks = u.reshape(t, n, r)  # (T, n, r): A_t
-        norms = blocks.norm(dim=1)  # (T, r): mu
-        basis = vh  # (r, m)
-    if params.reference_compat:
-        safe = norms
-    else:
-        tiny = norms <= _norm_eps(dtype)  # rows/columns of Vh / U have unit norm: relative to 1
-        safe = torch.where(tiny, torch.ones_like(norms), norms)
-    normalized = blocks / (safe.unsqueeze(2) if horizontal else safe.unsqueeze(1))
-    sigma = s.unsqueeze(0) * norms  # (T, r)
-    if not params.reference_compat:
-        mask = (~tiny).to(normalized.dtype)
-        normalized = normalized * (mask.unsqueeze(2) if horizontal else mask.unsqueeze(1))
-        sigma = sigma * mask
+        blocks, basis = u.reshape(t, n, r), vh  # (T, n, r): A_t; (r, m)
+    normalized, sigma = renormalize_blocks(blocks, s, params.direction, reference_compat=params.reference_compat,
+                                           dtype=dtype)
     return {"basis": basis, "sigma": sigma, "blocks": normalized}
 
 
