@@ -65,6 +65,22 @@ def build(root: Path, hidden: int, layers: int, vocab: int, n_adapters: int, ran
     return paths
 
 
+def alternate(commands: dict[str, list[str]], repeat: int) -> dict[str, tuple[list[float], list[float]]]:
+    """Run every command ``repeat`` times, alternating, so that drifts in machine load hit every
+    command alike: ``{label: (wall seconds, peak RSS MB)}``."""
+    results: dict[str, tuple[list[float], list[float]]] = {label: ([], []) for label in commands}
+    for _ in range(repeat):
+        for label, cmd in commands.items():
+            wall, rss = timed(cmd)
+            results[label][0].append(wall)
+            results[label][1].append(rss)
+    return results
+
+
+def median_range(times: list[float]) -> str:
+    return f"{statistics.median(times):7.1f} s ({min(times):.1f}-{max(times):.1f})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=576)
@@ -91,17 +107,13 @@ def main() -> None:
             cfg.write_text(yaml.safe_dump(config))
             commands[label] = [str(BIN / "mergeflow"), "merge", str(cfg), str(root / f"out-{method}-{kind}"), "-q",
                                "--overwrite", "--device", "cpu"]
-        results: dict[str, list[tuple[float, float]]] = {label: [] for label in commands}
-        for _ in range(args.repeat):  # alternating, so drifts in machine load hit every command alike
-            for label, cmd in commands.items():
-                results[label].append(timed(cmd))
+        results = alternate(commands, args.repeat)
         print(f"base: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab} (bf16); {args.adapters} rank-{args.rank} "
               f"adapters on {', '.join(MODULES)}; median (min-max) of {args.repeat} runs")
-        peer = statistics.median(t for t, _ in results["task_arithmetic (adapters)"])
-        for label, values in results.items():
-            times, rss = [t for t, _ in values], [m for _, m in values]
-            print(f"{label:48s} {statistics.median(times):7.1f} s ({min(times):.1f}-{max(times):.1f})  "
-                  f"x{statistics.median(times) / peer:5.2f} of task arithmetic   peak RSS {statistics.median(rss):6.0f} MB")
+        peer = statistics.median(results["task_arithmetic (adapters)"][0])
+        for label, (times, rss) in results.items():
+            print(f"{label:48s} {median_range(times)}  x{statistics.median(times) / peer:5.2f} of task arithmetic   "
+                  f"peak RSS {statistics.median(rss):6.0f} MB")
 
 
 if __name__ == "__main__":

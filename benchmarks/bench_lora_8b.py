@@ -24,7 +24,8 @@ import yaml
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_merge import BIN, timed  # noqa: E402
+from bench_lora import alternate, median_range  # noqa: E402
+from bench_merge import BIN  # noqa: E402
 
 HIDDEN, INTER, LAYERS, VOCAB, HEADS, KV = 4096, 14336, 32, 128256, 32, 8
 SHAPES = {"self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.k_proj": (KV * 128, HIDDEN), "self_attn.v_proj": (KV * 128, HIDDEN),
@@ -88,16 +89,11 @@ def main() -> None:
                                            "models": [{"model": str(root / f"lora{i}")} for i in range(args.adapters)]}))
             commands[label] = [str(BIN / "mergeflow"), "merge", str(cfg), str(root / f"out-{method}"), "-q", "--overwrite",
                                "--device", "cpu", "--out-format", "peft"]
-        results: dict[str, list[tuple[float, float]]] = {label: [] for label in commands}
-        for _ in range(args.repeat):
-            for label, cmd in commands.items():
-                results[label].append(timed(cmd))
+        results = alternate(commands, args.repeat)
         print(f"Llama-3-8B-shaped base (header only), {args.adapters} rank-{args.rank} adapters on 7 projections x "
               f"{LAYERS} layers; median (min-max) of {args.repeat} runs")
-        for label, values in results.items():
-            times, rss = [t for t, _ in values], [m for _, m in values]
-            print(f"{label:28s} {statistics.median(times):7.1f} s ({min(times):.1f}-{max(times):.1f})   "
-                  f"peak RSS {statistics.median(rss):6.0f} MB")
+        for label, (times, rss) in results.items():
+            print(f"{label:28s} {median_range(times)}   peak RSS {statistics.median(rss):6.0f} MB")
 
 
 if __name__ == "__main__":
