@@ -396,11 +396,10 @@ class MergeContext:
             return None
         return LoraFactors(tuple(f[0] for f in found), tuple(f[1] for f in found), tuple(f[2] for f in found))
 
-    def group(self, entry: TensorEntry, deltas: Mapping[str, torch.Tensor], with_thresholds: bool = False) -> TensorGroup:
-        """The group of ``entry`` from the deltas stage's tensors (dense deltas, and the LoRA
-        factors when there are some)."""
-        _, model_params = self.params_for(entry)
-        values, kinds = self.thresholds
+    def in_space(self, entry: TensorEntry, deltas: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, LoraFactors | None]:
+        """(the task stack in the space the method runs in, the LoRA factors when it runs on them)
+        from the deltas stage's tensors: the dense deltas, Core Space cores or KnOTS
+        representations (no base tensor is read)."""
         lora = LoraFactors.from_tensors(deltas)
         stack = deltas["deltas"]
         if lora is not None:
@@ -409,6 +408,14 @@ class MergeContext:
                 stack, lora = self.core_space(entry, lora).cores.to(self.dtype), None
         if self.space_of(entry) == "knots":
             stack, lora = self.knots_space(entry, lora, stack).representations.to(self.dtype), None
+        return stack, lora
+
+    def group(self, entry: TensorEntry, deltas: Mapping[str, torch.Tensor], with_thresholds: bool = False) -> TensorGroup:
+        """The group of ``entry`` from the deltas stage's tensors (dense deltas, and the LoRA
+        factors when there are some)."""
+        _, model_params = self.params_for(entry)
+        values, kinds = self.thresholds
+        stack, lora = self.in_space(entry, deltas)
         return TensorGroup(
             name=entry.name, base=self.base_tensor(entry.name), deltas=stack.to(self.device),
             model_params=model_params, kind=entry.kind, has_base=self.has_base,

@@ -106,7 +106,7 @@ def trim_thresholds(ctx: MergeContext, read: Callable[[str, TensorEntry], Tensor
     if entries:
         params, model_params = ctx.params_for(entries[0])
         # in the space the method runs in: Core Space cores, KnOTS representations or the deltas
-        ctx.thresholds = global_thresholds(ctx.spec, params, model_params, entries, lambda e: ctx.group(e, read("deltas", e)).deltas,
+        ctx.thresholds = global_thresholds(ctx.spec, params, model_params, entries, lambda e: ctx.in_space(e, read("deltas", e))[0],
                                            ctx.dtype, ctx.device)
 
 
