@@ -12,6 +12,10 @@ output options: tokenizer files and the README.md card), ``stats`` (activation s
 ``peft``: the merge of LoRA adapters written as a PEFT adapter, ``merging.io.adapter_writer``) and
 ``adapter_rank`` (its per-module rank cap).
 
+The models of a merge are given in one of three ways (mergekit's): ``models`` (whole models),
+``slices`` (layer ranges, ``merging.slices``) or ``modules`` (per module of a multi-modal model,
+each with its own ``models`` or ``slices`` and ``parameters``; ``merging.modules``).
+
 The DRM seed YAML (``merging_config``, ``save_path``) and the Circuit-Merge YAML
 (``variant_models``, ``output_dir``) are recognised by their keys and mapped onto the
 same model.
@@ -28,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from merging.errors import MergeConfigError
 
-__all__ = ["ModelEntry", "SliceSource", "OutputSlice", "ModelToken", "ZeroToken", "TokenOverride", "MergeConfig", "load_merge_config", "parse_merge_config", "read_yaml", "parse_yaml", "check_plain", "DEFAULT_EXCLUDE"]
+__all__ = ["ModelEntry", "SliceSource", "OutputSlice", "OutputModule", "ModelToken", "ZeroToken", "TokenOverride", "MergeConfig", "load_merge_config", "parse_merge_config", "read_yaml", "parse_yaml", "check_plain", "DEFAULT_EXCLUDE"]
 
 # 2-D tensors that are not merged as matrices by default (embeddings and LM heads).
 DEFAULT_EXCLUDE = (
@@ -82,6 +86,28 @@ class OutputSlice(BaseModel):
         if len(lengths) > 1:
             raise ValueError(f"every source of a slice must cover the same number of layers, got {sorted(lengths)}")
         return sources
+
+
+class OutputModule(BaseModel):
+    """One module of a multi-modal model (mergekit's ``modules.<name>``): its own ``models`` or
+    ``slices``, and parameters between the slices' and the global ones in precedence."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    models: tuple[ModelEntry, ...] | None = None
+    slices: tuple[OutputSlice, ...] | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> OutputModule:
+        if bool(self.models) == bool(self.slices):
+            raise ValueError("a module needs either a non-empty 'models' or a non-empty 'slices' list, not both")
+        return self
+
+    def model_refs(self) -> list[str]:
+        """Every model the module reads, in order of first mention."""
+        refs = [m.model for m in self.models] if self.models else [s.model for sl in self.slices for s in sl.sources]
+        return list(dict.fromkeys(refs))
 
 
 CHAT_TEMPLATE_NAMES = ("alpaca", "chatml", "exaone", "llama3", "mistral")
@@ -140,6 +166,9 @@ class MergeConfig(BaseModel):
     slices: tuple[OutputSlice, ...] | None = Field(
         None, description="mergekit's layer slices: the output's layers are the slices' layers in order; 'models' "
                           "is then derived (every model a slice reads).")
+    modules: dict[str, OutputModule] | None = Field(
+        None, description="mergekit's per-module configs of multi-modal models (text_decoder, vision_tower, "
+                          "multi_modal_projector, ...): each module its own models or slices; 'models' is then derived.")
     parameters: dict[str, Any] = Field(default_factory=dict)
     dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
     out_dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
@@ -176,7 +205,22 @@ class MergeConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _models_of_slices(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("slices") is not None:
+        if isinstance(data, dict) and data.get("modules") is not None:
+            if data.get("models") or data.get("slices"):
+                raise ValueError("give one of 'models', 'slices' or 'modules'")
+            modules = data["modules"]
+            if not isinstance(modules, dict) or not modules:
+                raise ValueError("'modules' must be a non-empty mapping of module name to its models or slices")
+            refs = []
+            for module in modules.values():
+                if isinstance(module, OutputModule):
+                    refs += module.model_refs()
+                elif isinstance(module, dict):
+                    refs += [m.get("model") if isinstance(m, dict) else m for m in module.get("models") or []]
+                    refs += [s.get("model") for sl in module.get("slices") or [] if isinstance(sl, dict)
+                             for s in sl.get("sources") or [] if isinstance(s, dict)]
+            data = {**data, "models": [{"model": r} for r in dict.fromkeys(refs) if isinstance(r, str)]}
+        elif isinstance(data, dict) and data.get("slices") is not None:
             if data.get("models"):
                 raise ValueError("give either 'models' or 'slices', not both")
             refs = [s.model if isinstance(s, SliceSource) else s.get("model") if isinstance(s, dict) else None
@@ -223,7 +267,7 @@ class MergeConfig(BaseModel):
     def to_yaml(self) -> str:
         data = self.model_dump(mode="json", exclude_defaults=True)
         data["merge_method"] = self.merge_method
-        if self.slices is not None:
+        if self.slices is not None or self.modules is not None:
             data.pop("models", None)
         return yaml.safe_dump(data, sort_keys=False)
 
@@ -277,16 +321,14 @@ def _from_circuit(raw: dict) -> dict:
 
 
 def _from_mergekit(raw: dict) -> dict:
-    if "modules" in raw:
-        raise MergeConfigError(
-            "mergekit 'modules' (per-module configs of multi-modal models) are not supported; use 'slices' or "
-            "'models' on a single-module (text) model"
-        )
-    if "slices" in raw and "models" in raw:
-        raise MergeConfigError("give either 'models' or 'slices', not both")
+    given = [k for k in ("models", "slices", "modules") if k in raw]
+    if len(given) > 1:
+        raise MergeConfigError(f"give one of 'models', 'slices' or 'modules', not {' and '.join(given)}")
     mapped = dict(raw)
     if isinstance(mapped.get("slices"), list):  # YAML's empty 'parameters:' is null
         mapped["slices"] = [_without_null_parameters(s) for s in mapped["slices"]]
+    if isinstance(mapped.get("modules"), dict):
+        mapped["modules"] = {name: _module_without_nulls(module) for name, module in mapped["modules"].items()}
     tokenizer = mapped.pop("tokenizer", None)
     if tokenizer is not None:
         if "tokenizer_source" in mapped:
@@ -301,6 +343,17 @@ def _from_mergekit(raw: dict) -> dict:
     if isinstance(source, str) and source.startswith("model:"):  # older mergekit's 'model:<path>'
         mapped["tokenizer_source"] = source.removeprefix("model:")
     return mapped
+
+
+def _module_without_nulls(module: Any) -> Any:
+    if not isinstance(module, dict):
+        return module
+    module = _without_null_parameters(module)
+    if isinstance(module.get("slices"), list):
+        module["slices"] = [_without_null_parameters(s) for s in module["slices"]]
+    if isinstance(module.get("models"), list):
+        module["models"] = [{"model": m} if isinstance(m, str) else _without_null_parameters(m) for m in module["models"]]
+    return module
 
 
 def _without_null_parameters(item: Any) -> Any:

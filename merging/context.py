@@ -36,6 +36,7 @@ from merging.io.sources import (
 from merging.kernels.core_space import CoreSpace, project_to_core
 from merging.kernels.knots import KnotsMatrix
 from merging.kernels.knots import decompose_matrix as knots_decompose
+from merging.modules import assign_modules, expand_modules, layer_count_key, module_layer_count
 from merging.plan import LAYER_PATTERN, TensorEntry, build_plan, check_same_kinds, check_same_tensors
 from merging.registry import get_method
 from merging.resolve import build_params, split_global_parameters
@@ -103,10 +104,10 @@ class MergeContext:
         self._last_core: tuple[str | None, CoreSpace | None] = (None, None)
         self._last_knots: tuple[str | None, KnotsMatrix | None] = (None, None)
         self.mapped: dict[str, MappedTensor] | None = None  # sliced configs: each output tensor's inputs
-        self.out_layers: int | None = None  # the output's layer count when slices change it
+        self.out_layers: int | dict[str, int] | None = None  # output layer count(s) when slices change them
         self.vocabulary: Vocabulary | None = None  # a tokenizer merge's output vocabulary
         self._last_aligned: tuple[str | None, dict[str, torch.Tensor] | None] = (None, None)
-        if config.slices is not None:
+        if config.slices is not None or config.modules is not None:
             self._open_slices(config)
         else:
             self._open_models(config)
@@ -166,11 +167,13 @@ class MergeContext:
         )
 
     def _open_slices(self, config: MergeConfig) -> None:
-        """``slices:``: every output tensor merges named tensors of the slices' models
-        (``merging.slices``); the base (else the first model) gives the non-layer tensors,
+        """``slices:`` (or ``modules:``, each module its own models or slices): every output
+        tensor merges named tensors of the slices' models (``merging.slices``,
+        ``merging.modules``); the base (else the first model) gives the non-layer tensors,
         config and tokenizer."""
+        what = "modules" if config.modules is not None else "slices"
         if config.out_format == "peft":
-            raise MergeConfigError("slices: out_format: peft is not available with slices; use out_format: hf")
+            raise MergeConfigError(f"{what}: out_format: peft is not available with {what}; use out_format: hf")
         refs = [m.model for m in config.models]
         self.has_base = config.base_model is not None
         self.base_ref = config.base_model or refs[0]
@@ -180,7 +183,7 @@ class MergeContext:
         for ref in dict.fromkeys([self.base_ref, *refs]):
             folder = resolve_folder(ref)
             if is_adapter_folder(folder) or "+" in ref and not Path(ref).exists():
-                raise MergeConfigError(f"slices: model {ref!r} is a LoRA adapter; slices take full models (merge the "
+                raise MergeConfigError(f"{what}: model {ref!r} is a LoRA adapter; {what} take full models (merge the "
                                        "adapter into its base first)")
             self._by_ref[ref] = FullModelSource(ref, CheckpointReader(folder, name=ref, allow_pickle=config.allow_pickle),
                                                 read_dtype)
@@ -191,19 +194,44 @@ class MergeContext:
         self.shared, self.model_defaults = split_global_parameters(self.spec, config.parameters)
         readers = {ref: source.reader for ref, source in self._by_ref.items()}
         self.vocabulary = self._build_vocabulary(config, refs)
-        mapped = expand_slices(config, self.base_ref, self.spec.needs_base, lambda r: self._masked(readers[r].shapes()),
-                               lambda r: _layer_count(readers[r], r))
-        for group in {m.group.index: m.group for m in mapped}.values():
+        base_is_input = self.spec.base == "input"
+        if config.modules is not None:
+            mapped, module_layers = expand_modules(config, self.base_ref, self.spec.needs_base, base_is_input,
+                                                   lambda r: self._masked(readers[r].shapes()))
+            self.out_layers = self._module_layer_keys(module_layers)
+            plan_layers = max(module_layers.values(), default=0) or None
+        else:
+            mapped = expand_slices(config, self.base_ref, self.spec.needs_base,
+                                   lambda r: self._masked(readers[r].shapes()), lambda r: _layer_count(readers[r], r),
+                                   base_is_input)
+            self.out_layers = plan_layers = sliced_layer_count(config.slices)
+        for group in {m.group.label: m.group for m in mapped}.values():
             try:
                 check_model_count(self.spec, len(group.inputs))
             except MergeConfigError as err:
-                raise MergeConfigError(f"slices[{group.index}]: {err}") from None
+                raise MergeConfigError(f"{group.label}: {err}") from None
         self.mapped = {m.name: m for m in mapped}
-        self.out_layers = sliced_layer_count(config.slices)
         planned = build_plan(((m.name, self._out_shape(m.name, m.shape), readers[m.reference[0]].dtype(m.reference[1]))
                               for m in mapped),
-                             config.include, config.exclude, config.ignore, self.out_layers)
+                             config.include, config.exclude, config.ignore, plan_layers)
         self.plan = tuple(replace(e, layer_t=self.mapped[e.name].layer_t) for e in planned)
+
+    def _module_layer_keys(self, module_layers: dict[str, int]) -> dict[str, int]:
+        """config.json keys of the modules' layer counts (dotted paths) with the output's counts;
+        a module whose count changes but that has no such key is an error."""
+        owner = f"base model {self.base_ref!r}"
+        path = model_file(self.base_folder, "config.json", owner, required=False)
+        base_config = read_json_object(path, owner) if path is not None else {}
+        base_tensors = assign_modules(self.base.keys(), list(module_layers), owner)
+        keys: dict[str, int] = {}
+        for module, count in module_layers.items():
+            key = layer_count_key(base_config, module)
+            if key is not None:
+                keys[key] = count
+            elif module_layer_count(dict.fromkeys(base_tensors[module])) != count:
+                raise MergeConfigError(f"modules.{module}: its layer count changes to {count} but the base's config.json "
+                                       "has no key for it; merge the module with 'models'")
+        return keys
 
     def _build_vocabulary(self, config: MergeConfig, refs: list[str]) -> Vocabulary | None:
         """The output vocabulary of a tokenizer merge (``merging.tokenizer_merge``); None when the
@@ -280,7 +308,7 @@ class MergeContext:
                         self.spec, {**self.shared, **shared}, {**self.model_defaults, **defaults},
                         group.model_parameters, group.inputs, entry.name, entry.layer_t)
                 except MergeConfigError as err:
-                    raise MergeConfigError(f"slices[{group.index}]: {err}") from None
+                    raise MergeConfigError(f"{group.label}: {err}") from None
             else:
                 self._param_cache[key] = build_params(
                     self.spec, self.shared, self.model_defaults, [m.parameters for m in self.entries],

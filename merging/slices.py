@@ -30,10 +30,11 @@ from merging.config import MergeConfig, OutputSlice
 from merging.errors import CheckpointMismatchError, MergeConfigError
 from merging.plan import LAYER_PATTERN
 
-__all__ = ["MappedTensor", "SliceGroup", "expand_slices", "sliced_layer_count", "PRE_WEIGHT"]
+__all__ = ["MappedTensor", "SliceGroup", "expand_slices", "expand_output_slices", "sliced_layer_count", "PRE_WEIGHT"]
 
 PRE_WEIGHT = re.compile(r".*(embed_tokens|wte|wpe|word_embeddings|embed_positions|position_embeddings"
-                        r"|token_type_embeddings|embed_in)\b")
+                        r"|token_type_embeddings|embed_in|patch_embed\w*|patch_conv|class_embedding|ln_pre"
+                        r"|pre_layrnorm|embeddings\.\w+)\b")
 """Non-layer tensors that precede the layers (merged from the first slice's sources)."""
 
 
@@ -41,10 +42,10 @@ PRE_WEIGHT = re.compile(r".*(embed_tokens|wte|wpe|word_embeddings|embed_position
 class SliceGroup:
     """The models one output tensor merges: its reference and its inputs, with their parameters."""
 
-    index: int  # which slice (its parameters)
+    label: str  # where it is configured, for messages: "slices[1]", "modules.vision_tower.slices[0]"
     reference: str  # model the deltas are taken against
     inputs: tuple[str, ...]  # task models, in slice order
-    parameters: Mapping[str, Any] = field(default_factory=dict)  # the slice's own parameters
+    parameters: Mapping[str, Any] = field(default_factory=dict)  # the slice's (over its module's) parameters
     model_parameters: tuple[Mapping[str, Any], ...] = ()  # per input
 
 
@@ -65,20 +66,20 @@ def sliced_layer_count(slices: tuple[OutputSlice, ...]) -> int:
     return sum(s.sources[0].layer_range[1] - s.sources[0].layer_range[0] for s in slices)
 
 
-def _group(config: MergeConfig, index: int, needs_base: bool) -> SliceGroup:
-    out = config.slices[index]
+def _group(out: OutputSlice, label: str, base: str | None, method: str, needs_base: bool,
+           parameters: Mapping[str, Any], base_is_input: bool) -> SliceGroup:
     refs = [s.model for s in out.sources]
-    base = out.base_model or config.base_model
+    base = out.base_model or base
     if base is not None and base in refs:
         reference = base
     elif needs_base:
-        raise MergeConfigError(f"slices[{index}]: method {config.merge_method!r} needs its base model "
-                               f"{base!r} among the slice's sources; add it with the slice's layer_range"
-                               if base else f"method {config.merge_method!r} needs base_model; add 'base_model: <path>'")
+        raise MergeConfigError(f"{label}: method {method!r} needs its base model {base!r} among the slice's sources; "
+                               "add it with the slice's layer_range"
+                               if base else f"method {method!r} needs base_model; add 'base_model: <path>'")
     else:
         reference = refs[0]
-    inputs = [s for s in out.sources if not (needs_base and s.model == reference)]
-    return SliceGroup(index, reference, tuple(s.model for s in inputs), dict(out.parameters),
+    inputs = [s for s in out.sources if base_is_input or s.model != base]
+    return SliceGroup(label, reference, tuple(s.model for s in inputs), {**parameters, **out.parameters},
                       tuple(dict(s.parameters) for s in inputs))
 
 
@@ -95,18 +96,30 @@ def _layers(shapes: Mapping[str, tuple[int, ...]]) -> dict[int, dict[str, tuple[
 
 def expand_slices(config: MergeConfig, base_ref: str, needs_base: bool,
                   shapes_of: Callable[[str], Mapping[str, tuple[int, ...]]],
-                  layers_of: Callable[[str], int]) -> list[MappedTensor]:
+                  layers_of: Callable[[str], int], base_is_input: bool = False) -> list[MappedTensor]:
     """Every output tensor of a sliced ``config`` in output order (pre weights, layers, post
     weights). ``shapes_of(model)`` gives a model's tensor shapes, ``layers_of(model)`` its
     number of layers; ``base_ref`` is the model whose non-layer tensors the output has."""
-    slices = config.slices
-    groups = [_group(config, k, needs_base) for k in range(len(slices))]
+    return expand_output_slices(config.slices, config.base_model, config.merge_method, base_ref, needs_base,
+                                shapes_of, layers_of, base_is_input=base_is_input)
+
+
+def expand_output_slices(slices: tuple[OutputSlice, ...], base_model: str | None, method: str, base_ref: str,
+                         needs_base: bool, shapes_of: Callable[[str], Mapping[str, tuple[int, ...]]],
+                         layers_of: Callable[[str], int], where: str = "slices",
+                         parameters: Mapping[str, Any] | None = None, base_is_input: bool = False) -> list[MappedTensor]:
+    """``expand_slices`` for one list of output slices configured at ``where`` (a module's
+    slices: ``shapes_of`` then gives the module's tensors only), ``parameters`` under the
+    slices' own. The base, when a slice lists it, is the reference of its deltas and (unless
+    ``base_is_input``: methods whose base is one more input) not an input."""
+    groups = [_group(out, f"{where}[{k}]", base_model, method, needs_base, parameters or {}, base_is_input)
+              for k, out in enumerate(slices)]
     layer_maps = {ref: _layers(shapes_of(ref)) for ref in dict.fromkeys(s.model for sl in slices for s in sl.sources)}
     for k, out in enumerate(slices):
         for j, source in enumerate(out.sources):
             count = layers_of(source.model)
             if source.layer_range[1] > count:
-                raise MergeConfigError(f"slices[{k}].sources[{j}].layer_range {list(source.layer_range)} is outside "
+                raise MergeConfigError(f"{where}[{k}].sources[{j}].layer_range {list(source.layer_range)} is outside "
                                        f"model {source.model!r}, which has {count} layers")
     tensors: list[MappedTensor] = []
     outside = [(n, tuple(s)) for n, s in shapes_of(base_ref).items() if not LAYER_PATTERN.search(n)]
@@ -128,7 +141,7 @@ def expand_slices(config: MergeConfig, base_ref: str, needs_base: bool,
                     if found is None or found[1] != shape:
                         what = "lacks" if found is None else f"has shape {found[1]} for"
                         raise CheckpointMismatchError(
-                            f"slices[{k}]: model {model!r} {what} tensor {template.format(starts[model] + i)!r} "
+                            f"{where}[{k}]: model {model!r} {what} tensor {template.format(starts[model] + i)!r} "
                             f"(model {group.reference!r} has {ref_name!r} of shape {shape}); the slice's models must "
                             "share one architecture")
                     inputs.append((model, found[0]))

@@ -44,6 +44,28 @@ def save_tiny_model(path: Path, *, seed: int = 0, layers: int = 2, tie: bool = F
     return path
 
 
+def save_tiny_multimodal(path: Path, *, seed: int = 0, base: Path | None = None, delta_scale: float = 0.02) -> Path:
+    """Save a tiny Mistral3ForConditionalGeneration (a 3-layer text decoder, a 2-layer Pixtral
+    vision tower, a projector); with ``base``, the base plus a seeded perturbation."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    if base is not None:
+        model = Mistral3ForConditionalGeneration.from_pretrained(base, dtype=torch.float32)
+        g = torch.Generator().manual_seed(seed + 1000)
+        with torch.no_grad():
+            for _, p in model.named_parameters():
+                p.add_(torch.randn(p.shape, generator=g) * delta_scale)
+    else:
+        model = Mistral3ForConditionalGeneration(Mistral3Config(
+            text_config={"model_type": "mistral", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+                         "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8},
+            vision_config={"model_type": "pixtral", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                           "num_attention_heads": 4, "image_size": 32, "patch_size": 8, "head_dim": 8}))
+    model.save_pretrained(path)
+    return path
+
+
 def save_tokenizer(path: Path) -> None:
     """A small word-level tokenizer, so tokenizer copying is exercised."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -66,6 +88,14 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     for i, name in enumerate(["ft_a", "ft_b", "ft_c"], start=1):
         models[name] = save_tiny_model(root / name, seed=i, base=base)
     return models
+
+
+@pytest.fixture(scope="session")
+def multimodal(tmp_path_factory) -> dict[str, str]:
+    """A tiny multi-modal base and two fine-tunes of it (``save_tiny_multimodal``)."""
+    root = tmp_path_factory.mktemp("mm")
+    base = save_tiny_multimodal(root / "base")
+    return {"base": str(base), **{n: str(save_tiny_multimodal(root / n, seed=i, base=base)) for i, n in enumerate("ab", 1)}}
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 from merging.digests import TOKENIZER_FILES
@@ -19,7 +20,7 @@ __all__ = ["write_support_files", "model_card"]
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
 
-def _write_config(base_folder: Path, out: Path, out_dtype: str | None, num_layers: int | None = None,
+def _write_config(base_folder: Path, out: Path, out_dtype: str | None, num_layers: int | Mapping[str, int] | None = None,
                   vocab_size: int | None = None) -> None:
     owner = f"base model {str(base_folder)!r}"
     source = model_file(base_folder, "config.json", owner, required=False)
@@ -30,11 +31,22 @@ def _write_config(base_folder: Path, out: Path, out_dtype: str | None, num_layer
         config["dtype"] = out_dtype
         if "torch_dtype" in config:
             config["torch_dtype"] = out_dtype
-    if num_layers is not None:
+    if isinstance(num_layers, Mapping):  # modules: dotted keys, e.g. text_config.num_hidden_layers
+        for dotted, count in num_layers.items():
+            *parents, key = dotted.split(".")
+            place = config
+            for parent in parents:
+                place = place[parent]
+            place[key] = count
+    elif num_layers is not None:
         for key in [k for k in _LAYER_KEYS if k in config][:1] or ["num_hidden_layers"]:
             config[key] = num_layers
     if vocab_size is not None:
-        config["vocab_size"] = vocab_size
+        text = config.get("text_config")
+        if isinstance(text, dict) and "vocab_size" in text:  # multi-modal: the text decoder's vocabulary
+            text["vocab_size"] = vocab_size
+        if "vocab_size" in config or not (isinstance(text, dict) and "vocab_size" in text):
+            config["vocab_size"] = vocab_size
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
@@ -72,7 +84,7 @@ def write_support_files(
     out_dtype: str | None,
     card: str | None,
     recipe_yaml: str,
-    num_layers: int | None = None,
+    num_layers: int | Mapping[str, int] | None = None,
     vocab_size: int | None = None,
 ) -> None:
     """Write config.json (dtype updated), generation_config.json, tokenizer files (unless

@@ -166,6 +166,51 @@ def test_slices_same_tensors_and_layer_count_as_mergekit(case, layered_models, t
     assert layers[0] == layers[1]
 
 
+def _module_cases(base: str, a: str, b: str) -> dict[str, dict]:
+    return {
+        "ties_per_module": {"merge_method": "ties", "base_model": base, "parameters": {"normalize": True}, "modules": {
+            "text_decoder": {"slices": [
+                {"sources": [{"model": base, "layer_range": [0, 2]},
+                             {"model": a, "layer_range": [0, 2], "parameters": {"density": 0.5, "weight": 1.0}},
+                             {"model": b, "layer_range": [1, 3], "parameters": {"density": 0.3, "weight": 0.5}}]},
+                {"sources": [{"model": base, "layer_range": [2, 3]},
+                             {"model": a, "layer_range": [2, 3], "parameters": {"density": 0.5, "weight": 1.0}}]}]},
+            "vision_tower": {"models": [{"model": a, "parameters": {"density": 0.7, "weight": 0.6}},
+                                        {"model": b, "parameters": {"density": 0.4, "weight": 0.4}}],
+                             "parameters": {"normalize": False}},
+            "multi_modal_projector": {"models": [{"model": b, "parameters": {"density": 0.5, "weight": 1.0}}]}}},
+        "frankenmerge_and_slerp": {"merge_method": "slerp", "base_model": a, "parameters": {"t": 0.3}, "modules": {
+            "text_decoder": {"slices": [{"sources": [{"model": a, "layer_range": [0, 3]}, {"model": b, "layer_range": [0, 3]}],
+                                         "parameters": {"t": [0.1, 0.9]}},
+                                        {"sources": [{"model": a, "layer_range": [1, 2]}, {"model": b, "layer_range": [2, 3]}]}]},
+            "vision_tower": {"models": [{"model": a}, {"model": b}]},
+            "multi_modal_projector": {"models": [{"model": a}, {"model": b}], "parameters": {"t": 0.8}}}},
+    }
+
+
+@pytest.mark.parametrize("case", list(_module_cases("base", "a", "b")))
+def test_modules_same_tensors_and_layer_counts_as_mergekit(case, multimodal, tmp_path):
+    import json
+
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    m = multimodal
+    raw = _module_cases(m["base"], m["a"], m["b"])[case]
+    run_merge(MergeConfiguration.model_validate(raw), str(tmp_path / "mk"),
+              options=MergeOptions(write_model_card=False, quiet=True, copy_tokenizer=False))
+    merge_checkpoints(parse_merge_config(raw), tmp_path / "mf")
+    expected, got = load_file(tmp_path / "mk" / "model.safetensors"), load_file(tmp_path / "mf" / "model.safetensors")
+    assert expected.keys() == got.keys()
+    for key in expected:
+        e, g = expected[key].double(), got[key].double()
+        assert ((e - g).abs().max() / e.abs().max().clamp(min=1e-12)) <= 1e-6, key
+    configs = [json.loads((tmp_path / side / "config.json").read_text()) for side in ("mk", "mf")]
+    assert [(c["text_config"]["num_hidden_layers"], c["vision_config"]["num_hidden_layers"]) for c in configs] == \
+        [(4 if case == "frankenmerge_and_slerp" else 3, 2)] * 2
+
+
 @pytest.mark.parametrize("tokenizer", [{"source": "union"}, {"source": "base"}, {"source": "union", "pad_to_multiple_of": 8,
                                        "tokens": {"<think>": {"source": "c", "force": True}, "<q>": {"source": {"kind": "zero"}}}}])
 def test_added_tokens_same_rows_as_mergekit(tokenizer, tmp_path_factory, tmp_path):

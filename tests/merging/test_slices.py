@@ -58,8 +58,7 @@ def test_gradients_run_per_slice_and_base_is_the_reference():
 
 
 @pytest.mark.parametrize(("raw", "error", "match"), [
-    (_frankenmerge(models=["A"]), MergeConfigError, "either 'models' or 'slices'"),
-    ({"merge_method": "linear", "modules": {"text": {"models": ["A"]}}}, MergeConfigError, "'modules'"),
+    (_frankenmerge(models=["A"]), MergeConfigError, "one of 'models', 'slices' or 'modules', not models and slices"),
     ({"merge_method": "linear", "slices": [{"sources": [{"model": "A", "layer_range": [0, 2]},
                                                         {"model": "B", "layer_range": [0, 3]}]}]},
      MergeConfigError, "same number of layers"),
