@@ -141,6 +141,10 @@ def _sliced_cases(base: str, a: str, b: str) -> dict[str, dict]:
                          {"model": a, "layer_range": [0, 2], "parameters": {"density": [0.2, 0.8], "weight": 1.0}},
                          {"model": b, "layer_range": [1, 3], "parameters": {"density": 0.5, "weight": 0.4}}]}],
             "parameters": {"normalize": True}},
+        # an optional-base method with its base among the sources: the base is the origin, not an input
+        "multislerp_base_listed": {"merge_method": "multislerp", "base_model": base, "slices": [
+            {"sources": [{"model": base, "layer_range": [0, 3]}, {"model": a, "layer_range": [0, 3], "parameters": {"weight": 0.7}},
+                         {"model": b, "layer_range": [0, 3], "parameters": {"weight": 0.3}}]}]},
     }
 
 
