@@ -4,8 +4,9 @@ ones using earlier ones' outputs by name.
 The file holds merge configs as YAML documents (``---``) or as one list; each has a ``name:``
 (its output is ``<intermediate_dir>/<name>``) except at most one unnamed final merge, written to
 ``out_path``. A ``model``, ``base_model`` or ``tokenizer_source`` value equal to a step's name
-(also as ``name+adapter``, or a plain string item of ``models:``) is that step's output; as in mergekit, the name wins over a local
-folder of the same name. This module only parses and orders: ``parse_multi`` returns the steps
+(also as ``name+adapter``, ``model:name``, a plain string item of ``models:``, or the ``source`` of
+the ``tokenizer:`` section and its ``tokens``) is that step's output; as in mergekit, the name
+wins over a local folder of the same name. This module only parses and orders: ``parse_multi`` returns the steps
 in dependency order (a cycle is an error naming it), and ``step_key`` is the identity of a
 step's output: its config, its dependencies' keys and its external models' files, and the code.
 ``flows/multi.py`` runs the steps as cached Prefect tasks.
@@ -29,7 +30,8 @@ from merging.registry import get_method
 
 __all__ = ["Step", "parse_multi", "step_key", "is_step_output", "mark_step_output", "MARKER"]
 
-MODEL_KEYS = ("model", "base_model", "tokenizer_source")
+MODEL_KEYS = ("model", "base_model", "tokenizer_source", "source")
+_TOKENIZER_KEYWORDS = ("union", "base")  # tokenizer sources that are not models
 MARKER = ".mergeflow-step.json"
 """Written into a step's output after it is complete: the key of the config that made it."""
 
@@ -86,11 +88,14 @@ def _patch(value: Any, outputs: Mapping[str, Path], used: list[str], external: l
     if isinstance(value, list):
         return [_patch(v, outputs, used, external, key) for v in value]
     if isinstance(value, str) and (key in MODEL_KEYS or key == "models"):  # models: [name, ...] too
-        head, plus, tail = value.partition("+")
+        if key in ("tokenizer_source", "source") and value in _TOKENIZER_KEYWORDS:
+            return value
+        prefix = "model:" if key in ("tokenizer_source", "source") and value.startswith("model:") else ""
+        head, plus, tail = value.removeprefix(prefix).partition("+")
         if head in outputs:
             used.append(head)
-            return str(outputs[head]) + plus + tail
-        external.append(value)
+            return prefix + str(outputs[head]) + plus + tail
+        external.append(value.removeprefix(prefix))
     return value
 
 

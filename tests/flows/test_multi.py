@@ -36,6 +36,25 @@ def test_steps_are_ordered_and_names_become_folders(tmp_path, tiny_models):
     assert [s.label for s in parse_multi(as_list, tmp_path / "mid", tmp_path / "final")] == ["soup", "tuned", "final"]
 
 
+def test_tokenizer_sources_naming_a_step_read_its_output(tmp_path):
+    text = yaml.safe_dump_all([
+        {"name": "soup", "merge_method": "linear", "models": ["/x", "/y"]},
+        {"name": "one", "merge_method": "linear", "models": ["soup", "/z"], "tokenizer_source": "model:soup"},
+        {"name": "two", "merge_method": "linear", "models": ["/z"], "tokenizer": {
+            "source": "soup", "tokens": {"<t>": {"source": "soup"}, "<u>": {"source": {"kind": "model_token",
+                                                                                    "model": "soup", "token": "a"}}}}},
+        {"merge_method": "linear", "models": ["/z"], "tokenizer_source": "union"},
+    ], sort_keys=False)
+    steps = {s.label: s for s in parse_multi(text, tmp_path / "mid", tmp_path / "final")}
+    soup = str((tmp_path / "mid" / "soup").absolute())
+    assert steps["one"].config["tokenizer_source"] == f"model:{soup}" and steps["one"].needs == ("soup",)
+    tokenizer = steps["two"].config["tokenizer"]
+    assert (tokenizer["source"], tokenizer["tokens"]["<t>"]["source"], tokenizer["tokens"]["<u>"]["source"]["model"]) \
+        == (soup, soup, soup)
+    assert steps["two"].needs == ("soup",) and steps["final"].config["tokenizer_source"] == "union"
+    assert steps["final"].needs == ()
+
+
 @pytest.mark.parametrize(("text", "match"), [
     ("name: a\nmerge_method: linear\nmodels: [b]\n---\nname: b\nmerge_method: linear\nmodels: [a]\n",
      r"circular dependency between steps: a -> b -> a"),
