@@ -27,6 +27,7 @@ from pathlib import Path
 
 from merging.digests import file_digest
 from merging.errors import CheckpointNotFoundError, MergeConfigError, OutputExistsError
+from merging.io.artifacts import acquire_lock, release_lock
 from merging.io.writer import atomic_output_dir
 
 __all__ = ["import_gguf", "find_gguf", "is_converted", "converted_gguf", "gguf_cache_dir", "MARKER", "CACHE_ENV"]
@@ -115,6 +116,18 @@ def import_gguf(source: Path, gguf_file: str | None, out_dir: Path, *, overwrite
 
 
 def _convert(path: Path, digest: str, out_dir: Path, overwrite: bool = True) -> Path:
+    """Convert under a lock beside ``out_dir``: a second process converting the same file waits
+    for the first and reuses its folder instead of converting again."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = out_dir.parent / f".{out_dir.name}.lock"
+    lock = acquire_lock(lock_path)
+    try:
+        return _convert_locked(path, digest, out_dir, overwrite)
+    finally:
+        release_lock(lock, lock_path)
+
+
+def _convert_locked(path: Path, digest: str, out_dir: Path, overwrite: bool) -> Path:
     if is_converted(out_dir, digest):
         log.info("GGUF %s already converted in %s", path.name, out_dir)
         return out_dir

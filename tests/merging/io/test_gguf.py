@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from merging.errors import CheckpointNotFoundError, MergeConfigError
-from merging.io.gguf import MARKER, find_gguf, import_gguf
+from merging.io.gguf import MARKER, converted_gguf, find_gguf, import_gguf
 
 HIDDEN, LAYERS, HEADS, KV_HEADS, FFN = 16, 2, 4, 2, 32
 HEAD_DIM = HIDDEN // HEADS
@@ -245,3 +245,37 @@ def test_import_gguf_command(tiny_gguf, tmp_path):
     result = runner.invoke(app, ["import-gguf", str(path), str(tmp_path / "other")])
     assert result.exit_code == 2 and "--overwrite" in result.output and len(result.output.strip().splitlines()) == 1
     assert runner.invoke(app, ["import-gguf", str(path), str(tmp_path / "other"), "--overwrite"]).exit_code == 0
+
+
+def test_concurrent_conversions_of_one_file_convert_it_once(tiny_gguf, tmp_path, monkeypatch):
+    import threading
+    import time
+
+    import transformers
+
+    path, _ = tiny_gguf
+    real = transformers.AutoModelForCausalLM.from_pretrained.__func__
+    calls = []
+
+    def slow(cls, *args, **kwargs):  # holds the conversion long enough for the other thread to arrive
+        calls.append(threading.get_ident())
+        time.sleep(0.5)
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", classmethod(slow))
+    results, errors = [], []
+
+    def convert():
+        try:
+            results.append(converted_gguf(path, tmp_path / "cache"))
+        except BaseException as err:  # reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=convert) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and len(results) == 2 and results[0] == results[1]
+    assert len(calls) == 1, "the second conversion should have waited for the first and reused it"
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [results[0].name]  # no lock or temp left
