@@ -16,7 +16,7 @@ from merging.errors import MergeConfigError
 from merging.registry import get_method
 from merging.resolve import build_params, split_global_parameters
 from merging.rng import generator_for
-from merging.spec import MethodSpec, TensorGroup, TensorKind
+from merging.spec import MethodSpec, ModelStatistic, TensorGroup, TensorKind
 from merging.thresholds import global_thresholds
 
 __all__ = ["merge_tensors", "run_stages", "scaled_combine", "check_model_count"]
@@ -56,6 +56,7 @@ def merge_tensors(
     kind: TensorKind | None = None,
     compute_dtype: torch.dtype = torch.float32,
     has_base: bool = True,
+    stats: Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Merge one tensor: ``base`` and the fine-tuned ``models`` (full weights, same shape).
 
@@ -70,6 +71,8 @@ def merge_tensors(
         kind: ``"matrix"`` or ``"other"``; default: matrix for 2-D tensors.
         compute_dtype: float32 (default) or float64.
         has_base: False if ``base`` is only a reference (see ``TensorGroup.has_base``).
+        stats: per-model statistics of this tensor, one per model (RegMean: the input Gram
+            (in, in); Fisher: the diagonal Fisher); Fisher's norms are this tensor's alone.
 
     Returns:
         The merged tensor in ``compute_dtype``.
@@ -86,6 +89,8 @@ def merge_tensors(
     group = TensorGroup(
         name=name, base=base_c, deltas=deltas, model_params=resolved,
         kind=kind or ("matrix" if base.dim() == 2 else "other"), has_base=has_base,
+        model_stats=None if stats is None else tuple(
+            ModelStatistic(s.to(compute_dtype), 0, float(s.double().norm())) for s in stats),
     )
     # a whole-model trim over this one tensor, exactly as merge_checkpoints' first pass computes it
     thresholds, _ = global_thresholds(spec, method_params, resolved, [group], lambda g: g.deltas, compute_dtype, base.device)

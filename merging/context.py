@@ -36,6 +36,7 @@ from merging.io.sources import (
 from merging.kernels.core_space import CoreSpace, project_to_core
 from merging.kernels.knots import KnotsMatrix
 from merging.kernels.knots import decompose_matrix as knots_decompose
+from merging.model_stats import ModelStats
 from merging.modules import assign_modules, expand_modules, layer_count_key, module_layer_count
 from merging.plan import LAYER_PATTERN, TensorEntry, build_plan, check_same_kinds, check_same_tensors
 from merging.registry import get_method
@@ -123,6 +124,8 @@ class MergeContext:
                                                 for s in self.sources)
             and all(self.spec.keeps_lora_span(self.params_for(e)[0]) for e in self.merged_entries()))
         self.stats = _load_stats(config.stats) if config.stats else None
+        self.model_stats = None if self.spec.model_stats is None else ModelStats(  # RegMean's Grams, Fisher: per model
+            self.spec.name, self.spec.model_stats, self.model_names, self.merged_entries(), lambda e: self.params_for(e)[1])
         if self.spec.uses_stats and self.stats is None:
             log.warning("%s: no activation statistics given (create them with 'mergeflow collect-stats' and set "
                         "'stats: FILE'); running unscaled", self.spec.name)
@@ -449,6 +452,7 @@ class MergeContext:
             model_params=model_params, kind=entry.kind, has_base=self.has_base,
             trim_thresholds=values if with_thresholds and entry.kind in kinds else None,
             stats=self.stats.get(entry.name) if self.stats is not None else None, lora=lora,
+            model_stats=self.model_stats.for_tensor(entry, model_params) if self.model_stats is not None else None,
         )
 
     def input_folders(self) -> dict[str, Path]:

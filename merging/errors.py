@@ -22,7 +22,10 @@ __all__ = [
     "NonFiniteOutputError",
     "OutputExistsError",
     "OutputWriteError",
+    "InsufficientDiskSpaceError",
+    "OutputLayoutError",
     "ArtifactError",
+    "StatisticsError",
 ]
 
 
@@ -70,8 +73,21 @@ class OutputWriteError(MergeflowError, OSError):
     """The target cannot be written (permissions, missing parent, disk)."""
 
 
+class InsufficientDiskSpaceError(OutputWriteError):
+    """The file system of the target has less free space than the plan will write."""
+
+
+class OutputLayoutError(MergeflowError):
+    """The tensors written do not match the planned output layout (a tensor missing, written
+    twice, or of another shape or dtype than planned)."""
+
+
 class ArtifactError(MergeflowError):
     """A pipeline artifact is missing or its digest does not match its manifest."""
+
+
+class StatisticsError(MergeflowError, ValueError):
+    """A data-aware method's statistics file is missing, of the wrong kind, or lacks a tensor it needs."""
 
 
 EXIT_BAD_INPUT = 2

@@ -12,6 +12,7 @@ from merging.methods import (
     dare,
     della,
     drm,
+    fisher,
     iso,
     karcher,
     linear,
@@ -21,6 +22,7 @@ from merging.methods import (
     passthrough,
     ram,
     ramplus_tl,
+    regmean,
     scale_svd,
     sce,
     slerp,
@@ -62,6 +64,9 @@ _SPECS: tuple[MethodSpec, ...] = (
     tall.CONSENSUS_SPEC,
     tall.TALL_SPEC,
     scale_svd.SPEC,
+    regmean.SPEC,
+    regmean.PLUSPLUS_SPEC,
+    fisher.SPEC,
 )
 
 

@@ -22,7 +22,8 @@ import torch
 
 from merging.params import MethodParams, ModelParams
 
-__all__ = ["BaseRule", "Factors", "GlobalTrim", "LoraFactors", "MethodSpec", "TensorGroup", "TensorKind"]
+__all__ = ["BaseRule", "Factors", "GlobalTrim", "LoraFactors", "MethodSpec", "ModelStatistic", "ModelStatsNeed", "TensorGroup",
+           "TensorKind"]
 
 Factors = dict[str, torch.Tensor]
 TensorKind = Literal["matrix", "other"]
@@ -55,6 +56,36 @@ class LoraFactors:
 
 
 @dataclass(frozen=True)
+class ModelStatistic:
+    """One input model's statistic of one tensor, from that model's statistics file.
+
+    Attributes:
+        value: RegMean: the Gram (in, in) at the Linear's input; Fisher: the diagonal Fisher,
+            the tensor's shape.
+        tokens: N, the tokens ``value`` is a mean over (0 when unrecorded).
+        model_norm: the L2 norm of the model's statistic over every tensor of the merge that
+            needs one (Fisher's normalisation); 0 when not computed.
+    """
+
+    value: torch.Tensor
+    tokens: int = 0
+    model_norm: float = 0.0
+
+
+@dataclass(frozen=True)
+class ModelStatsNeed:
+    """Per-model statistics a data-aware method reads (``models[].parameters.stats``).
+
+    Attributes:
+        kind: the statistics file kind (``merging.io.stats.STATS_KINDS``).
+        tensor_kinds: plan kinds of the tensors that need a statistic from every model.
+    """
+
+    kind: str
+    tensor_kinds: frozenset[str]
+
+
+@dataclass(frozen=True)
 class TensorGroup:
     """One parameter tensor to merge.
 
@@ -69,6 +100,8 @@ class TensorGroup:
         has_base: False when no ``base_model`` was given and ``base`` is only the reference
             model the deltas are taken against (linear, nuslerp without base).
         lora: the deltas as LoRA factors, when every input is a LoRA adapter of this matrix.
+        model_stats: one statistic per task, in order, for methods with per-model statistics
+            (``MethodSpec.model_stats``) and tensors that need them.
     """
 
     name: str
@@ -80,6 +113,7 @@ class TensorGroup:
     stats: torch.Tensor | None = None
     has_base: bool = True
     lora: LoraFactors | None = None
+    model_stats: tuple[ModelStatistic, ...] | None = None
 
     @property
     def num_models(self) -> int:
@@ -136,6 +170,9 @@ class MethodSpec:
             A_cat, rank <= sum of ranks) and depends on the deltas alone, so it is stored exactly
             as a LoRA adapter (``out_format: peft``). Any method run with ``merge_space: core``
             (or ``knots``: U X keeps the column space) does too (``keeps_lora_span``).
+        model_stats: per-model statistics the method reads (RegMean's Grams, Fisher), each
+            model's file named by its ``stats`` parameter; the engine hands them over as
+            ``group.model_stats``.
     """
 
     name: str
@@ -153,6 +190,7 @@ class MethodSpec:
     param_stages: Mapping[str, str] = field(default_factory=dict)
     uses_stats: bool = False
     lora_span: bool = False
+    model_stats: ModelStatsNeed | None = None
 
     @property
     def needs_base(self) -> bool:

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 from merging import pipeline
 from merging.digests import model_digest
+from merging.io.stats import write_stats
 from merging.io.writer import INDEX
 from merging.pipeline_params import PipelineParams, merge_config, parse_params
 from merging.registry import METHODS, get_method
@@ -62,6 +63,10 @@ SETTINGS: dict[str, tuple[int, dict]] = {
     "arcee_fusion": (1, {"quantile_sample_size": 4096}),  # the embeddings (65,536 entries) take the sampled path
     "ram": (3, {"epsilon": 0.01}),
     "ramplus_tl": (3, {"epsilon": 0.01, "r": 0.5, "alpha": 0.5}),
+    # per-model statistics files, written beside the family by _stats_files ("@kind" -> that model's file)
+    "regmean": (3, {"alpha": 0.5, "weight": {"a": 1.0, "b": 0.5, "c": 2.0}, "stats": "@gram"}),
+    "regmean_plusplus": (2, {"stats": "@gram"}),
+    "fisher": (3, {"eps": 1e-8, "stats": "@fisher"}),
 }
 ALL = sorted(SETTINGS)
 RANDOM = sorted(name for name in SETTINGS if METHODS[name].random)
@@ -77,12 +82,34 @@ def _threads(count: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def _stats_files(family: dict[str, Path], kind: str) -> dict[str, str]:
+    """Seeded synthetic statistics of each input (Grams of the matrices, Fisher of every tensor),
+    written once beside the family: {input name: file}."""
+    files = {}
+    base = load_file(family["base"] / "model.safetensors")
+    for index, name in enumerate(INPUT_NAMES, start=1):
+        path = family["base"].parent / "stats" / f"{kind}_{name}.safetensors"
+        if not path.exists():
+            g = torch.Generator().manual_seed(100 * index + len(kind))
+            if kind == "gram":
+                xs = {k: torch.randn(4 * t.shape[1], t.shape[1], generator=g) for k, t in base.items()
+                      if t.dim() == 2 and "embed" not in k and "lm_head" not in k}
+                tensors = {k: x.T @ x / x.shape[0] for k, x in xs.items()}
+            else:
+                tensors = {k: torch.rand(t.shape, generator=g) ** 4 for k, t in base.items()}
+            write_stats(path, tensors, kind, tokens={k: 64 for k in tensors})
+        files[name] = str(path)
+    return files
+
+
 def _params(family: dict[str, Path], method: str, artifacts: Path, shard_size: str = "2GB", seed: int = SEED) -> PipelineParams:
     """params.yaml for ``method``: each parameter in the section of the stage that reads it."""
     count, settings = SETTINGS[method]
     spec = get_method(method)
     sections: dict[str, dict] = {"decompose": {}, "sparsify": {}, "combine": {}}
     for key, value in settings.items():
+        if isinstance(value, str) and value.startswith("@"):
+            value = {n: f for n, f in _stats_files(family, value[1:]).items() if n in INPUT_NAMES[:count]}
         sections[spec.stage_of(key)][key] = value
     return parse_params({
         "models": {"base": {"name": "base", "source": str(family["base"])},
