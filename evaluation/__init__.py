@@ -1,6 +1,6 @@
-"""Running models over data: activation statistics for data-aware merge methods
-(``collect_activation_stats``, ``mergeflow collect-stats``)."""
+"""Running models over data: statistics for data-aware merge methods (``collect_stats``,
+``mergeflow collect-stats``)."""
 
-from evaluation.stats import collect_activation_stats, read_texts
+from evaluation.stats import collect_activation_stats, collect_stats, read_texts
 
-__all__ = ["collect_activation_stats", "read_texts"]
+__all__ = ["collect_activation_stats", "collect_stats", "read_texts"]

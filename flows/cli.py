@@ -363,19 +363,25 @@ def serve(params: Annotated[str, typer.Option("--params")] = "params.yaml") -> N
 
 @app.command("collect-stats")
 def collect_stats(
-    base: Annotated[Path, typer.Argument(help="Base model folder.")],
-    data: Annotated[Path, typer.Argument(help="Calibration text: .txt (one sample a line) or .jsonl ('text' field).")],
+    model: Annotated[str, typer.Argument(help="Model folder or BASE+ADAPTER: the base (act) or the fine-tuned model (gram, fisher).")],
+    data: Annotated[Path, typer.Argument(help="Its data: .txt (one sample a line) or .jsonl ('text' field); for gram and "
+                                              "fisher the model's own task data.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Statistics file (safetensors).")] = Path("stats.safetensors"),
+    kind: Annotated[str, typer.Option(help="act (scale_svd: mean of x^2 per input feature), gram (regmean: input Gram "
+                                           "per Linear), fisher (fisher: diagonal Fisher, sampled labels).")] = "act",
     max_samples: Annotated[int, typer.Option(help="Samples to run.")] = 256,
     max_length: Annotated[int, typer.Option(help="Tokens per sample.")] = 256,
+    batch_size: Annotated[int, typer.Option(help="Samples per forward (fisher: one per backward).")] = 8,
+    seed: Annotated[int, typer.Option(help="Seed of fisher's sampled labels.")] = 0,
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
-    allow_pickle: Annotated[bool, typer.Option(help="Allow a pytorch_model.bin base (weights-only load).")] = False,
+    allow_pickle: Annotated[bool, typer.Option(help="Allow a pytorch_model.bin model (weights-only load).")] = False,
 ) -> None:
-    """Record per-layer input statistics of the base model (for scale_svd: set 'stats: FILE')."""
+    """Record a model's statistics on data: act for scale_svd ('stats: FILE'), gram for regmean and
+    fisher for fisher (each model's 'parameters: {stats: FILE}')."""
     with exit_on_error():
-        from evaluation.stats import collect_activation_stats
+        from evaluation.stats import collect_stats as collect
 
-        typer.echo(f"wrote {collect_activation_stats(base, data, out, max_samples=max_samples, max_length=max_length, device=device, allow_pickle=allow_pickle)}")
+        typer.echo(f"wrote {collect(model, data, out, kind=kind, max_samples=max_samples, max_length=max_length, batch_size=batch_size, seed=seed, device=device, allow_pickle=allow_pickle)}")
 
 
 @app.command("dvc-yaml")

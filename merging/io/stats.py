@@ -1,20 +1,22 @@
 """Statistics files of the data-aware methods (``mergeflow collect-stats``), read and written here.
 
-One safetensors file per (model, data). Its metadata says what it holds:
+One safetensors file per (model, data). Its metadata, one JSON object under the single key
+``mergeflow_stats`` (safetensors writes several metadata keys in no fixed order, and the same
+statistics must give the same bytes), says what it holds:
 
 * ``kind``: ``act`` (Scale-SVD: mean of x_j^2 per input feature of each Linear, shape (in,)),
   ``gram`` (RegMean: mean of x x^T over the non-pad tokens at each Linear's input, (in, in),
   fp32) or ``fisher`` (diagonal Fisher of every float parameter, the parameter's shape, fp32);
 * ``model``: the model that produced it (a folder or ``base+adapter``), ``data`` and
   ``data_sha256``: the task data it ran on, ``max_samples`` / ``max_length``;
-* ``tokens``: JSON ``{key: N}``, the tokens each statistic is a mean over;
-* ``aliases``: JSON ``{weight name: stored key}``: Linears fed by one input (q/k/v, gate/up)
+* ``tokens``: ``{key: N}``, the tokens each statistic is a mean over;
+* ``aliases``: ``{weight name: stored key}``: Linears fed by one input (q/k/v, gate/up)
   share one Gram, stored once under the first one's name (safetensors cannot store shared memory);
-* ``sq_norms``: JSON ``{key: sum of squares}`` (fisher), so a whole-model norm over the merged
+* ``sq_norms``: ``{key: sum of squares}`` (fisher), so a whole-model norm over the merged
   tensors needs no pass over the file.
 
 Tensors are keyed by the weight name they belong to (``model.layers.0.mlp.down_proj.weight``).
-A file without ``kind`` is an older activation file (``act``).
+A file without that key is an older activation file (``act``).
 """
 
 from __future__ import annotations
@@ -30,13 +32,14 @@ from safetensors.torch import save_file
 from merging.errors import StatisticsError
 from merging.io.writer import atomic_write
 
-__all__ = ["STATS_KINDS", "StatsFile", "write_stats"]
+__all__ = ["STATS_KINDS", "METADATA_KEY", "StatsFile", "write_stats"]
 
 STATS_KINDS = ("act", "gram", "fisher")
+METADATA_KEY = "mergeflow_stats"
 
 
 def write_stats(path: str | Path, tensors: Mapping[str, torch.Tensor], kind: str, *, tokens: Mapping[str, int],
-                aliases: Mapping[str, str] | None = None, info: Mapping[str, str] | None = None) -> Path:
+                aliases: Mapping[str, str] | None = None, info: Mapping[str, object] | None = None) -> Path:
     """Write a statistics file atomically (fp32, contiguous); returns its path.
 
     Args:
@@ -50,13 +53,12 @@ def write_stats(path: str | Path, tensors: Mapping[str, torch.Tensor], kind: str
     if kind not in STATS_KINDS:
         raise ValueError(f"unknown statistics kind {kind!r}; one of {STATS_KINDS}")
     stored = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
-    metadata = {"format": "pt", "kind": kind, "tokens": json.dumps(dict(sorted(tokens.items())))}
-    if aliases:
-        metadata["aliases"] = json.dumps(dict(sorted(aliases.items())))
+    metadata: dict[str, object] = {"kind": kind, "tokens": dict(tokens), "aliases": dict(aliases or {})}
     if kind == "fisher":  # float64 sums of the fp32 tensors, for whole-model norms
-        metadata["sq_norms"] = json.dumps({k: float(v.double().square().sum()) for k, v in sorted(stored.items())})
+        metadata["sq_norms"] = {k: float(v.double().square().sum()) for k, v in stored.items()}
     metadata |= dict(info or {})
-    return atomic_write(path, lambda tmp: save_file(stored, str(tmp), metadata=metadata))
+    header = {METADATA_KEY: json.dumps(metadata, sort_keys=True)}
+    return atomic_write(path, lambda tmp: save_file(stored, str(tmp), metadata=header))
 
 
 class StatsFile:
@@ -79,17 +81,17 @@ class StatsFile:
                                   f"'mergeflow collect-stats MODEL DATA --kind {kind} --out {self.path}'")
         try:
             with safe_open(str(self.path), framework="pt") as handle:
-                self.metadata: dict[str, str] = dict(handle.metadata() or {})
+                self.metadata: dict = json.loads((handle.metadata() or {}).get(METADATA_KEY, "{}"))
                 self._keys = set(handle.keys())
         except Exception as err:  # safetensors raises its own types for a malformed header
             raise StatisticsError(f"{owner}: statistics file {self.path} is not a safetensors file ({err})") from None
-        self.kind = self.metadata.get("kind", "act")
+        self.kind = str(self.metadata.get("kind", "act"))
         if self.kind != kind:
             raise StatisticsError(f"{owner}: statistics file {self.path} holds {self.kind!r} statistics, the method needs "
                                   f"{kind!r}; collect them with 'mergeflow collect-stats MODEL DATA --kind {kind}'")
-        self.aliases: dict[str, str] = json.loads(self.metadata.get("aliases", "{}"))
-        self.tokens: dict[str, int] = json.loads(self.metadata.get("tokens", "{}"))
-        self._sq_norms: dict[str, float] = json.loads(self.metadata.get("sq_norms", "{}"))
+        self.aliases: dict[str, str] = dict(self.metadata.get("aliases", {}))
+        self.tokens: dict[str, int] = dict(self.metadata.get("tokens", {}))
+        self._sq_norms: dict[str, float] = dict(self.metadata.get("sq_norms", {}))
 
     def key_of(self, name: str) -> str | None:
         """The stored key holding the statistic of weight ``name`` (through an alias), or None."""

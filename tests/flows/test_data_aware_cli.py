@@ -1,0 +1,96 @@
+"""`mergeflow collect-stats` then `mergeflow merge` with regmean and fisher on tiny Llama models:
+each model's statistics on its own data reach the method through its 'stats' parameter, and a
+missing or wrong statistics file is a one-line error naming the model (and the tensor)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from flows.cli import app
+from merging.api import merge_tensors
+
+runner = CliRunner()
+DATA = {"ft_a": ["w1 w2 w3 w4", "w5 w6 w7 w8 w9", "w1 w3"], "ft_b": ["w20 w21 w22", "w30 w31 w32 w33 w34 w35", "w40"]}
+
+
+@pytest.fixture(scope="module")
+def stats(tiny_models, tmp_path_factory):
+    """Each fine-tuned model (a copy with the base's tokenizer) with its gram and fisher files."""
+    root = tmp_path_factory.mktemp("data-aware")
+    found = {}
+    for name, texts in DATA.items():
+        model = root / name
+        model.mkdir()
+        for f in [*tiny_models[name].iterdir(), *tiny_models["base"].glob("*tokenizer*")]:
+            (model / f.name).write_bytes(f.read_bytes())
+        data = root / f"{name}.txt"
+        data.write_text("\n".join(texts) + "\n")
+        found[name] = {"model": model}
+        for kind in ("gram", "fisher"):
+            out = root / f"{name}.{kind}.safetensors"
+            result = runner.invoke(app, ["collect-stats", str(model), str(data), "--kind", kind, "-o", str(out)])
+            assert result.exit_code == 0, result.output
+            found[name][kind] = out
+    return found
+
+
+def _merge(tiny_models, stats, tmp_path, method: str, kind: str, parameters: dict, out: str = "merged") -> dict:
+    config = {"merge_method": method, "base_model": str(tiny_models["base"]), "parameters": parameters,
+              "models": [{"model": str(stats[n]["model"]), "parameters": {"stats": str(stats[n][kind])}} for n in DATA]}
+    path = tmp_path / f"{out}.yml"
+    path.write_text(yaml.safe_dump(config))
+    result = runner.invoke(app, ["merge", str(path), str(tmp_path / out), "-q"])
+    assert result.exit_code == 0, result.output
+    return load_file(tmp_path / out / "model.safetensors")
+
+
+def test_regmean_merge_end_to_end(tiny_models, stats, tmp_path):
+    merged = _merge(tiny_models, stats, tmp_path, "regmean", "gram", {"alpha": 0.7})
+    base, a, b = (load_file(tiny_models[n] / "model.safetensors") for n in ("base", "ft_a", "ft_b"))
+    grams = [load_file(stats[n]["gram"]) for n in DATA]
+    key = "model.layers.1.mlp.down_proj.weight"
+    by_hand = merge_tensors("regmean", base[key], [a[key], b[key]], {"alpha": 0.7}, stats=[g[key] for g in grams], name=key)
+    assert torch.allclose(merged[key], by_hand, atol=1e-6)
+    mean = (a[key] + b[key]) / 2
+    assert not torch.allclose(merged[key], mean, atol=1e-4)  # the Grams matter
+    v = "model.layers.0.self_attn.v_proj.weight"  # k/v read q's Gram (one input, stored once)
+    q_gram = [g["model.layers.0.self_attn.q_proj.weight"] for g in grams]
+    assert torch.allclose(merged[v], merge_tensors("regmean", base[v], [a[v], b[v]], {"alpha": 0.7}, stats=q_gram), atol=1e-6)
+    for other in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+        assert torch.allclose(merged[other], (a[other] + b[other]) / 2, atol=1e-6)
+
+
+def test_fisher_merge_end_to_end(tiny_models, stats, tmp_path):
+    merged = _merge(tiny_models, stats, tmp_path, "fisher", "fisher", {"eps": 1e-8})
+    base, a, b = (load_file(tiny_models[n] / "model.safetensors") for n in ("base", "ft_a", "ft_b"))
+    fishers = [load_file(stats[n]["fisher"]) for n in DATA]
+    norms = [float(sum(f[k].double().square().sum() for k in base) ** 0.5) for f in fishers]  # over every merged tensor
+    for key in ("model.layers.0.mlp.up_proj.weight", "model.norm.weight", "model.embed_tokens.weight"):
+        w = [fishers[i][key].double() / norms[i] + 1e-8 / norms[i] for i in range(2)]
+        expected = (w[0] * a[key].double() + w[1] * b[key].double()) / (w[0] + w[1])
+        assert torch.allclose(merged[key].double(), expected, atol=1e-5), key
+
+
+def test_missing_or_wrong_statistics_are_one_line_errors(tiny_models, stats, tmp_path):
+    def run(models, method="regmean"):
+        config = tmp_path / "bad.yml"
+        config.write_text(yaml.safe_dump({"merge_method": method, "base_model": str(tiny_models["base"]), "models": models}))
+        return runner.invoke(app, ["merge", str(config), str(tmp_path / "bad"), "-q"])
+
+    a, b = (str(stats[n]["model"]) for n in DATA)
+    result = run([{"model": a, "parameters": {"stats": str(stats["ft_a"]["gram"])}}, {"model": b}])
+    assert result.exit_code == 2 and repr(b) in result.output and "stats" in result.output
+    result = run([{"model": a, "parameters": {"stats": str(stats["ft_a"]["fisher"])}},
+                  {"model": b, "parameters": {"stats": str(stats["ft_b"]["gram"])}}])
+    assert result.exit_code == 2 and repr(a) in result.output and "'fisher'" in result.output and "gram" in result.output
+    partial = load_file(stats["ft_b"]["fisher"])
+    del partial["model.layers.1.mlp.down_proj.weight"]
+    save_file(partial, tmp_path / "partial.safetensors", metadata={"mergeflow_stats": '{"kind": "fisher"}'})
+    result = run([{"model": a, "parameters": {"stats": str(stats["ft_a"]["fisher"])}},
+                  {"model": b, "parameters": {"stats": str(tmp_path / "partial.safetensors")}}], method="fisher")
+    assert result.exit_code == 2 and repr(b) in result.output and "model.layers.1.mlp.down_proj.weight" in result.output
+    assert not (tmp_path / "bad").exists()
