@@ -384,6 +384,31 @@ def collect_stats(
         typer.echo(f"wrote {collect(model, data, out, kind=kind, max_samples=max_samples, max_length=max_length, batch_size=batch_size, seed=seed, device=device, allow_pickle=allow_pickle)}")
 
 
+@app.command("regmean-plusplus")
+def regmean_plusplus(
+    config_file: Annotated[Path, typer.Argument(metavar="CONFIG", help="Merge config with merge_method: regmean_plusplus; "
+                                                                       "each model's parameters name its task data (data: FILE).")],
+    out: Annotated[str, typer.Argument(metavar="OUT", help="Output folder.")],
+    max_samples: Annotated[int, typer.Option(help="Samples of each model's data.")] = 256,
+    max_length: Annotated[int, typer.Option(help="Tokens per sample.")] = 256,
+    batch_size: Annotated[int, typer.Option(help="Samples per forward.")] = 8,
+    device: Annotated[str, typer.Option(help="cpu | cuda (the models run here; the final merge follows the config).")] = "cpu",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet/--no-quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """RegMean++: Grams collected through the partially merged model block by block (Llama-style
+    causal LMs), then the RegMean merge with them. Every model is loaded at once."""
+    with exit_on_error():
+        from evaluation.regmean_plusplus import merge_regmean_plusplus
+        from merging.config import load_merge_config
+
+        config = load_merge_config(config_file)
+        with progress_bar("merging", enabled=not quiet) as update:
+            result = merge_regmean_plusplus(config, out, max_samples=max_samples, max_length=max_length,
+                                            batch_size=batch_size, device=device, overwrite=overwrite, progress=update)
+        typer.echo(f"wrote {result}")
+
+
 @app.command("dvc-yaml")
 def dvc_yaml(
     params: Annotated[str, typer.Option("--params")] = "params.yaml",

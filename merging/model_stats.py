@@ -68,8 +68,8 @@ class ModelStats:
         if not path:
             raise MergeConfigError(
                 f"method {method!r} needs per-model {self.need.kind} statistics, but model {name!r} (models[{t}]) has no "
-                f"'stats' parameter; collect them with 'mergeflow collect-stats {name} TASK_DATA --kind {self.need.kind} "
-                f"--out FILE' and set models[{t}].parameters.stats: FILE")
+                f"'stats' parameter; " + (self.need.how or f"collect them with 'mergeflow collect-stats {name} TASK_DATA "
+                                          f"--kind {self.need.kind} --out FILE' and set models[{t}].parameters.stats: FILE"))
         if (t, path) not in self._files:
             self._files[(t, path)] = StatsFile(path, f"model {name!r}", self.need.kind)
         return self._files[(t, path)]

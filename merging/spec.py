@@ -79,10 +79,12 @@ class ModelStatsNeed:
     Attributes:
         kind: the statistics file kind (``merging.io.stats.STATS_KINDS``).
         tensor_kinds: plan kinds of the tensors that need a statistic from every model.
+        how: how a user makes them (shown when a model has none).
     """
 
     kind: str
     tensor_kinds: frozenset[str]
+    how: str = ""
 
 
 @dataclass(frozen=True)

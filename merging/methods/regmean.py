@@ -146,5 +146,8 @@ SPEC = MethodSpec(
 PLUSPLUS_SPEC = MethodSpec(
     name="regmean_plusplus", params=RegmeanPlusPlusParams, model_params=RegmeanPlusPlusModelParams, combine=combine,
     paper="Nguyen et al. 2025, RegMean++, arXiv 2508.03121 (after " + _PAPER + ")",
-    model_stats=ModelStatsNeed(kind="gram", tensor_kinds=frozenset({"matrix"})), lora_span=True,
+    model_stats=ModelStatsNeed(kind="gram", tensor_kinds=frozenset({"matrix"}),
+                               how="RegMean++ collects its Grams through the partially merged model: give each model's "
+                                   "task data as models[i].parameters.data and run 'mergeflow regmean-plusplus CONFIG OUT'"),
+    lora_span=True,
 )
