@@ -50,6 +50,7 @@ def fisher_delta(deltas: torch.Tensor, fishers: torch.Tensor, weights: torch.Ten
     """sum_i l_i (F_i + eps) D_i / sum_i l_i (F_i + eps) over deltas and Fishers (T, *shape); weights l (T,)."""
     fishers = fishers.to(deltas.dtype)
     low = (fishers < eps).all(dim=0).float().mean() if eps > 0 else torch.zeros(())
+    log.debug("fisher: tensor %r: %.2f%% of its entries have every Fisher below eps %g", name, 100 * float(low), eps)
     if float(low) > LOW_FISHER_WARNING:
         log.warning("fisher: tensor %r: %.0f%% of its entries have every Fisher below eps %g (they take the weighted "
                     "mean); lower eps if the statistics are small", name, 100 * float(low), eps)
