@@ -22,6 +22,8 @@ __all__ = [
     "NonFiniteOutputError",
     "OutputExistsError",
     "OutputWriteError",
+    "InsufficientDiskSpaceError",
+    "OutputLayoutError",
     "ArtifactError",
     "StatisticsError",
 ]
@@ -69,6 +71,15 @@ class OutputExistsError(MergeflowError, FileExistsError):
 
 class OutputWriteError(MergeflowError, OSError):
     """The target cannot be written (permissions, missing parent, disk)."""
+
+
+class InsufficientDiskSpaceError(OutputWriteError):
+    """The file system of the target has less free space than the plan will write."""
+
+
+class OutputLayoutError(MergeflowError):
+    """The tensors written do not match the planned output layout (a tensor missing, written
+    twice, or of another shape or dtype than planned)."""
 
 
 class ArtifactError(MergeflowError):
