@@ -13,7 +13,7 @@ export DVC_NO_ANALYTICS = 1
 export HF_HUB_DISABLE_PROGRESS_BARS = 1
 export TRANSFORMERS_VERBOSITY = error
 
-.PHONY: demo test install lint clean
+.PHONY: demo test install lint clean bench
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -33,6 +33,11 @@ test: $(STAMP)
 demo: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" dvc repro
 	$(PY) -m flows.stage show
+
+# mergeflow vs mergekit 0.1.5 vs the I/O floor at 106M parameters (7 methods, medians of 3 alternating
+# runs; about 15 minutes on 2 cores, 2 GB of free disk); not part of `make test`. Ratios need an idle machine.
+bench: $(STAMP)
+	$(PY) benchmarks/bench_merge.py --repeat 3 --results benchmarks/results.md
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check merging flows tasks tests

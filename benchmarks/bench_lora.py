@@ -25,7 +25,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_merge import BIN, timed  # noqa: E402
+from bench_merge import BIN, alternate, median_range  # noqa: E402
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -63,22 +63,6 @@ def build(root: Path, hidden: int, layers: int, vocab: int, n_adapters: int, ran
         (dense / "config.json").write_text((root / "base" / "config.json").read_text())
         paths[f"lora{i}"], paths[f"full{i}"] = folder, dense
     return paths
-
-
-def alternate(commands: dict[str, list[str]], repeat: int) -> dict[str, tuple[list[float], list[float]]]:
-    """Run every command ``repeat`` times, alternating, so that drifts in machine load hit every
-    command alike: ``{label: (wall seconds, peak RSS MB)}``."""
-    results: dict[str, tuple[list[float], list[float]]] = {label: ([], []) for label in commands}
-    for _ in range(repeat):
-        for label, cmd in commands.items():
-            wall, rss = timed(cmd)
-            results[label][0].append(wall)
-            results[label][1].append(rss)
-    return results
-
-
-def median_range(times: list[float]) -> str:
-    return f"{statistics.median(times):7.1f} s ({min(times):.1f}-{max(times):.1f})"
 
 
 def main() -> None:

@@ -1,17 +1,24 @@
-"""Speed and memory of ``mergeflow merge`` against mergekit 0.1.5, measured in the same run.
+"""Speed and memory of ``mergeflow merge`` against mergekit 0.1.5 and the I/O floor, in the same run.
 
-Builds a base and N fine-tunes of a mid-sized Llama (default ~120M parameters, bf16), runs
-the same mergekit YAML through ``mergekit-yaml`` and ``mergeflow merge`` (separate
-processes, best of ``--repeat``), and prints wall time, peak RSS and the ratios
-mergeflow / mergekit. Not part of the test suite.
+Builds a base and N fine-tunes of a Llama-shaped model (default: hidden 768, 9 layers, vocab
+32000 = 106M parameters, bf16; the issue-10 setup), then for each method runs the same mergekit
+YAML through ``mergekit-yaml`` and ``mergeflow merge`` (each in its own process, at its
+defaults), plus the I/O floor (``io_floor.py``: read every input tensor once, write the output),
+alternating ``--repeat`` times so drifts in machine load hit every command alike. Reports the
+median (min-max) of the whole command's wall time and peak RSS (``os.wait4``'s ru_maxrss of
+the child), the ratios to mergekit and to the floor, and the load average seen during the runs:
+ratios only mean something on an otherwise idle machine. ``--size-curve`` adds linear and ties
+at growing depth (fixed width and vocabulary). Not part of the test suite (``make bench``).
 
-    .venv/bin/python benchmarks/bench_merge.py --methods ties dare_ties linear --hidden 768 --layers 12
+    .venv/bin/python benchmarks/bench_merge.py --repeat 3 --results benchmarks/results.md
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -22,6 +29,19 @@ import torch
 import yaml
 
 BIN = Path(sys.executable).parent
+HERE = Path(__file__).resolve().parent
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DO_NOT_TRACK": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+# mergekit's parameter names, the same YAML for both tools; slerp runs between the two fine-tunes
+METHODS = {
+    "ties": {"base": True, "model": {"weight": 1.0, "density": 0.3}},
+    "breadcrumbs": {"base": True, "model": {"weight": 1.0, "density": 0.9, "gamma": 0.01}},
+    "della": {"base": True, "model": {"weight": 1.0, "density": 0.5, "epsilon": 0.1}, "parameters": {"lambda": 1.0}},
+    "linear": {"base": False, "model": {"weight": 1.0}},
+    "task_arithmetic": {"base": True, "model": {"weight": 1.0}},
+    "slerp": {"base": False, "model": {}, "parameters": {"t": 0.5}, "first_is_base": True},
+    "dare_ties": {"base": True, "model": {"weight": 1.0, "density": 0.5}},
+}
 
 
 def build(root: Path, hidden: int, layers: int, vocab: int, n_models: int) -> dict[str, Path]:
@@ -46,54 +66,185 @@ def build(root: Path, hidden: int, layers: int, vocab: int, n_models: int) -> di
     return paths
 
 
+# Runs the command as its child and reports the child's peak RSS: ru_maxrss survives exec, so the
+# measured process must be forked from a small one (this, started without site), never from the
+# benchmark itself, which holds torch.
+_MEASURE = """import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+sys.stderr.write(f"\\nMAXRSS_KB {usage.ru_maxrss}\\n")
+sys.exit(min(abs(os.waitstatus_to_exitcode(status)), 255))
+"""
+
+
 def timed(cmd: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MB) of one child process, via GNU time."""
+    """(wall seconds, peak RSS in MB) of one command: ``os.wait4``'s ru_maxrss (KiB on Linux)."""
     start = time.perf_counter()
-    done = subprocess.run(["/usr/bin/time", "-f", "MAXRSS %M", *cmd], capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    done = subprocess.run([sys.executable, "-S", "-c", _MEASURE, *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          env=ENV, text=True)
     wall = time.perf_counter() - start
     if done.returncode:
-        raise RuntimeError(done.stderr[-2000:])
-    peak_kb = int(done.stderr.rsplit("MAXRSS", 1)[1].split()[0])
-    return wall, peak_kb / 1024
+        raise RuntimeError(f"{' '.join(cmd)} exited {done.returncode}:\n{done.stderr[-2000:]}")
+    return wall, int(done.stderr.rsplit("MAXRSS_KB", 1)[1].split()[0]) / 1024
+
+
+def alternate(commands: dict[str, list[str]], repeat: int, before_each=None) -> dict[str, tuple[list[float], list[float]]]:
+    """Run every command ``repeat`` times, alternating, so that drifts in machine load hit every
+    command alike: ``{label: (wall seconds, peak RSS MB)}``. ``before_each(label)`` runs first
+    (outside the measurement: removing the previous output)."""
+    results: dict[str, tuple[list[float], list[float]]] = {label: ([], []) for label in commands}
+    for _ in range(repeat):
+        for label, cmd in commands.items():
+            if before_each is not None:
+                before_each(label)
+            wall, rss = timed(cmd)
+            results[label][0].append(wall)
+            results[label][1].append(rss)
+    return results
+
+
+def median_range(values: list[float], unit: str = "s", digits: int = 1) -> str:
+    return f"{statistics.median(values):.{digits}f} {unit} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
+def mergekit_config(method: str, paths: dict[str, Path], n_models: int) -> dict:
+    spec = METHODS[method]
+    models = [{"model": str(paths[f"ft{i}"]), **({"parameters": dict(spec["model"])} if spec["model"] else {})}
+              for i in range(n_models)]
+    config = {"merge_method": method, "dtype": "bfloat16", "models": models}
+    if spec["base"]:
+        config["base_model"] = str(paths["base"])
+    if spec.get("first_is_base"):
+        config["base_model"] = str(paths["ft0"])
+    if "parameters" in spec:
+        config["parameters"] = dict(spec["parameters"])
+    return config
+
+
+def mergeflow_command(src: Path | None) -> list[str]:
+    """``mergeflow``: the installed one, or the one of checkout ``src`` (its folder first on the path)."""
+    if src is None:
+        return [str(BIN / "mergeflow")]
+    return [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(src)!r}); from flows.cli import main; main()"]
+
+
+def commands_for(method: str, root: Path, paths: dict[str, Path], n_models: int, src: Path | None,
+                 compare: Path | None) -> dict[str, list[str]]:
+    cfg = root / f"{method}.yml"
+    cfg.write_text(yaml.safe_dump(mergekit_config(method, paths, n_models)))
+    inputs = ([paths["base"]] if METHODS[method]["base"] else []) + [paths[f"ft{i}"] for i in range(n_models)]
+    commands = {
+        f"{method}/mergekit": [str(BIN / "mergekit-yaml"), str(cfg), str(root / "out-mergekit"), "--quiet"],
+        f"{method}/mergeflow": [*mergeflow_command(src), "merge", str(cfg), str(root / "out-mergeflow"), "-q"],
+        f"{method}/floor": [sys.executable, str(HERE / "io_floor.py"), str(root / "out-floor"), *map(str, inputs)],
+    }
+    if compare is not None:  # the same command run from another checkout (e.g. before a change)
+        commands[f"{method}/compare"] = [*mergeflow_command(compare), "merge", str(cfg), str(root / "out-compare"), "-q"]
+    return commands
+
+
+def run_table(methods: list[str], root: Path, paths: dict[str, Path], n_models: int, repeat: int, src: Path | None,
+              compare: Path | None) -> list[dict]:
+    commands: dict[str, list[str]] = {}
+    for method in methods:
+        commands.update(commands_for(method, root, paths, n_models, src, compare))
+
+    def clean(label: str) -> None:
+        shutil.rmtree(root / f"out-{label.split('/')[1]}", ignore_errors=True)
+
+    loads = [os.getloadavg()[0]]
+    results = alternate(commands, repeat, before_each=clean)
+    loads.append(os.getloadavg()[0])
+    rows = []
+    for method in methods:
+        row = {"method": method, "load": loads}
+        for tool in ("mergekit", "mergeflow", "floor", "compare"):
+            if f"{method}/{tool}" in results:
+                row[tool] = results[f"{method}/{tool}"]
+        rows.append(row)
+    return rows
+
+
+def format_rows(rows: list[dict], title: str) -> list[str]:
+    med = statistics.median
+    has_compare = any("compare" in r for r in rows)
+    head = ["merge", "mergeflow", "mergekit", "I/O floor", "time / mergekit", "time / floor", "RSS / mergekit", "RSS / floor"]
+    if has_compare:
+        head += ["compare (other checkout)", "time / compare", "RSS / compare"]
+    lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        (ft, fm), (kt, km), (lt, lm) = r["mergeflow"], r["mergekit"], r["floor"]
+        cells = [r["method"], f"{median_range(ft)}, {med(fm):.0f} MB", f"{median_range(kt)}, {med(km):.0f} MB",
+                 f"{median_range(lt)}, {med(lm):.0f} MB", f"{med(ft) / med(kt):.2f}", f"{med(ft) / med(lt):.2f}",
+                 f"{med(fm) / med(km):.2f}", f"{med(fm) / med(lm):.2f}"]
+        if has_compare:
+            ct, cm = r["compare"]
+            cells += [f"{median_range(ct)}, {med(cm):.0f} MB", f"{med(ft) / med(ct):.2f}", f"{med(fm) / med(cm):.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def model_line(paths: dict[str, Path], hidden: int, layers: int, vocab: int, n_models: int) -> str:
+    size = sum(f.stat().st_size for f in paths["base"].glob("*.safetensors"))
+    return (f"hidden {hidden}, {layers} layers, vocab {vocab}: {size / 2 / 1e6:.0f}M parameters, {size / 1e6:.0f} MB per "
+            f"checkpoint (bf16); base + {n_models} fine-tunes")
+
+
+def disk_needed(hidden: int, layers: int, vocab: int, n_models: int) -> float:
+    """About the bytes the inputs and the outputs in flight take (one output per tool)."""
+    per_layer = 4 * hidden * hidden + 3 * hidden * int(hidden * 2.75)
+    params = 2 * vocab * hidden + layers * per_layer
+    return params * 2 * (n_models + 1 + 4)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="+", default=["linear", "ties", "dare_ties"])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--hidden", type=int, default=768)
-    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--layers", type=int, default=9)
     parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--models", type=int, default=2)
-    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--models", type=int, default=2, help="Fine-tunes (besides the base).")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--size-curve", nargs="*", type=int, metavar="LAYERS",
+                        help="Also run linear and ties at these depths (default 9 36 72 144: about 0.1B to 1B).")
+    parser.add_argument("--src", type=Path, help="Run mergeflow from this checkout (default: the installed one).")
+    parser.add_argument("--compare", type=Path, help="Another mergeflow checkout run as a fourth command (before/after).")
+    parser.add_argument("--results", type=Path, help="Also write the tables (markdown) to this file.")
+    parser.add_argument("--workdir", type=Path, help="Where to build the checkpoints (default: a temporary folder).")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
+    curve = [] if args.size_curve is None else (args.size_curve or [9, 36, 72, 144])
+    need = max([disk_needed(args.hidden, n, args.vocab, args.models) for n in [args.layers, *curve]])
+    where = args.workdir or Path(tempfile.gettempdir())
+    where.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(where).free
+    print(f"needs about {need / 1e9:.1f} GB free disk in {where} ({free / 1e9:.1f} GB free); {os.cpu_count()} CPUs; "
+          f"load average now {os.getloadavg()[0]:.2f}", flush=True)
+    if free < need:
+        sys.exit("not enough free disk; pass --workdir on a larger file system")
+    lines = [f"mergeflow vs mergekit 0.1.5 vs the I/O floor: median (min-max) of {args.repeat} alternating runs, whole "
+             "process wall time and peak RSS (ru_maxrss), each tool at its defaults.", ""]
+    with tempfile.TemporaryDirectory(dir=where) as tmp:
         root = Path(tmp)
         paths = build(root, args.hidden, args.layers, args.vocab, args.models)
-        size = sum(f.stat().st_size for f in paths["base"].glob("*.safetensors")) / 1e6
-        print(f"model: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}: {size:.0f} MB per checkpoint (bf16), {args.models} fine-tunes")
-        print(f"{'method':12s} {'mergekit s':>10s} {'mergeflow s':>11s} {'ratio':>6s} {'mergekit MB':>11s} {'mergeflow MB':>12s} {'ratio':>6s}")
-        for method in args.methods:
-            config = {"merge_method": method, "dtype": "bfloat16",
-                      "models": [{"model": str(paths[f"ft{i}"]), "parameters": {"weight": 1.0, "density": 0.5}} for i in range(args.models)]}
-            if method != "linear":
-                config["base_model"] = str(paths["base"])
-            else:
-                for m in config["models"]:
-                    m["parameters"].pop("density")
-            cfg = root / f"{method}.yml"
-            cfg.write_text(yaml.safe_dump(config))
-            results = {}
-            for tool, cmd in (("mergekit", [str(BIN / "mergekit-yaml"), str(cfg), str(root / f"mk-{method}"), "--quiet", "--no-write-model-card"]),
-                              ("mergeflow", [str(BIN / "mergeflow"), "merge", str(cfg), str(root / f"mf-{method}"), "-q", "--overwrite", "--device", "cpu"])):
-                runs = []
-                for _ in range(args.repeat):
-                    subprocess.run(["rm", "-rf", str(root / f"mk-{method}"), str(root / f"mf-{method}")])
-                    runs.append(timed(cmd))
-                results[tool] = min(runs)
-            (mk_t, mk_m), (mf_t, mf_m) = results["mergekit"], results["mergeflow"]
-            print(f"{method:12s} {mk_t:10.1f} {mf_t:11.1f} {mf_t / mk_t:6.2f} {mk_m:11.0f} {mf_m:12.0f} {mf_m / mk_m:6.2f}")
-        print("peak RSS includes memory-mapped input pages, which the kernel can reclaim")
+        rows = run_table(args.methods, root, paths, args.models, args.repeat, args.src, args.compare)
+        lines += format_rows(rows, model_line(paths, args.hidden, args.layers, args.vocab, args.models))
+        lines += ["", f"load average (1 min) before / after: {rows[0]['load'][0]:.2f} / {rows[0]['load'][1]:.2f} on "
+                  f"{os.cpu_count()} CPUs; ratios are only meaningful on an idle machine", ""]
+        print("\n".join(lines), flush=True)
+        for layers in curve:
+            shutil.rmtree(root / "curve", ignore_errors=True)
+            (root / "curve").mkdir()
+            curve_paths = build(root / "curve", args.hidden, layers, args.vocab, args.models)
+            curve_rows = run_table(["linear", "ties"], root / "curve", curve_paths, args.models, args.repeat, args.src, None)
+            block = format_rows(curve_rows, "size curve: " + model_line(curve_paths, args.hidden, layers, args.vocab, args.models))
+            block += ["", f"load average before / after: {curve_rows[0]['load'][0]:.2f} / {curve_rows[0]['load'][1]:.2f}", ""]
+            print("\n".join(block), flush=True)
+            lines += block
+    if args.results:
+        args.results.write_text("\n".join(lines) + "\n")
+        print(f"wrote {args.results}")
 
 
 if __name__ == "__main__":
