@@ -6,6 +6,10 @@ once however many merges and sweeps reuse them, a re-sharded model reuses its sc
 model with another tokenizer does not. Runs sharing a store evaluate a model one at a time (a
 lock beside its cache file): the second finds the first one's result.
 
+Decoder-only models run on lm-eval's causal backend, encoder-decoder models (T5, BART, ...) on
+its seq2seq backend; encoder-only models (BERT, RoBERTa, ...) are refused: lm-eval's language
+model tasks need a model that scores or generates continuations (``lm_backend``).
+
 Tasks are lm-eval task names: those of ``eval.include_path`` (local YAMLs) or lm-eval's own
 (``arc_easy``, ``mmlu``, ...). Every task is built before the model is loaded, so a dataset that
 cannot be loaded (offline, not in the local datasets cache) is a one-line error naming the task
@@ -24,11 +28,15 @@ from merging.digests import TOKENIZER_FILES, content_key, file_digest
 from merging.errors import MergeConfigError, MergeflowError
 from merging.fetch import fetched_models
 from merging.io.artifacts import artifact_digest, exclusive
+from merging.io.files import model_file, read_json_object
 from merging.io.writer import atomic_write_text
 from merging.pipeline_params import PipelineParams, require_evaluation
 
 __all__ = ["evaluate_models", "evaluate_folder", "eval_settings", "result_path", "cache_file_name", "run_lm_eval",
-           "primary_scores", "lower_is_better", "RESULTS_FILE"]
+           "primary_scores", "lower_is_better", "lm_backend", "RESULTS_FILE"]
+
+_ENCODER_HEADS = ("ForMaskedLM", "ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering",
+                  "ForMultipleChoice", "ForPreTraining", "ForNextSentencePrediction")
 
 RESULTS_FILE = "results.json"
 log = logging.getLogger(__name__)
@@ -125,9 +133,30 @@ def _has_tokenizer(folder: str | Path) -> bool:
     return any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
 
 
+def lm_backend(folder: str | Path) -> str:
+    """lm-eval's hf backend for a model folder: ``seq2seq`` for an encoder-decoder model,
+    ``causal`` otherwise; an encoder-only model (its config names a masked-LM or classification
+    head) is a ``MergeConfigError``: lm-eval cannot score it."""
+    owner = f"model {str(folder)!r}"
+    path = model_file(Path(folder), "config.json", owner, required=False)
+    config = read_json_object(path, owner) if path is not None else {}
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+
+    if config.get("is_encoder_decoder") or config.get("model_type") in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES:
+        return "seq2seq"
+    heads = [a for a in config.get("architectures") or [] if isinstance(a, str)]
+    if heads and all(a.endswith(_ENCODER_HEADS) for a in heads):
+        raise MergeConfigError(
+            f"{owner} is an encoder-only model ({', '.join(heads)}): lm-eval's tasks score or generate text with a "
+            "causal or encoder-decoder language model and cannot evaluate it. Merge it without evaluating ('mergeflow "
+            "merge', or 'dvc repro save' in the pipeline) and evaluate it with your own task code")
+    return "causal"
+
+
 def _model_args(folder: str, settings: dict[str, Any], base_folder: str | None) -> dict[str, Any]:
     """lm-eval's hf model arguments: the model (an adapter through peft on its base; a folder
-    without tokenizer files borrows the base's), the dtype and ``eval.model_args``."""
+    without tokenizer files borrows the base's), its backend (``lm_backend``), the dtype and
+    ``eval.model_args``."""
     if (Path(folder) / "adapter_config.json").is_file():
         if base_folder is None:
             raise MergeConfigError(f"evaluating adapter {folder} needs its base model folder")
@@ -136,7 +165,8 @@ def _model_args(folder: str, settings: dict[str, Any], base_folder: str | None) 
         model = {"pretrained": folder}
         if base_folder and not _has_tokenizer(folder):
             model["tokenizer"] = base_folder
-    return {**model, "dtype": settings.get("dtype") or "auto", **(settings.get("model_args") or {})}
+    return {**model, "backend": lm_backend(model["pretrained"]), "dtype": settings.get("dtype") or "auto",
+            **(settings.get("model_args") or {})}
 
 
 def _task_manager(tasks: list[str], include: str | None):

@@ -38,7 +38,15 @@ from merging.kernels.knots import KnotsMatrix
 from merging.kernels.knots import decompose_matrix as knots_decompose
 from merging.model_stats import ModelStats
 from merging.modules import assign_modules, expand_modules, layer_count_key, module_layer_count
-from merging.plan import LAYER_PATTERN, TensorEntry, build_plan, check_same_kinds, check_same_tensors
+from merging.plan import (
+    LAYER_PATTERN,
+    TensorEntry,
+    build_plan,
+    check_same_kinds,
+    check_same_tensors,
+    find_tied,
+    reconcile_tied_copies,
+)
 from merging.registry import get_method
 from merging.resolve import build_params, split_global_parameters
 from merging.slices import MappedTensor, expand_slices, sliced_layer_count
@@ -108,10 +116,12 @@ class MergeContext:
         self.out_layers: int | dict[str, int] | None = None  # output layer count(s) when slices change them
         self.vocabulary: Vocabulary | None = None  # a tokenizer merge's output vocabulary
         self._last_aligned: tuple[str | None, dict[str, torch.Tensor] | None] = (None, None)
+        self._base_tied: dict[str, str] = {}  # tied copies the base stores: copy -> first name
         if config.slices is not None or config.modules is not None:
             self._open_slices(config)
         else:
             self._open_models(config)
+        self.tied = self._find_tied()
         self._param_cache: dict[Any, Any] = {}
         for entry in self.plan:  # validate every tensor's parameters before any work
             if entry.kind != "ignore":
@@ -157,8 +167,11 @@ class MergeContext:
             open_source(m.model, self.base_folder, base_shapes, config.allow_pickle, read_dtype) for m in entries
         ]
         self.vocabulary = self._build_vocabulary(config, [s.name for s in self.sources])
+        self._base_tied = {} if config.out_format == "peft" else find_tied(  # (an adapter output's base may be header-only)
+            base_shapes, lambda a, b: self.base.dtype(a) == self.base.dtype(b) and torch.equal(self.base.get(a), self.base.get(b)))
         for source in self.sources:
             if isinstance(source, FullModelSource):
+                reconcile_tied_copies(self._base_tied, base_shapes, source.reader)
                 check_same_tensors(self._masked(base_shapes), self._masked(source.shapes()), source.name)
                 check_same_kinds(self.base.dtypes(), source.reader.dtypes(), source.name)
         self.model_names = [m.model for m in entries]
@@ -235,6 +248,18 @@ class MergeContext:
                 raise MergeConfigError(f"modules.{module}: its layer count changes to {count} but the base's config.json "
                                        "has no key for it; merge the module with 'models'")
         return keys
+
+    def _find_tied(self) -> dict[str, str]:
+        """Copies of one tied parameter stored under several names (``merging.plan.find_tied``):
+        equal in the base (``_base_tied``) and in every full-model input."""
+        readers = [s.reader for s in self.sources if isinstance(s, FullModelSource)]
+        return {copy: first for copy, first in self._base_tied.items()
+                if all(torch.equal(r.get(copy), r.get(first)) for r in readers)}
+
+    def rng_name(self, name: str) -> str:
+        """The name whose per-tensor generator a tensor draws from: its own, or for a tied copy
+        the first name of its parameter (so random methods keep tied copies equal)."""
+        return self.tied.get(name, name)
 
     def _build_vocabulary(self, config: MergeConfig, refs: list[str]) -> Vocabulary | None:
         """The output vocabulary of a tokenizer merge (``merging.tokenizer_merge``); None when the

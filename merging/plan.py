@@ -14,15 +14,16 @@ outside the numbered layers get t = 0.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
 from merging.errors import CheckpointMismatchError, MergeConfigError
 
-__all__ = ["LAYER_PATTERN", "TensorEntry", "build_plan", "check_same_tensors", "check_same_kinds", "classify"]
+__all__ = ["LAYER_PATTERN", "TensorEntry", "build_plan", "check_same_tensors", "check_same_kinds", "classify", "find_tied",
+           "reconcile_tied_copies"]
 
 PlanKind = Literal["matrix", "other", "ignore"]
 LAYER_PATTERN = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
@@ -63,22 +64,83 @@ def build_plan(
     ignore: Iterable[str],
     num_layers: int | None = None,
 ) -> tuple[TensorEntry, ...]:
-    """Classify every base tensor; ``num_layers`` defaults to the highest layer index + 1."""
+    """Classify every base tensor and place it in its layer stack (``layer_t``).
+
+    A model may hold several stacks of numbered layers (T5's ``encoder.block.*`` and
+    ``decoder.block.*``, a multi-modal model's text and vision layers): each tensor's gradient
+    position is t = i / (n - 1) within its own stack of n layers, as mergekit's per-module
+    plans give; tensors outside the layers have t = 0. ``num_layers`` (config.json's count)
+    checks a single stack; without it, or with several stacks, each stack has its highest
+    index + 1 layers."""
     inc, exc, ign = _compile(include, "include"), _compile(exclude, "exclude"), _compile(ignore, "ignore")
     items = list(names_shapes_dtypes)
-    layers = {name: int(m.group(1)) for name, _, _ in items if (m := LAYER_PATTERN.search(name))}
-    if num_layers is None:
-        num_layers = max(layers.values()) + 1 if layers else 1
-    beyond = [name for name, layer in layers.items() if layer >= num_layers]
-    if beyond:
-        raise CheckpointMismatchError(
-            f"base tensor {beyond[0]!r} is in layer {layers[beyond[0]]} but the base's config.json says the model has "
-            f"{num_layers} layers; the config does not belong to these weights (fix num_hidden_layers)")
+    layers: dict[str, tuple[str, int]] = {}
+    for name, _, _ in items:
+        if m := LAYER_PATTERN.search(name):
+            layers[name] = (name[: m.start(1)], int(m.group(1)))
+    counts: dict[str, int] = {}
+    for stack, index in layers.values():
+        counts[stack] = max(counts.get(stack, 0), index + 1)
+    if num_layers is not None and len(counts) <= 1:
+        beyond = [name for name, (_, index) in layers.items() if index >= num_layers]
+        if beyond:
+            raise CheckpointMismatchError(
+                f"base tensor {beyond[0]!r} is in layer {layers[beyond[0]][1]} but the base's config.json says the model "
+                f"has {num_layers} layers; the config does not belong to these weights (fix num_hidden_layers)")
+        counts = dict.fromkeys(counts, num_layers)
     entries = []
     for name, shape, dtype in items:
-        t = layers[name] / (num_layers - 1) if name in layers and num_layers > 1 else 0.0
+        stack, index = layers.get(name, ("", 0))
+        count = counts.get(stack, 1)
+        t = index / (count - 1) if name in layers and count > 1 else 0.0
         entries.append(TensorEntry(name, tuple(shape), dtype, classify(name, tuple(shape), dtype, inc, exc, ign), t))
     return tuple(entries)
+
+
+TIE_CANDIDATE = re.compile(r"(?:^|.*\.)(shared|embed_tokens|lm_head|word_embeddings|wte|embed_in|embed_out)\.weight$")
+"""Tensors a checkpoint may store more than once as one tied parameter (T5 v1.1 saves
+``shared``, ``encoder.embed_tokens`` and ``decoder.embed_tokens`` with equal values)."""
+
+
+def find_tied(shapes: Mapping[str, tuple[int, ...]], same: Callable[[str, str], bool]) -> dict[str, str]:
+    """Tied copies among the embedding-like tensors: ``{copy: the first name of its group}``,
+    where ``same(a, b)`` says two names hold equal values in the base and every input. Copies
+    of one parameter then draw the same random numbers (the generator of the first name), so a
+    random method keeps them equal, as the model that ties them expects."""
+    by_shape: dict[tuple[int, ...], list[str]] = {}
+    for name, shape in shapes.items():
+        if TIE_CANDIDATE.match(name):
+            by_shape.setdefault(tuple(shape), []).append(name)
+    tied: dict[str, str] = {}
+    for names in by_shape.values():
+        for i, name in enumerate(names):
+            if name in tied:
+                continue
+            for other in names[i + 1:]:
+                if other not in tied and same(name, other):
+                    tied[other] = name
+    return tied
+
+
+def reconcile_tied_copies(base_tied: Mapping[str, str], base_names: Iterable[str], reader: Any) -> None:
+    """Make ``reader`` (a ``CheckpointReader``) store tied parameters as the base does: a tied
+    copy the base stores but the model lacks is served from the model's copy of the same
+    parameter (``reader.alias``); an embedding-like tensor the model stores but the base lacks
+    is left out when it equals one the base stores (``reader.hide``). Anything else is left for
+    ``check_same_tensors`` to report."""
+    groups: dict[str, list[str]] = {}
+    for copy, first in base_tied.items():
+        groups.setdefault(first, [first]).append(copy)
+    for members in groups.values():
+        present = [n for n in members if n in reader]
+        for name in members:
+            if present and name not in reader:
+                reader.alias(name, present[0])
+    base_names = set(base_names)
+    for extra in [n for n in reader.keys() if n not in base_names and TIE_CANDIDATE.match(n)]:
+        twins = [n for n in base_names if n in reader and TIE_CANDIDATE.match(n) and reader.shape(n) == reader.shape(extra)]
+        if any(torch.equal(reader.get(extra), reader.get(n)) for n in twins):
+            reader.hide(extra)
 
 
 def check_same_tensors(base: Mapping[str, tuple[int, ...]], model: Mapping[str, tuple[int, ...]], model_name: str) -> None:

@@ -51,7 +51,7 @@ def sparsify(ctx: MergeContext, entry: TensorEntry, inputs: Inputs) -> Tensors:
         factors = {k: v.to(ctx.device) for k, v in inputs["decompose"].items()}
     else:  # identity: the group's deltas, in the space the method runs in (full, or core)
         factors = {"deltas": group.deltas}
-    return ctx.spec.sparsify(group, factors, ctx.params_for(entry)[0], generator_for(ctx.config.seed, entry.name))
+    return ctx.spec.sparsify(group, factors, ctx.params_for(entry)[0], generator_for(ctx.config.seed, ctx.rng_name(entry.name)))
 
 
 def combine(ctx: MergeContext, entry: TensorEntry, inputs: Inputs) -> Tensors:

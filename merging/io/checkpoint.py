@@ -55,6 +55,7 @@ class CheckpointReader:
         self._handles: dict[Path, object] = {}
         self._pickled: dict[str, torch.Tensor] | None = None
         self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        self._aliases: dict[str, str] = {}  # a name this checkpoint lacks -> the tied copy it reads instead
         index = self.path / SAFETENSORS_INDEX
         single = self.path / SAFETENSORS_SINGLE
         if os.path.lexists(index):
@@ -168,12 +169,24 @@ class CheckpointReader:
 
     def file_of(self, key: str) -> str:
         """The shard file a tensor lives in (used to read tensors in file order)."""
+        key = self._aliases.get(key, key)
         return self._files[key].name if self._files else "pytorch_model.bin"
+
+    def alias(self, missing: str, present: str) -> None:
+        """Serve tensor ``missing`` (absent here) as the tied copy ``present`` (a checkpoint saved
+        with one copy of a parameter another saved several times)."""
+        self._meta[missing] = self._meta[present]
+        self._aliases[missing] = self._aliases.get(present, present)
+
+    def hide(self, key: str) -> None:
+        """Leave out tensor ``key`` (a redundant tied copy the base does not store)."""
+        del self._meta[key]
 
     def get(self, key: str) -> torch.Tensor:
         """Read one tensor (CPU)."""
         if key not in self._meta:
             raise KeyError(key)
+        key = self._aliases.get(key, key)
         if self._pickled is not None:
             return self._pickled[key]
         if self._files[key] in self._headers_only:

@@ -63,7 +63,7 @@ def test_eval_settings_reach_lm_eval_and_key_the_cache(tiny_models, tmp_path):
     result = json.loads(path.read_text())
     assert result["n_shot"] == {"demo_arith": 2}
     assert result["config"]["model_args"] == {"pretrained": str(tiny_models["ft_a"]), "tokenizer": str(tiny_models["base"]),
-                                              "dtype": "float32", "max_length": 48}  # ft_a has no tokenizer files
+                                              "backend": "causal", "dtype": "float32", "max_length": 48}  # ft_a: no tokenizer
     assert result["settings"]["num_fewshot"] == 2 and result["settings"]["model_args"] == {"max_length": 48}
     keys = {result_path(settings | change, "digest-a", str(store)) for change in
             ({}, {"num_fewshot": 0}, {"dtype": "auto"}, {"model_args": {}}, {"apply_chat_template": True}, {"batch_size": "auto"})}
@@ -87,3 +87,32 @@ def test_a_task_whose_dataset_cannot_be_loaded_is_named(tiny_models, tmp_path):
     settings = {"tasks": ["hub_task"], "include_path": str(include), "limit": 1, "batch_size": 1, "device": "cpu"}
     with pytest.raises(MergeConfigError, match=r"eval task 'hub_task': dataset mergeflow-tests/never-downloaded \(config main\) could not be loaded.*offline"):
         run_lm_eval(str(tiny_models["base"]), settings)
+
+
+def test_an_encoder_decoder_model_is_scored_on_the_seq2seq_backend(tmp_path):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from evaluation.harness import lm_backend
+    from tests.conftest import save_tokenizer
+
+    torch.manual_seed(0)
+    T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=4,
+                                        decoder_start_token_id=63, pad_token_id=63, eos_token_id=62)).save_pretrained(tmp_path / "t5")
+    save_tokenizer(tmp_path / "t5")
+    assert lm_backend(tmp_path / "t5") == "seq2seq"
+    settings = {"tasks": ["demo_arith"], "include_path": str(DEMO_EVALS), "limit": 2, "batch_size": 2, "device": "cpu"}
+    result = json.loads(open(evaluate_folder(settings, str(tmp_path / "t5"), "digest-t5", str(tmp_path / "store"))).read())
+    assert set(result["scores"]) == {"demo_arith"} and 0.0 <= result["scores"]["demo_arith"] <= 1.0
+
+
+def test_an_encoder_only_model_is_refused_by_name(tmp_path):
+    import pytest
+    from transformers import BertConfig, BertForMaskedLM
+
+    from evaluation.harness import lm_backend
+    from merging.errors import MergeConfigError
+
+    BertForMaskedLM(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=32)).save_pretrained(tmp_path / "bert")
+    with pytest.raises(MergeConfigError, match=r"'.*bert' is an encoder-only model \(BertForMaskedLM\)"):
+        lm_backend(tmp_path / "bert")
