@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["polar", "relative_rank", "thin_svd"]
+__all__ = ["partial_polar", "polar", "relative_rank", "thin_svd"]
 
 
 def thin_svd(matrix: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -59,6 +59,16 @@ def relative_rank(singular_values: torch.Tensor, rel_tol: float) -> int:
     if singular_values.numel() == 0:
         return 0
     return int((singular_values > rel_tol * singular_values.max()).sum())
+
+
+def partial_polar(matrix: torch.Tensor) -> torch.Tensor:
+    """``P_k Q_k^T`` over the non-zero singular values of ``matrix`` only (the partial isometry
+    of its polar decomposition; unique, unlike ``polar`` of a rank-deficient matrix, which
+    adds an arbitrary null-space basis). Equals ``polar`` for a full-rank matrix. A singular
+    value counts as zero below max(shape) * eps(dtype) * the largest one."""
+    u, s, vh = thin_svd(matrix)
+    k = int((s > max(matrix.shape) * torch.finfo(s.dtype).eps * s.max()).sum()) if s.numel() else 0
+    return (u[:, :k] @ vh[:k]).to(matrix.dtype)
 
 
 def polar(matrix: torch.Tensor) -> torch.Tensor:

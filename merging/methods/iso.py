@@ -14,9 +14,19 @@ Iso-CTS, per 2-D matrix, f = common_space_fraction (0.8):
   specific  R_t = tau_t - U_c U_c^T tau_t; its top-kt triplets;
   merged    U_cat = [task blocks | common], s_cat, V_cat^T likewise (r slots);
             merged = mean(s_cat) polar(U_cat) polar(V_cat^T).
-LoRA inputs (Iso-C): the SVD of the sum from the factors, and the result's span part only (see
-``iso_c_lora_factors``); Iso-CTS stays dense (its common subspace of floor(r f) directions
-reaches into the null space whenever floor(r f) > T r). Other tensors: mean over tasks.
+LoRA inputs take the factor route (``merging.kernels.factor_svd``: QR of the stacked factors,
+SVD of a small core; no dense SVD). Iso-C: the SVD of the sum, and the result's span part only
+(``iso_c_lora_factors``). Iso-CTS (``iso_cts_lora_factors``): the same sizes kc, kt from
+r = min(m, n); the common triplets are the sum's top min(kc, rank) non-zero ones; the residual
+of task t is again a LoRA product, (B_t - U_c U_c^T B_t) s_t A_t, whose top min(kt, rank)
+non-zero triplets come from its factors; the polar factors of U_cat and V_cat^T are taken over
+their non-zero singular values only (``partial_polar``: the tasks' residual directions may
+overlap, and polar of a rank-deficient matrix adds an arbitrary basis), and the scale is the sum
+of the kept singular values over all r slots (the empty slots count as zeros). The dense route
+fills the slots beyond the adapters' rank (floor(r f) > T r is typical: 3276 common slots
+against T r = 64 at width 4096) with arbitrary orthonormal completions, so its result there is
+not unique; where every slot holds a non-zero singular value (T r >= r, distinct values) the
+two routes are equal. Other tensors: mean over tasks.
 theta = theta_0 + lambda * merged. Stages: decompose holds
 every SVD and polar factor; combine is one product, so a lambda sweep reuses them. No data,
 no randomness. ``iso_cts_subspaces`` is shared with Scale-SVD.
@@ -27,8 +37,8 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from merging.kernels.factor_svd import sum_svd
-from merging.kernels.svd import polar
+from merging.kernels.factor_svd import sum_svd, task_norms
+from merging.kernels.svd import partial_polar, polar
 from merging.params import CoreSpaceParams, MethodParams
 from merging.spec import Factors, MethodSpec, TensorGroup
 
@@ -98,9 +108,40 @@ def iso_c_lora_factors(group: TensorGroup) -> Factors:
     return {"u": u.to(dtype), "vh": vh.to(dtype), "scale": scale.to(dtype).reshape(1)}
 
 
+def iso_cts_lora_factors(group: TensorGroup, fraction: float) -> Factors:
+    """Iso-CTS of LoRA inputs from the factors (see the module docstring): no (m, n) SVD."""
+    lora = group.lora
+    bs = [b.to(torch.float64) for b in lora.b]
+    as_ = [a.to(torch.float64) for a in lora.a]
+    m, n, t = bs[0].shape[0], as_[0].shape[1], len(bs)
+    r = min(m, n)
+    kc, kt = subspace_sizes(r, t, fraction)
+    if kt == 0:
+        return iso_c_lora_factors(group)
+    u, s, vh = sum_svd(bs, as_, lora.scales)
+    kc = min(kc, s.numel())
+    u_c, s_c, vh_c = u[:, :kc], s[:kc], vh[:kc]
+    # a residual that is rounding noise has no triplet: cut at the scale of the inputs, not of the residual
+    tol = max(m, n, sum(b.shape[1] for b in bs)) * torch.finfo(torch.float64).eps * float(
+        torch.cat([s, task_norms(bs, as_, lora.scales)]).max())
+    us, ss, vhs = [], [], []
+    for b, a, scale in zip(bs, as_, lora.scales):
+        ru, rs, rvh = sum_svd([b - u_c @ (u_c.T @ b)], [a], [scale])
+        keep = min(kt, int((rs > tol).sum()))
+        us.append(ru[:, :keep])
+        ss.append(rs[:keep])
+        vhs.append(rvh[:keep])
+    u_cat, s_cat, vh_cat = torch.cat([*us, u_c], dim=1), torch.cat([*ss, s_c]), torch.cat([*vhs, vh_c], dim=0)
+    dtype = group.deltas.dtype
+    return {"u": partial_polar(u_cat).to(dtype), "vh": partial_polar(vh_cat).to(dtype),
+            "scale": (s_cat.sum() / r).to(dtype).reshape(1)}
+
+
 def decompose_cts(group: TensorGroup, params: IsoCtsParams) -> Factors:
     if group.kind != "matrix":
         return {"mean": group.deltas.mean(dim=0)}
+    if group.lora is not None:
+        return iso_cts_lora_factors(group, params.common_space_fraction)
     return iso_cts_factors(group.deltas, params.common_space_fraction)
 
 

@@ -16,6 +16,11 @@ when no statistics are given, then it is plain robust-PCA-style L + S):
 The cleaned task vectors are merged by Iso-CTS (default), Iso-C or a plain sum; other tensors
 take the mean (iso) or sum. Defaults: rank_ratio kappa 0.75, sparsity rho 0.1, 10 iterations,
 row mask. No randomness; needs activation statistics for the scaled variant.
+LoRA inputs: a task of rank r_t <= k is its own rank-k part (L = W~ from the first SVD, the
+residual is zero, so S stays zero and the cleaned task vector is the input, whatever the
+positive statistics), so the merge is Iso-CTS / Iso-C of the LoRA inputs on their factor route
+(``merging.methods.iso``), without the iterations' dense SVDs. Zero statistics (a column
+zeroed by the cleaning) or r_t > k take the dense route.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from pydantic import Field
 
 from merging.errors import MergeConfigError
 from merging.kernels.sparsify import keep_topk, keep_topk_rows
-from merging.methods.iso import iso_c_factors, iso_cts_factors
+from merging.methods.iso import iso_c_factors, iso_c_lora_factors, iso_cts_factors, iso_cts_lora_factors
 from merging.params import MethodParams
 from merging.spec import Factors, MethodSpec, TensorGroup
 
@@ -48,7 +53,7 @@ def low_rank_plus_sparse(w: torch.Tensor, scale: torch.Tensor | None, rank_ratio
     root = torch.ones(d_in, dtype=w.dtype, device=w.device) if scale is None else scale.to(w).clamp(min=0).sqrt()
     safe = torch.where(root > 0, root, torch.ones_like(root))
     scaled = w * root
-    k = min(max(1, int(rank_ratio * (1 - sparsity) * d_out * d_in / (d_out + d_in))), min(d_out, d_in))
+    k = low_rank_size(d_out, d_in, rank_ratio, sparsity)
     pruned_fraction = 1 - (1 - rank_ratio) * (1 - sparsity)
     sparse = torch.zeros_like(scaled)
     low_rank = scaled
@@ -63,10 +68,23 @@ def low_rank_plus_sparse(w: torch.Tensor, scale: torch.Tensor | None, rank_ratio
     return (low_rank + sparse) / safe
 
 
+def low_rank_size(d_out: int, d_in: int, rank_ratio: float, sparsity: float) -> int:
+    """k, the rank of the low-rank part of a (d_out, d_in) matrix."""
+    return min(max(1, int(rank_ratio * (1 - sparsity) * d_out * d_in / (d_out + d_in))), min(d_out, d_in))
+
+
 def decompose(group: TensorGroup, params: ScaleSvdParams) -> Factors:
     deltas = group.deltas
     if group.kind != "matrix":
         return {"mean": deltas.mean(dim=0) if params.merge != "sum" else deltas.sum(dim=0)}
+    lora = group.lora
+    if (lora is not None and params.merge != "sum" and (group.stats is None or bool((group.stats > 0).all()))
+            and max(a.shape[0] for a in lora.a) <= low_rank_size(*deltas.shape[-2:], params.rank_ratio, params.sparsity)):
+        # a rank-r_t task with r_t <= k is its own rank-k part: L = W~, S = 0 from the first step on, so the
+        # cleaned task vectors are the inputs and the merge is Iso-CTS / Iso-C of the LoRA inputs (factor route)
+        if params.merge == "iso_c":
+            return iso_c_lora_factors(group)
+        return iso_cts_lora_factors(group, params.common_space_fraction)
     if group.stats is not None and tuple(group.stats.shape) != (deltas.shape[-1],):
         raise MergeConfigError(
             f"scale_svd: statistics of tensor {group.name!r} have shape {tuple(group.stats.shape)}, expected "

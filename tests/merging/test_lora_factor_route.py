@@ -160,3 +160,75 @@ def test_iso_c_factor_route_is_the_unique_part_of_the_dense_result(zoo, tmp_path
             projected = span @ span.T @ (dense[key] - base[key])
             assert torch.allclose(lora[key] - base[key], projected, rtol=0, atol=1e-9), key
             assert torch.linalg.matrix_rank(lora[key] - base[key]) == 7 < torch.linalg.matrix_rank(dense[key] - base[key])
+
+
+def _iso_cts_reference(deltas: list[torch.Tensor], fraction: float) -> torch.Tensor:
+    """Iso-CTS over the non-null triplets only, from dense float64 SVDs (an independent route)."""
+    from merging.methods.iso import subspace_sizes
+
+    m, n = deltas[0].shape
+    r = min(m, n)
+    kc, kt = subspace_sizes(r, len(deltas), fraction)
+    u, s, vh = torch.linalg.svd(sum(deltas))
+    tol = 1e-9 * s[0]
+    kc = min(kc, int((s > tol).sum()))
+    us, ss, vhs = [], [], []
+    for d in deltas:
+        ru, rs, rvh = torch.linalg.svd(d - u[:, :kc] @ (u[:, :kc].T @ d))
+        keep = min(kt, int((rs > tol).sum()))
+        us, ss, vhs = us + [ru[:, :keep]], ss + [rs[:keep]], vhs + [rvh[:keep]]
+    u_cat, vh_cat = torch.cat([*us, u[:, :kc]], dim=1), torch.cat([*vhs, vh[:kc]], dim=0)
+
+    def polar(x: torch.Tensor) -> torch.Tensor:  # over the non-zero singular values only
+        p, sv, qh = torch.linalg.svd(x, full_matrices=False)
+        k = int((sv > 1e-9 * sv[0]).sum())
+        return p[:, :k] @ qh[:k]
+
+    return torch.cat([*ss, s[:kc]]).sum() / r * polar(u_cat) @ polar(vh_cat)
+
+
+def test_iso_cts_factor_route_equals_the_dense_route_where_every_slot_is_filled(zoo, tmp_path, monkeypatch):
+    """Four adapters of ranks 4 + 3 + 5 + 4 = 16 = min(m, n): every common and task slot holds
+    a non-zero singular value, the dense decomposition is unique and both routes agree."""
+    import merging.methods.iso as iso
+
+    dense_calls = []
+    real = iso.iso_cts_factors
+    # (the matrices no adapter touches have all-zero deltas and take the dense route: not counted)
+    monkeypatch.setattr(iso, "iso_cts_factors", lambda d, f: dense_calls.append(bool(d.any())) or real(d, f))
+    lora = _merge(zoo, "lora", 4, "iso_cts", tmp_path / "lora")
+    assert not any(dense_calls), "LoRA matrices take the factor route"
+    dense = _merge(zoo, "full", 4, "iso_cts", tmp_path / "dense")
+    assert sum(dense_calls) == LAYERS * len(MODULES)
+    _assert_close(lora, dense, 1e-9)
+
+
+def test_iso_cts_factor_route_fills_only_the_adapters_span(zoo, tmp_path):
+    """Two adapters (R = 7 < 16): the dense route fills 9 slots with arbitrary directions; the
+    factor route is Iso-CTS over the non-null triplets (checked against dense float64 SVDs)."""
+    lora = _merge(zoo, "lora", 2, "iso_cts", tmp_path / "lora", common_space_fraction=0.5)
+    base = load_file(zoo["base"] / "model.safetensors")
+    for layer in range(LAYERS):
+        for module in MODULES:
+            key = f"model.layers.{layer}.self_attn.{module}.weight"
+            deltas = [load_file(zoo[f"full{i}"] / "model.safetensors")[key] - base[key] for i in range(2)]
+            expected = _iso_cts_reference(deltas, 0.5)
+            assert torch.allclose(lora[key] - base[key], expected, rtol=0, atol=1e-9 * expected.abs().max()), key
+            assert torch.linalg.matrix_rank(lora[key] - base[key]) <= 7
+
+
+def test_scale_svd_of_low_rank_adapters_is_iso_cts_of_them_without_iterations(zoo, tmp_path, monkeypatch):
+    """A task of rank r_t <= k is its own rank-k part: the cleaning is the identity, so Scale-SVD
+    of LoRA inputs is Iso-CTS of them (factor route, no alternating SVDs), and where the dense
+    decomposition is unique (R = min(m, n)) it equals the dense route, iterations included."""
+    import merging.methods.scale_svd as scale_svd
+
+    iterations = []
+    real = scale_svd.low_rank_plus_sparse
+    monkeypatch.setattr(scale_svd, "low_rank_plus_sparse", lambda w, *a: iterations.append(bool(w.any())) or real(w, *a))
+    params = {"rank_ratio": 1.0, "sparsity": 0.0}  # k = 8 (16 x 16) or 5 (8 x 16) >= every rank
+    lora = _merge(zoo, "lora", 4, "scale_svd", tmp_path / "lora", **params)
+    assert not any(iterations)
+    _assert_close(lora, _merge(zoo, "lora", 4, "iso_cts", tmp_path / "iso"), 1e-12)
+    _assert_close(lora, _merge(zoo, "full", 4, "scale_svd", tmp_path / "dense", **params), 1e-9)
+    assert any(iterations)
