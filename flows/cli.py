@@ -337,13 +337,28 @@ def sweep(
 
 
 @app.command()
-def leaderboard(
-    seeds: Annotated[list[int], typer.Option("--seed", help="Zoo seed (repeat: --seed 0 --seed 1).")] = [0, 1],  # noqa: B006
-    sweep_file: Annotated[str, typer.Option("--sweep", help="Grid of methods and parameters.")] = "sweep.yaml",
+def tune(
+    tune_file: Annotated[str, typer.Argument(metavar="TUNE.yaml", help="Search space per method (flows/tune.py).")] = "tune.yaml",
     params: Annotated[str, typer.Option("--params")] = "params.yaml",
     refresh: Annotated[bool, typer.Option()] = False,
 ) -> None:
-    """Build the demo zoo for each seed, sweep the grid on it and print the per-method table (mean and range over seeds)."""
+    """Tune each method with Optuna on the validation tasks (studies resume where they stopped), report the best on test."""
+    with exit_on_error():
+        _pipeline_env()
+        from flows.sweep import format_leaderboard
+        from flows.tune import tune as tune_flow
+
+        typer.echo(format_leaderboard(tune_flow(tune_file, params, refresh)))
+
+
+@app.command()
+def leaderboard(
+    seeds: Annotated[list[int], typer.Option("--seed", help="Zoo seed (repeat: --seed 0 --seed 1).")] = [0, 1],  # noqa: B006
+    sweep_file: Annotated[str, typer.Option("--sweep", help="A sweep grid (grid:) or a tune file (methods:, flows/tune.py).")] = "sweep.yaml",
+    params: Annotated[str, typer.Option("--params")] = "params.yaml",
+    refresh: Annotated[bool, typer.Option()] = False,
+) -> None:
+    """Build the demo zoo for each seed, sweep the grid (or tune the methods) on it and print the per-method table (mean and range over seeds)."""
     with exit_on_error():
         _pipeline_env()
         from flows.leaderboard import format_markdown, run

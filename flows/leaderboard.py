@@ -7,7 +7,8 @@ folder, an artifact store per seed) and the sweep flow runs the grid (select on 
 report on test); a seed's rows are kept in ``sweep-s<seed>-<key>.json``, keyed by the sweep
 file, the derived params and the zoo's ``zoo.json``, so seeds can run in separate processes
 and a rerun only aggregates; a leaderboard killed mid-seed reruns only that seed's unfinished
-points (the sweep records each finished point). The rows of all seeds are then aggregated per method: mean and range over
+points (the sweep records each finished point). Given a tune file (``methods:``, ``flows/tune.py``)
+instead of a grid, each seed's rows come from the tuner's studies (which resume likewise). The rows of all seeds are then aggregated per method: mean and range over
 seeds of test normalized accuracy, gain recovery, 4-task mean and the margin of the 4-task
 mean over the best single specialist's. Writes ``<artifacts>/leaderboard/leaderboard.{json,md}``.
 """
@@ -95,6 +96,7 @@ def run(params_file: str, sweep_file: str, seeds: list[int], refresh: bool = Fal
     """Build each seed's zoo, sweep it, aggregate; returns the aggregated rows."""
     import zoo
     from flows.sweep import sweep
+    from flows.tune import tune
     from merging.pipeline_params import parse_params
 
     if not seeds:
@@ -117,7 +119,10 @@ def run(params_file: str, sweep_file: str, seeds: list[int], refresh: bool = Fal
         if done.is_file() and not refresh:
             per_seed[seed] = json.loads(done.read_text())
             continue
-        per_seed[seed] = sweep.with_options(flow_run_name=f"sweep-seed-{seed}")(sweep_file, str(path), refresh)
+        if "methods" in read_yaml(sweep_file):  # a tune file: Optuna studies instead of a fixed grid
+            per_seed[seed] = tune.with_options(flow_run_name=f"tune-seed-{seed}")(sweep_file, str(path), refresh)
+        else:
+            per_seed[seed] = sweep.with_options(flow_run_name=f"sweep-seed-{seed}")(sweep_file, str(path), refresh)
         atomic_write_text(done, json.dumps(per_seed[seed], indent=2) + "\n")  # killed while writing: no half file
     rows = aggregate(per_seed)
     (folder / "leaderboard.json").write_text(json.dumps({"seeds": seeds, "rows": rows, "per_seed": per_seed}, indent=2) + "\n")

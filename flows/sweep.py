@@ -79,9 +79,37 @@ def label(override: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-def _score(metrics: dict, select: str) -> float:
+def score(metrics: dict, select: str) -> float:
+    """The number a point is selected on: ``select`` of the merged model (-inf when undefined)."""
     value = metrics[select]["mean"] if select in ("normalized_accuracy", "gain_recovery") else metrics["mean"]["merged"]
     return float("-inf") if value is None else value
+
+
+def validation_overrides(params: PipelineParams) -> dict[str, Any]:
+    """The overrides that evaluate a point on the validation tasks (none without them): each
+    specialist becomes the specialist of its task's validation twin (for normalized accuracy
+    and gain recovery)."""
+    validation = list(params.eval.validation_tasks)
+    if not validation:
+        return {}
+    twin = dict(zip(params.eval.tasks, validation))
+    return {"eval.tasks": validation, "eval.validation_tasks": [], "models.inputs": [
+        m.model_dump(mode="json") | ({"task": twin[m.task]} if m.task in twin else {}) for m in params.models.inputs]}
+
+
+def report_row(params_file: str, params: PipelineParams, override: dict[str, Any], val_metrics: dict, select: str,
+               validation: bool, refresh: bool = False) -> dict[str, Any]:
+    """A leaderboard row of the point picked for a method: re-run on the test tasks (when it was
+    picked on validation) and reported there."""
+    params_override = {k: v for k, v in override.items() if k != "name"}
+    test_metrics = run_point(params_file, params_override, f"{label(override)} (test)", refresh)[0] if validation else val_metrics
+    inputs = [m.name for m in params.models.inputs]
+    return {"method": override["name"], "setting": label(override), "validation": score(val_metrics, select),
+            "test_mean": test_metrics["mean"]["merged"],
+            "normalized_accuracy": test_metrics["normalized_accuracy"]["mean"],
+            "gain_recovery": test_metrics["gain_recovery"]["mean"],
+            "best_specialist_mean": _best_specialist_mean(test_metrics, inputs),
+            "per_task": test_metrics["accuracy"]["merged"]}
 
 
 @flow(name="sweep")
@@ -93,15 +121,11 @@ def sweep(sweep_file: str = "sweep.yaml", params_file: str = "params.yaml", refr
     validation = list(params.eval.validation_tasks)
     points = expand_grid(spec["grid"])
     logger.info("sweeping %d grid points (%s on %s)", len(points), select, "validation" if validation else "test")
-    # on validation, each specialist is the specialist of its task's validation twin (for
-    # normalized accuracy and gain recovery)
-    twin = dict(zip(params.eval.tasks, validation))
-    validation_overrides = {"eval.tasks": validation, "eval.validation_tasks": [], "models.inputs": [
-        m.model_dump(mode="json") | ({"task": twin[m.task]} if m.task in twin else {}) for m in params.models.inputs]}
+    to_validation = validation_overrides(params)
     runs = []
     for override in points:  # every point validated before the first one runs
         params_override = {k: v for k, v in override.items() if k != "name"}
-        on_validation = {**params_override, **validation_overrides} if validation else params_override
+        on_validation = {**params_override, **to_validation}
         require_evaluation(load_params(params_file, on_validation), f"{params_file} ({label(override)})")
         runs.append((override, on_validation))
     prune = bool(spec.get("prune", False))
@@ -120,19 +144,10 @@ def sweep(sweep_file: str = "sweep.yaml", params_file: str = "params.yaml", refr
     best: dict[str, tuple[dict, dict]] = {}
     for override, metrics in scored:
         method = override["name"]
-        if method not in best or _score(metrics, select) > _score(best[method][1], select):
+        if method not in best or score(metrics, select) > score(best[method][1], select):
             best[method] = (override, metrics)
-    inputs = [m.name for m in params.models.inputs]
-    rows = []
-    for method, (override, val_metrics) in best.items():
-        params_override = {k: v for k, v in override.items() if k != "name"}
-        test_metrics = run_point(params_file, params_override, f"{label(override)} (test)", refresh)[0] if validation else val_metrics
-        rows.append({"method": method, "setting": label(override), "validation": _score(val_metrics, select),
-                     "test_mean": test_metrics["mean"]["merged"],
-                     "normalized_accuracy": test_metrics["normalized_accuracy"]["mean"],
-                     "gain_recovery": test_metrics["gain_recovery"]["mean"],
-                     "best_specialist_mean": _best_specialist_mean(test_metrics, inputs),
-                     "per_task": test_metrics["accuracy"]["merged"]})
+    rows = [report_row(params_file, params, override, val_metrics, select, bool(validation), refresh)
+            for override, val_metrics in best.values()]
     rows.sort(key=lambda r: -(r["normalized_accuracy"] or r["test_mean"] or 0))
     _publish(rows, Path(params.pipeline.artifacts) / "leaderboard.json")
     return rows
