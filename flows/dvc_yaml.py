@@ -3,7 +3,7 @@ table entry, running ``python -m flows.stage NAME``, with the artifacts it reads
 outside the store it reads, the source files of the code it can run (any method), the
 ``params.yaml`` keys it reads, and its artifact folder (or, for a stage with metrics and
 plots, those files). The demo zoo's own stages come first when ``params.yaml`` has a ``zoo``
-section. A test fails when the committed file differs from what this writes."""
+section; a top-level plot shows the tuner's study histories (``flows/tune.py``). A test fails when the committed file differs from what this writes."""
 
 from __future__ import annotations
 
@@ -59,7 +59,9 @@ def render_dvc_yaml(params_file: str = "params.yaml", artifacts: str = "artifact
                          "outs": [{"${zoo.out}": {"persist": True}}]}
         made = {"${zoo.base}": params.zoo.base.rstrip("/"), "${zoo.out}": params.zoo.out.rstrip("/")}
     stages |= {s.name: _stage(s, params, artifacts, params_file, made) for s in pipeline.STAGES}
-    return HEADER + yaml.safe_dump({"stages": stages}, sort_keys=False, width=120)
+    # the tuner's study histories (mergeflow tune, outside the stages): best score so far per trial
+    plots = [{f"{artifacts}/tune/history": {"x": "trial", "y": "best", "template": "linear"}}]
+    return HEADER + yaml.safe_dump({"stages": stages, "plots": plots}, sort_keys=False, width=120)
 
 
 def write_dvc_yaml(path: str | Path = "dvc.yaml", params_file: str = "params.yaml") -> Path:

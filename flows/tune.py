@@ -27,7 +27,7 @@ with the same parameters, and only the missing trials run. Trials share the stor
 artifacts: trials with the same decomposition parameters reuse one decompose artifact, and a
 trial whose full recipe ran before (a point record, ``flows.sweep.run_point``) is not rerun.
 
-Each study's history is written to ``<artifacts>/tune/<name>.csv`` (trial, value, best so far,
+Each study's history is written to ``<artifacts>/tune/history/<name>.csv`` (trial, value, best so far,
 parameters; a DVC plot, ``dvc plots show``) and published as a Prefect table; the rows go to
 ``<artifacts>/tune/leaderboard.json`` and a markdown artifact.
 """
@@ -251,13 +251,13 @@ def tune(tune_file: str = "tune.yaml", params_file: str = "params.yaml", refresh
     settings, spaces = parse_tune_file(tune_file)
     params = require_evaluation(load_params(params_file), params_file)
     folder = Path(params.pipeline.artifacts) / "tune"
-    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "history").mkdir(parents=True, exist_ok=True)
     validation = bool(params.eval.validation_tasks)
     rows = []
     for space in spaces:
         override, val_metrics, study = run_study(params_file, space, settings, refresh)
         history = history_rows(study)
-        with open(folder / f"{space.name}.csv", "w", newline="") as f:
+        with open(folder / "history" / f"{space.name}.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=HISTORY_FIELDS)
             writer.writeheader()
             writer.writerows(history)

@@ -121,7 +121,7 @@ def test_tune_reports_the_best_trial_on_test(prefect_harness, tiny_models, tmp_p
     rows = tune(str(tune_file), str(params))
     assert [r["method"] for r in rows] == ["ties"] and rows[0]["trials"] == 2
     assert set(rows[0]["per_task"]) == {"demo_arith", "demo_antonym"}  # reported on the test tasks
-    history = (tmp_path / "art" / "tune" / "ties.csv").read_text().splitlines()
+    history = (tmp_path / "art" / "tune" / "history" / "ties.csv").read_text().splitlines()
     assert history[0] == "trial,value,best,params" and len(history) == 3
     values = [float(line.split(",")[1]) for line in history[1:]]
     assert rows[0]["validation"] == pytest.approx(max(values))  # the best trial is the one reported
