@@ -129,3 +129,20 @@ def test_tune_reports_the_best_trial_on_test(prefect_harness, tiny_models, tmp_p
     assert json.loads((tmp_path / "art" / "tune" / "leaderboard.json").read_text()) == rows
     # a rerun resumes the finished study: no trial runs again
     assert tune(str(tune_file), str(params)) == rows
+
+
+def test_the_repository_tune_file_validates_against_params_yaml():
+    """Every study of tune.yaml at both ends of every range is a valid params.yaml override."""
+    import optuna
+
+    from merging.pipeline_params import load_params
+
+    root = Path(__file__).resolve().parents[2]
+    settings, spaces = parse_tune_file(str(root / "tune.yaml"))
+    assert settings["trials"] == 8 and {"drm_h", "drm_v", "iso_c_core", "knots_ties"} <= {s.name for s in spaces}
+    for space in spaces:
+        for end in ("low", "high"):
+            values = {f"{section}.{key}": (value[end] if isinstance(value, dict) else 0)
+                      for section, key, value in space.axes if isinstance(value, (dict, list))}
+            override = space.suggest(optuna.trial.FixedTrial(values))
+            load_params(str(root / "params.yaml"), {k: v for k, v in override.items() if k != "name"})
