@@ -493,6 +493,8 @@ class MergeContext:
             folders[f"tokenizer source {self.config.tokenizer_source!r}"] = tokenizer
         if self.config.stats:
             folders[f"stats file {self.config.stats!r}"] = Path(self.config.stats)
+        for path in self.model_stats.paths() if self.model_stats is not None else []:  # RegMean's, Fisher's: per model
+            folders.setdefault(f"stats file {path!r}", Path(path))
         return folders
 
     def tokenizer_folder(self) -> Path | None:

@@ -94,3 +94,19 @@ def test_missing_or_wrong_statistics_are_one_line_errors(tiny_models, stats, tmp
                   {"model": b, "parameters": {"stats": str(tmp_path / "partial.safetensors")}}], method="fisher")
     assert result.exit_code == 2 and repr(b) in result.output and "model.layers.1.mlp.down_proj.weight" in result.output
     assert not (tmp_path / "bad").exists()
+
+
+def test_an_output_over_a_statistics_file_is_refused_and_the_file_kept(tiny_models, stats, tmp_path):
+    folder = tmp_path / "grams"
+    folder.mkdir()
+    copies = {}
+    for name in DATA:
+        copies[name] = folder / f"{name}.safetensors"
+        copies[name].write_bytes(stats[name]["gram"].read_bytes())
+    config = {"merge_method": "regmean", "base_model": str(tiny_models["base"]),
+              "models": [{"model": str(stats[n]["model"]), "parameters": {"stats": str(copies[n])}} for n in DATA]}
+    path = tmp_path / "over.yml"
+    path.write_text(yaml.safe_dump(config))
+    result = runner.invoke(app, ["merge", str(path), str(folder), "-q", "--overwrite"])
+    assert result.exit_code != 0 and "stats file" in result.output and "ft_a.safetensors" in result.output, result.output
+    assert all(p.is_file() for p in copies.values())
