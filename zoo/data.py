@@ -13,8 +13,14 @@ others:
 
 Each task's content units (words, word pairs, numbers) are shuffled by ``(seed, task)`` and
 split 60/20/20 into train/validation/test, so validation and test only ask about words the
-specialist never saw in training; distractors come from the same split. Validation and test
-hold at most ``MAX_EVAL_ITEMS`` items each.
+specialist never saw in training; distractors come from the same split. Validation holds at
+most ``MAX_VALIDATION_ITEMS`` items (small enough to score many tuning trials on). The test
+split asks about every unit of its own share, every held-out unit of the task (``words.json``'s
+``held_out`` pools: words of no other split, for any seed) and every validation unit that
+validation's sample left unasked, so each task has at least ``MIN_TEST_ITEMS`` test items
+(antonym 260, category 225, plural 268, successor 339): enough that a bootstrap interval can
+tell merges apart. Train and validation rows are what they were before the test split grew
+(byte-identical files, tested), so specialists and their validation scores stay valid.
 
 The include folder (``write_evals``) holds ``<task>/{train,validation,test}.jsonl``, the JSONL
 ``loader.py`` shipped in ``zoo/evals/``, ``zoo_<task>.yaml`` on test and ``zoo_<task>_val.yaml``
@@ -32,13 +38,23 @@ from pathlib import Path
 
 from merging.errors import ArtifactError, MergeConfigError
 from merging.io.writer import atomic_write_text
-from zoo.content import ANTONYMS, CATEGORIES, PLURAL_NOUNS, number_words, plural
+from zoo.content import (
+    ANTONYMS,
+    CATEGORIES,
+    HELD_OUT_ANTONYMS,
+    HELD_OUT_CATEGORIES,
+    HELD_OUT_PLURAL_NOUNS,
+    PLURAL_NOUNS,
+    number_words,
+    plural,
+)
 
-__all__ = ["LOADER", "MAX_EVAL_ITEMS", "SPLITS", "TASKS", "YAML_HEADER", "ZooTask", "make_rows", "select_tasks",
+__all__ = ["LOADER", "MAX_VALIDATION_ITEMS", "MIN_TEST_ITEMS", "SPLITS", "TASKS", "YAML_HEADER", "ZooTask", "make_rows", "select_tasks",
            "split_units", "write_evals"]
 
 SPLIT_FRACTIONS = (0.6, 0.2, 0.2)  # train, validation, test (of the content units)
-MAX_EVAL_ITEMS = 60  # per validation / test split
+MAX_VALIDATION_ITEMS = 60  # per task
+MIN_TEST_ITEMS = 200  # per task (tested): a 0.02 difference in accuracy is then more than noise
 SPLITS = ("train", "validation", "test")
 # The header names the command as it was when the zoo lived in flows/zoo.py: the generated YAMLs stay
 # byte-identical (lm-eval scores cached on them stay valid), and stale-file removal below recognises
@@ -71,19 +87,24 @@ def _successor_items(n: int, split_units: Sequence, rng: random.Random) -> list[
 
 @dataclass(frozen=True)
 class ZooTask:
-    """One zoo task: its prompt (``{x}`` is the shown word), content units and item maker."""
+    """One zoo task: its prompt (``{x}`` is the shown word), content units, item maker and
+    held-out units (asked on test only)."""
 
     name: str
     prompt: str
     units: tuple
     items: Callable[[object, Sequence, random.Random], list[Item]]
+    held_out: tuple = ()
 
 
 TASKS = (
-    ZooTask("antonym", "Give the opposite of the word.\nWord: {x}\nAnswer:", ANTONYMS, _antonym_items),
+    ZooTask("antonym", "Give the opposite of the word.\nWord: {x}\nAnswer:", ANTONYMS, _antonym_items,
+            HELD_OUT_ANTONYMS),
     ZooTask("category", "Which group does this item belong to?\nItem: {x}\nAnswer:",
-            tuple((w, g) for g, words in CATEGORIES.items() for w in words.split()), _category_items),
-    ZooTask("plural", "Write the plural of the noun.\nNoun: {x}\nAnswer:", PLURAL_NOUNS, _plural_items),
+            tuple((w, g) for g, words in CATEGORIES.items() for w in words.split()), _category_items,
+            tuple((w, g) for g, words in HELD_OUT_CATEGORIES.items() for w in words.split())),
+    ZooTask("plural", "Write the plural of the noun.\nNoun: {x}\nAnswer:", PLURAL_NOUNS, _plural_items,
+            HELD_OUT_PLURAL_NOUNS),
     ZooTask("successor", "Write the next number using digits.\nNumber: {x}\nAnswer:", tuple(range(1, 999)), _successor_items),
 )
 
@@ -107,19 +128,34 @@ def split_units(task: ZooTask, seed: int) -> dict[str, list]:
 
 def make_rows(task: ZooTask, seed: int) -> dict[str, list[dict]]:
     """Multiple-choice rows per split: ``{"question", "choices", "answer", "word"}``; train
-    holds every training unit, validation and test at most ``MAX_EVAL_ITEMS`` items each."""
+    holds every training unit, validation at most ``MAX_VALIDATION_ITEMS`` items, test every
+    test unit, held-out unit and validation unit that validation left unasked (shuffled)."""
+    splits = split_units(task, seed)
     rows: dict[str, list[dict]] = {}
-    for split, units in split_units(task, seed).items():
+    unasked: list = []
+    for split in ("train", "validation"):
         rng = random.Random(f"{seed}:{task.name}:{split}")
-        items = [item for unit in units for item in task.items(unit, units, rng)]
-        if split != "train" and len(items) > MAX_EVAL_ITEMS:
-            items = rng.sample(items, MAX_EVAL_ITEMS)
-        rows[split] = []
-        for shown, answer, distractors in items:
-            choices = [answer, *distractors]
-            rng.shuffle(choices)
-            rows[split].append({"question": task.prompt.format(x=shown), "choices": choices,
-                                "answer": choices.index(answer), "word": shown})
+        units = splits[split]
+        items = [(i, item) for i, unit in enumerate(units) for item in task.items(unit, units, rng)]
+        if split == "validation" and len(items) > MAX_VALIDATION_ITEMS:
+            items = rng.sample(items, MAX_VALIDATION_ITEMS)  # draws as before the test split grew
+            asked = {i for i, _ in items}
+            unasked = [unit for i, unit in enumerate(units) if i not in asked]
+        rows[split] = _rows(task, [item for _, item in items], rng)
+    rng = random.Random(f"{seed}:{task.name}:test")
+    units = [*splits["test"], *task.held_out, *unasked]
+    rng.shuffle(units)  # held-out units spread through the file (eval.limit takes its head)
+    rows["test"] = _rows(task, [item for unit in units for item in task.items(unit, units, rng)], rng)
+    return rows
+
+
+def _rows(task: ZooTask, items: list[Item], rng: random.Random) -> list[dict]:
+    rows = []
+    for shown, answer, distractors in items:
+        choices = [answer, *distractors]
+        rng.shuffle(choices)
+        rows.append({"question": task.prompt.format(x=shown), "choices": choices, "answer": choices.index(answer),
+                     "word": shown})
     return rows
 
 

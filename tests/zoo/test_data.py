@@ -1,5 +1,6 @@
-"""The zoo's task rows and lm-eval include folder: deterministic, held-out words, the files
-byte-identical to the zoo's before it became its own package."""
+"""The zoo's task rows and lm-eval include folder: deterministic, held-out words, test splits of
+at least MIN_TEST_ITEMS items, the train and validation files byte-identical to the zoo's before
+it became its own package (and before its test split grew)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,18 @@ from pathlib import Path
 import pytest
 
 from merging.errors import MergeConfigError
-from zoo.content import ANTONYMS, CATEGORIES, number_words, plural
-from zoo.data import LOADER, MAX_EVAL_ITEMS, SPLITS, TASKS, YAML_HEADER, make_rows, select_tasks, write_evals
+from zoo.content import ANTONYMS, CATEGORIES, HELD_OUT_ANTONYMS, HELD_OUT_CATEGORIES, number_words, plural
+from zoo.data import (
+    LOADER,
+    MAX_VALIDATION_ITEMS,
+    MIN_TEST_ITEMS,
+    SPLITS,
+    TASKS,
+    YAML_HEADER,
+    make_rows,
+    select_tasks,
+    write_evals,
+)
 
 
 @pytest.mark.parametrize("task", TASKS, ids=lambda t: t.name)
@@ -26,7 +37,22 @@ def test_rows_are_deterministic_and_well_formed(task):
             assert len(choices) == 4 and len(set(choices)) == 4, row
             assert 0 <= row["answer"] < 4
             assert row["question"] == task.prompt.format(x=row["word"])
-    assert 40 <= len(rows["validation"]) <= MAX_EVAL_ITEMS and 40 <= len(rows["test"]) <= MAX_EVAL_ITEMS
+    assert 40 <= len(rows["validation"]) <= MAX_VALIDATION_ITEMS
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 7])
+def test_every_test_split_has_at_least_min_test_items_each_asked_once(seed):
+    sizes = {}
+    for task in TASKS:
+        test = make_rows(task, seed)["test"]
+        sizes[task.name] = len(test)
+        questions = [r["question"] for r in test]
+        assert len(set(questions)) == len(questions), task.name  # no item asked twice
+    assert MIN_TEST_ITEMS == 200 and min(sizes.values()) >= MIN_TEST_ITEMS, sizes
+    # the sizes do not depend on the seed except antonym's (a validation pair left unasked)
+    assert sizes["category"] == 48 + sum(len(w.split()) for w in HELD_OUT_CATEGORIES.values()) == 225
+    assert sizes["plural"] == 268 and sizes["successor"] == 199 + (200 - 60) == 339
+    assert 2 * (31 + len(HELD_OUT_ANTONYMS)) == 260 <= sizes["antonym"] <= 264
 
 
 @pytest.mark.parametrize("task", TASKS, ids=lambda t: t.name)
@@ -36,6 +62,10 @@ def test_validation_and_test_words_are_never_trained_on(task):
     held_out = {split: {r["word"] for r in rows[split]} for split in ("validation", "test")}
     assert not held_out["validation"] & seen and not held_out["test"] & seen
     assert not held_out["validation"] & held_out["test"]
+    # the held-out pools go to test only, for every seed
+    pool = {w for unit in task.held_out for w in ((unit,) if isinstance(unit, str) else unit[:1] if task.name == "category"
+                                                  else unit)}
+    assert pool <= held_out["test"] and not pool & (seen | held_out["validation"])
     if task.name in ("antonym", "plural"):  # the answers are content words too
         for split in ("validation", "test"):
             answers = {r["choices"][r["answer"]].lower() for r in rows[split]}
@@ -48,8 +78,8 @@ def test_validation_and_test_words_are_never_trained_on(task):
 
 def test_answers_follow_each_task_rule():
     rows = {t.name: make_rows(t, 0)["test"] for t in TASKS}
-    pairs = dict(ANTONYMS) | {b: a for a, b in ANTONYMS}
-    groups = {w: g for g, words in CATEGORIES.items() for w in words.split()}
+    pairs = {a: b for a, b in ANTONYMS + HELD_OUT_ANTONYMS} | {b: a for a, b in ANTONYMS + HELD_OUT_ANTONYMS}
+    groups = {w: g for pool in (CATEGORIES, HELD_OUT_CATEGORIES) for g, words in pool.items() for w in words.split()}
     numbers = {number_words(n): n for n in range(1000)}
     assert all(r["choices"][r["answer"]] == pairs[r["word"]] for r in rows["antonym"])
     assert all(r["choices"][r["answer"]] == groups[r["word"]] for r in rows["category"])
@@ -90,20 +120,22 @@ def test_write_evals_is_a_self_contained_include_folder_without_stale_tasks(tmp_
     assert not (evals / "gone").exists() and (evals / "notes" / "README.md").exists()
 
 
-def _folder_sha256(folder: Path) -> str:
+def _folder_sha256(folder: Path, skip: str) -> str:
     h = hashlib.sha256()
     for path in sorted(folder.rglob("*")):
-        if path.is_file():
+        if path.is_file() and path.name != skip:
             h.update(path.relative_to(folder).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()
 
 
 @pytest.mark.parametrize(("seed", "digest"), [
-    (0, "16f2ec17c4eb100ca632c0ba6ffd6ad97c39daf65ed2f976d61466e0ffed7b0d"),
-    (1, "431c01ad54cafffb43ee1ee9b270a6af05df954e9e54c519a9a27cc416634179"),
+    (0, "c89c2c7435cdc3d7b7f58f4706d915008f661f440887a07047884f2c8d5c08dc"),
+    (1, "4036e4f19e28d5120236ac7adf4018a806d161db9c0f638108fdb0aa0bba89b9"),
 ])
-def test_eval_folder_is_byte_identical_to_the_pre_package_zoo(tmp_path, seed, digest):
-    """Every file of the four tasks' include folder (JSONL rows, YAMLs, loader), as written by
-    ``flows/zoo.py`` before the zoo became its own package: cached lm-eval scores stay valid."""
+def test_train_and_validation_files_are_byte_identical_to_the_zoo_before_its_test_split_grew(tmp_path, seed, digest):
+    """Every file of the four tasks' include folder but ``test.jsonl`` (train and validation
+    rows, YAMLs, loader) as written before the held-out pools were added, which is as
+    ``flows/zoo.py`` wrote them before the zoo became its own package: specialists train on the
+    same rows and their validation scores stay valid."""
     write_evals(TASKS, seed, tmp_path / "evals")
-    assert _folder_sha256(tmp_path / "evals") == digest
+    assert _folder_sha256(tmp_path / "evals", skip="test.jsonl") == digest
