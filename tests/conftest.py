@@ -24,6 +24,16 @@ def tiny_llama_config(layers: int = 2, tie: bool = False, vocab: int = 64, hidde
     )
 
 
+def perturbed(model_class, base: Path, seed: int, delta_scale: float):
+    """``base`` loaded as ``model_class`` plus a seeded Gaussian perturbation of every parameter."""
+    model = model_class.from_pretrained(base, dtype=torch.float32)
+    g = torch.Generator().manual_seed(seed + 1000)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            p.add_(torch.randn(p.shape, generator=g) * delta_scale)
+    return model
+
+
 def save_tiny_model(path: Path, *, seed: int = 0, layers: int = 2, tie: bool = False, dtype=torch.float32,
                     base: Path | None = None, delta_scale: float = 0.02, shard: str | None = None) -> Path:
     """Save a tiny LlamaForCausalLM; with ``base``, the base plus a seeded perturbation."""
@@ -31,11 +41,7 @@ def save_tiny_model(path: Path, *, seed: int = 0, layers: int = 2, tie: bool = F
 
     torch.manual_seed(seed)
     if base is not None:
-        model = LlamaForCausalLM.from_pretrained(base, dtype=torch.float32)
-        g = torch.Generator().manual_seed(seed + 1000)
-        with torch.no_grad():
-            for _, p in model.named_parameters():
-                p.add_(torch.randn(p.shape, generator=g) * delta_scale)
+        model = perturbed(LlamaForCausalLM, base, seed, delta_scale)
     else:
         model = LlamaForCausalLM(tiny_llama_config(layers=layers, tie=tie))
     model = model.to(dtype)
@@ -51,11 +57,7 @@ def save_tiny_multimodal(path: Path, *, seed: int = 0, base: Path | None = None,
 
     torch.manual_seed(seed)
     if base is not None:
-        model = Mistral3ForConditionalGeneration.from_pretrained(base, dtype=torch.float32)
-        g = torch.Generator().manual_seed(seed + 1000)
-        with torch.no_grad():
-            for _, p in model.named_parameters():
-                p.add_(torch.randn(p.shape, generator=g) * delta_scale)
+        model = perturbed(Mistral3ForConditionalGeneration, base, seed, delta_scale)
     else:
         model = Mistral3ForConditionalGeneration(Mistral3Config(
             text_config={"model_type": "mistral", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,

@@ -242,18 +242,10 @@ def test_a_copy_that_differs_is_not_taken_for_a_tied_one(families, tmp_path):
 def test_per_stack_gradients_and_tied_copies_match_mergekit(families, tmp_path):
     # mergekit 0.1.5 plans T5 (v1.1, gated) as an encoder and a decoder module, a gradient per module
     pytest.importorskip("mergekit")
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import run_merge
-    from mergekit.options import MergeOptions
+    from tests.merging.test_mergekit_parity import assert_same_as_mergekit
 
     family = families["t5_v1_1"]
-    raw = {"merge_method": "slerp", "base_model": str(family["a"]),
-           "models": [{"model": str(family["a"])}, {"model": str(family["b"])}],
-           "parameters": {"t": [{"filter": "SelfAttention", "value": [0, 0.3, 1]}, {"value": [1, 0.2]}]}}
-    run_merge(MergeConfiguration.model_validate(raw), str(tmp_path / "mk"),
-              options=MergeOptions(write_model_card=False, quiet=True, copy_tokenizer=False))
-    merge_checkpoints(parse_merge_config(raw), tmp_path / "mf")
-    expected, got = load_file(tmp_path / "mk" / "model.safetensors"), load_file(tmp_path / "mf" / "model.safetensors")
-    assert expected.keys() == got.keys()
-    for key in expected:
-        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=key)
+    assert_same_as_mergekit({"merge_method": "slerp", "base_model": str(family["a"]),
+                             "models": [{"model": str(family["a"])}, {"model": str(family["b"])}],
+                             "parameters": {"t": [{"filter": "SelfAttention", "value": [0, 0.3, 1]}, {"value": [1, 0.2]}]}},
+                            tmp_path)

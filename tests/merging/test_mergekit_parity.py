@@ -148,26 +148,32 @@ def _sliced_cases(base: str, a: str, b: str) -> dict[str, dict]:
     }
 
 
-@pytest.mark.parametrize("case", list(_sliced_cases("b", "a", "b")))
-def test_slices_same_tensors_and_layer_count_as_mergekit(case, layered_models, tmp_path):
+def assert_same_as_mergekit(raw: dict, out: Path, rtol: float = 1e-6) -> tuple[dict, dict]:
+    """Run ``raw`` through mergekit 0.1.5 (in-process) and mergeflow into ``out/mk`` and
+    ``out/mf``; every tensor agrees within ``rtol`` of its largest entry. Returns both
+    config.json files."""
     import json
 
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
-    m = layered_models
-    raw = _sliced_cases(m["base"], m["a"], m["b"])[case]
-    run_merge(MergeConfiguration.model_validate(raw), str(tmp_path / "mk"),
+    run_merge(MergeConfiguration.model_validate(raw), str(out / "mk"),
               options=MergeOptions(write_model_card=False, quiet=True, copy_tokenizer=False))
-    merge_checkpoints(parse_merge_config(raw), tmp_path / "mf")
-    expected, got = load_file(tmp_path / "mk" / "model.safetensors"), load_file(tmp_path / "mf" / "model.safetensors")
+    merge_checkpoints(parse_merge_config(raw), out / "mf")
+    expected, got = load_file(out / "mk" / "model.safetensors"), load_file(out / "mf" / "model.safetensors")
     assert expected.keys() == got.keys()
     for key in expected:
         e, g = expected[key].double(), got[key].double()
-        assert ((e - g).abs().max() / e.abs().max().clamp(min=1e-12)) <= 1e-6, key
-    layers = [json.loads((tmp_path / side / "config.json").read_text())["num_hidden_layers"] for side in ("mk", "mf")]
-    assert layers[0] == layers[1]
+        assert ((e - g).abs().max() / e.abs().max().clamp(min=1e-12)) <= rtol, key
+    return tuple(json.loads((out / side / "config.json").read_text()) for side in ("mk", "mf"))
+
+
+@pytest.mark.parametrize("case", list(_sliced_cases("b", "a", "b")))
+def test_slices_same_tensors_and_layer_count_as_mergekit(case, layered_models, tmp_path):
+    m = layered_models
+    mk, mf = assert_same_as_mergekit(_sliced_cases(m["base"], m["a"], m["b"])[case], tmp_path)
+    assert mk["num_hidden_layers"] == mf["num_hidden_layers"]
 
 
 def _module_cases(base: str, a: str, b: str) -> dict[str, dict]:
@@ -194,23 +200,8 @@ def _module_cases(base: str, a: str, b: str) -> dict[str, dict]:
 
 @pytest.mark.parametrize("case", list(_module_cases("base", "a", "b")))
 def test_modules_same_tensors_and_layer_counts_as_mergekit(case, multimodal, tmp_path):
-    import json
-
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import run_merge
-    from mergekit.options import MergeOptions
-
     m = multimodal
-    raw = _module_cases(m["base"], m["a"], m["b"])[case]
-    run_merge(MergeConfiguration.model_validate(raw), str(tmp_path / "mk"),
-              options=MergeOptions(write_model_card=False, quiet=True, copy_tokenizer=False))
-    merge_checkpoints(parse_merge_config(raw), tmp_path / "mf")
-    expected, got = load_file(tmp_path / "mk" / "model.safetensors"), load_file(tmp_path / "mf" / "model.safetensors")
-    assert expected.keys() == got.keys()
-    for key in expected:
-        e, g = expected[key].double(), got[key].double()
-        assert ((e - g).abs().max() / e.abs().max().clamp(min=1e-12)) <= 1e-6, key
-    configs = [json.loads((tmp_path / side / "config.json").read_text()) for side in ("mk", "mf")]
+    configs = assert_same_as_mergekit(_module_cases(m["base"], m["a"], m["b"])[case], tmp_path)
     assert [(c["text_config"]["num_hidden_layers"], c["vision_config"]["num_hidden_layers"]) for c in configs] == \
         [(4 if case == "frankenmerge_and_slerp" else 3, 2)] * 2
 
