@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from statistics import fmean
 
-__all__ = ["normalized_accuracy", "gain_recovery", "summarize_scores"]
+__all__ = ["GAIN_EPS", "normalized_accuracy", "gain_recovery", "summarize_scores"]
+
+GAIN_EPS = 1e-9  # a specialist gaining no more than this over the base has no gain recovery
 
 
 def normalized_accuracy(merged: float, specialist: float) -> float | None:
@@ -20,7 +22,7 @@ def normalized_accuracy(merged: float, specialist: float) -> float | None:
 
 def gain_recovery(merged: float, base: float, specialist: float) -> float | None:
     gain = specialist - base
-    return (merged - base) / gain if gain > 1e-9 else None
+    return (merged - base) / gain if gain > GAIN_EPS else None
 
 
 def summarize_scores(
