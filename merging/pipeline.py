@@ -47,8 +47,11 @@ from merging.io.artifacts import (
     relative_link,
     write_manifest,
 )
+from merging.io.disk_space import check_free_space
+from merging.io.shard_layout import plan_shards
+from merging.io.shards import PlannedShardWriter
 from merging.io.sources import AdapterSource
-from merging.io.writer import ShardedWriter, atomic_output_dir, parse_size, refuse_overlap
+from merging.io.writer import atomic_output_dir, parse_size, refuse_overlap
 from merging.pipeline_params import PipelineParams, merge_config
 from merging.plan import TensorEntry
 from merging.registry import get_method
@@ -92,6 +95,8 @@ class Stage:
             unknown, so the stage always runs).
         identity_file: the file in its folder that holds its output's identity alone; readers
             depend on it rather than the folder (a re-sharded model is the same model).
+        output_bytes: about the bytes a merge stage stores for the given groups (checked
+            against free disk before it writes; ``save`` uses its exact shard layout).
         metrics / plots: files in its folder that are DVC metrics / plots (with their options).
     """
 
@@ -110,6 +115,7 @@ class Stage:
     reads_files: Callable[[PipelineParams], list[str]] | None = None
     outside_state: Callable[[PipelineParams], Any] | None = None
     identity_file: str | None = None
+    output_bytes: Callable[[MergeContext, list[TensorEntry]], int] | None = None
     metrics: tuple[str, ...] = ()
     plots: tuple[tuple[str, dict], ...] = ()
 
@@ -135,19 +141,21 @@ STAGES: tuple[Stage, ...] = (
     Stage("fetch", (), ("models",), artifact="merging.fetch:fetch_models", versions=(),
           reads_files=model_sources, outside_state=local_state),
     Stage("deltas", (), ("merge.method", "plan", "tokenizer", "pipeline.compute_dtype", "pipeline.materialize"),
-          group=stages.compute_deltas, fusable=True),
+          group=stages.compute_deltas, fusable=True, output_bytes=stages.deltas_bytes),
     Stage("decompose", ("deltas",), ("merge.method", "merge.decompose", "pipeline.materialize"),
-          group=stages.decompose, partitioned=True, fusable=True,
+          group=stages.decompose, partitioned=True, fusable=True, output_bytes=stages.deltas_bytes,
           passthrough=lambda spec: not spec.has_decompose, method_code=lambda spec: (spec.decompose,)),
     Stage("sparsify", ("decompose", "deltas"),
           ("merge.method", "merge.seed", "merge.decompose", "merge.sparsify", "pipeline.materialize"),
           group=stages.sparsify, partitioned=True, fusable=True, first_pass=stages.trim_thresholds,
+          output_bytes=stages.deltas_bytes,
           passthrough=lambda spec: spec.sparsify is _identity_sparsify,
           method_code=lambda spec: (spec.sparsify, spec.global_trim)),
     Stage("combine", ("sparsify", "deltas"),
           ("models", "merge.method", "merge.seed", "merge.decompose", "merge.sparsify", "merge.combine",
            "pipeline.materialize"),
-          group=stages.combine, partitioned=True, method_code=lambda spec: (spec.combine,)),
+          group=stages.combine, partitioned=True, method_code=lambda spec: (spec.combine,),
+          output_bytes=stages.merged_delta_bytes),
     Stage("save", ("combine",), ("pipeline.out_dtype", "pipeline.shard_size"), group=stages.save, covers_ignored=True,
           identity_file=MODEL_DIGEST_FILE),
     Stage("evaluate", ("save", "fetch"), ("eval", "pipeline.device"), artifact="evaluation.harness:evaluate_models",
@@ -331,7 +339,7 @@ def run_stage(name: str, params: PipelineParams, inputs: dict[str, str | Path], 
         result = ArtifactWriter(out, manifest).commit(extra={"passthrough": link})
     else:
         ctx = MergeContext(plan.config)
-        with _sink(stage, ctx, out, manifest, overwrite=True) as add:
+        with _sink(stage, ctx, out, manifest, overwrite=True, groups=groups) as add:
             _loop(plan.chain, ctx, {n: ArtifactReader(p) for n, p in plan.inputs.items() if n != _MERGE_CONTEXT},
                   add, groups, progress)
         result = out
@@ -394,9 +402,13 @@ def _run_chain(chain: list[Stage], ctx: MergeContext, produce, add, groups: list
 
 @contextlib.contextmanager
 def _sink(stage: Stage, ctx: MergeContext, out: Path, manifest: dict[str, Any] | None,
-          overwrite: bool) -> Iterator[Callable[[str, stages.Tensors], None]]:
-    """Where the last stage's groups go: an artifact, or (save) a Hugging Face model folder."""
+          overwrite: bool, groups: list[str] | None = None) -> Iterator[Callable[[str, stages.Tensors], None]]:
+    """Where the last stage's groups go: an artifact, or (save) a Hugging Face model folder
+    whose shard layout comes from the plan alone. Free disk is checked first."""
     if not stage.covers_ignored:  # intermediates: the store's own shard size, not the model's
+        wanted = None if groups is None else set(groups)
+        entries = [e for e in ctx.merged_entries() if wanted is None or e.name in wanted]
+        check_free_space(out, stage.output_bytes(ctx, entries), f"the {stage.name} artifact")
         writer = ArtifactWriter(out, manifest)
         try:
             yield writer.add_group
@@ -406,10 +418,15 @@ def _sink(stage: Stage, ctx: MergeContext, out: Path, manifest: dict[str, Any] |
             raise
         return
     refuse_overlap(out, ctx.input_folders())
+    layout = plan_shards(stages.saved_tensors(ctx), parse_size(ctx.config.shard_size))
+    check_free_space(out, layout.file_bytes, "the merged model")
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        shards = ShardedWriter(tmp, parse_size(ctx.config.shard_size))
-        yield lambda name, tensors: shards.add_group(tensors)
-        shards.finalize()
+        shards = PlannedShardWriter(tmp, layout)
+        try:
+            yield lambda name, tensors: shards.add_group(tensors)
+            shards.finalize()
+        finally:
+            shards.close()
         stages.write_model_files(ctx, tmp)
         if manifest is not None:
             digest = model_digest(tmp)

@@ -11,6 +11,7 @@ first pass over all groups.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -20,13 +21,15 @@ from merging.api import scaled_combine
 from merging.context import DTYPES, MergeContext
 from merging.errors import NonFiniteOutputError
 from merging.io.model_card import model_card, write_support_files
+from merging.io.shard_layout import PlannedTensor
 from merging.plan import TensorEntry
 from merging.rng import generator_for
 from merging.spec import LoraFactors
 from merging.thresholds import global_thresholds
 from merging.tokenizer_merge import chat_template_text, write_tokenizer
 
-__all__ = ["Tensors", "compute_deltas", "decompose", "sparsify", "combine", "save", "trim_thresholds", "write_model_files"]
+__all__ = ["Tensors", "compute_deltas", "decompose", "sparsify", "combine", "save", "saved_dtype", "saved_tensors",
+           "deltas_bytes", "merged_delta_bytes", "trim_thresholds", "write_model_files"]
 
 Tensors = dict[str, torch.Tensor]
 Inputs = Mapping[str, Tensors]
@@ -72,10 +75,20 @@ def combine(ctx: MergeContext, entry: TensorEntry, inputs: Inputs) -> Tensors:
     return {"merged_delta": merged}
 
 
+def saved_dtype(ctx: MergeContext, entry: TensorEntry) -> torch.dtype:
+    """The dtype ``save`` writes a tensor in: ``out_dtype`` for floating-point tensors, else as stored."""
+    return DTYPES[ctx.out_dtype_name] if ctx.out_dtype_name and entry.dtype.is_floating_point else entry.dtype
+
+
+def saved_tensors(ctx: MergeContext) -> list[PlannedTensor]:
+    """Every tensor ``save`` will write, in output order, with its shape and dtype: what the
+    saved model's shard layout is computed from before any tensor is merged."""
+    return [PlannedTensor(e.name, tuple(e.shape), saved_dtype(ctx, e)) for e in ctx.all_entries()]
+
+
 def save(ctx: MergeContext, entry: TensorEntry, inputs: Inputs) -> Tensors:
     """base + merged delta in the output dtype; ignored tensors keep the base value."""
-    stored = entry.dtype
-    out_dtype = DTYPES[ctx.out_dtype_name] if ctx.out_dtype_name and stored.is_floating_point else stored
+    out_dtype = saved_dtype(ctx, entry)
     if entry.kind == "ignore":
         return {entry.name: ctx.raw_base(entry.name).to(out_dtype)}
     merged = ctx.base_tensor(entry.name) + inputs["combine"]["merged_delta"].to(ctx.device)
@@ -97,6 +110,21 @@ def _nonfinite_message(ctx: MergeContext, entry: TensorEntry, merged: torch.Tens
     settings = [f"{k}={v}" for k, v in params.model_dump(by_alias=True).items()]
     settings += [f"{name}: {k}={v}" for name, mp in zip(ctx.model_names, model_params) for k, v in mp.model_dump().items()]
     return f"{where} (method {ctx.spec.name}; {', '.join(settings)}): a parameter is too large for the compute dtype{fix}"
+
+
+def deltas_bytes(ctx: MergeContext, entries: list[TensorEntry]) -> int:
+    """About the bytes the deltas of ``entries`` take stored: one (T, *shape) stack per group in
+    the compute dtype (LoRA factors, when stored beside, are small). Decompositions and
+    selections are estimated at the same size."""
+    def inputs(entry: TensorEntry) -> int:
+        return len(ctx.mapped[entry.name].inputs) if ctx.mapped is not None else len(ctx.sources)
+
+    return sum(inputs(e) * math.prod(e.shape) * ctx.dtype.itemsize for e in entries)
+
+
+def merged_delta_bytes(ctx: MergeContext, entries: list[TensorEntry]) -> int:
+    """The bytes combine stores for ``entries``: one merged delta per group, compute dtype."""
+    return sum(math.prod(e.shape) * ctx.dtype.itemsize for e in entries)
 
 
 def trim_thresholds(ctx: MergeContext, read: Callable[[str, TensorEntry], Tensors]) -> None:

@@ -36,7 +36,8 @@ from safetensors import safe_open
 
 from merging.digests import folder_digest
 from merging.errors import ArtifactError
-from merging.io.writer import INDEX, ShardedWriter, commit_dir, make_temp_dir, rename_noreplace, temp_sibling
+from merging.io.shards import StreamingShardWriter
+from merging.io.writer import INDEX, commit_dir, make_temp_dir, rename_noreplace, temp_sibling
 
 __all__ = ["ArtifactWriter", "ArtifactReader", "read_manifest", "artifact_digest", "is_current", "relative_link", "linked_folders",
            "write_manifest", "MANIFEST", "acquire_lock", "release_lock", "exclusive", "lease", "is_leased", "remove_unleased"]
@@ -62,14 +63,15 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
 
 
 class ArtifactWriter:
-    """Collects tensor groups into byte-bounded shards in a temporary folder beside
-    ``target``; ``commit`` writes the manifest and renames the folder into place."""
+    """Writes tensor groups into byte-bounded shards in a temporary folder beside ``target`` as
+    they arrive (``StreamingShardWriter``: no group is held once added); ``commit`` writes the
+    manifest and renames the folder into place."""
 
     def __init__(self, target: Path, manifest: dict[str, Any], max_shard_bytes: int = 1 << 30) -> None:
         self.target = Path(target)
         self.manifest = manifest
         self.folder = make_temp_dir(self.target.absolute())  # extra files may be written here before ``commit``
-        self._shards = ShardedWriter(self.folder, max_shard_bytes)
+        self._shards = StreamingShardWriter(self.folder, max_shard_bytes)
         self._groups: dict[str, str] = {}
 
     def add_group(self, group: str, factors: dict[str, torch.Tensor]) -> None:
@@ -97,6 +99,7 @@ class ArtifactWriter:
         return self.target
 
     def abort(self) -> None:
+        self._shards.close()
         shutil.rmtree(self.folder, ignore_errors=True)
 
 

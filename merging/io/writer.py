@@ -1,9 +1,8 @@
-"""Writing folders atomically, and byte-bounded safetensors shards (models and artifacts).
+"""Writing files and folders atomically (models, artifacts, reports).
 
 ``atomic_output_dir`` yields a temporary folder beside the target and renames it into place
 only when the body completes; on any error the temporary folder is removed and an existing
-target is left untouched. ``ShardedWriter`` flushes a shard to disk as soon as the next
-tensor would push it past ``max_shard_bytes``, so at most one shard is held in memory.
+target is left untouched. (The safetensors shards written into it: ``merging.io.shards``.)
 """
 
 from __future__ import annotations
@@ -11,22 +10,16 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import json
 import os
-import re
 import shutil
 import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import save_file
-
 from merging.errors import OutputExistsError, OutputWriteError
 
-__all__ = ["atomic_output_dir", "atomic_write", "atomic_write_text", "commit_dir", "make_temp_dir", "ShardedWriter", "parse_size", "temp_sibling", "remove_stale_temps", "rename_noreplace", "refuse_overlap", "INDEX"]
+__all__ = ["atomic_output_dir", "atomic_write", "atomic_write_text", "commit_dir", "make_temp_dir", "parse_size", "temp_sibling", "remove_stale_temps", "rename_noreplace", "refuse_overlap", "INDEX"]
 
 INDEX = "model.safetensors.index.json"
 
@@ -246,63 +239,3 @@ def refuse_overlap(target: str | Path, inputs: dict[str, Path]) -> None:
         if relation is not None:
             raise OutputExistsError(f"output {target} {relation} the input {name} ({folder}); "
                                     "write the merged model somewhere else")
-
-
-class ShardedWriter:
-    """Collects tensors into shards of at most ``max_shard_bytes`` (a single tensor larger
-    than that gets a shard of its own) and writes the Hugging Face index at ``finalize``."""
-
-    def __init__(self, folder: Path, max_shard_bytes: int) -> None:
-        self.folder = folder
-        self.max_shard_bytes = max_shard_bytes
-        # one metadata key only: safetensors writes a multi-key map in arbitrary order,
-        # which would make identical merges differ byte-wise
-        self.metadata = {"format": "pt"}
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
-        self._shards: list[tuple[Path, list[str]]] = []
-        self.total_bytes = 0
-
-    def add_group(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Add tensors that must share a shard (a tensor group's factors)."""
-        size = sum(t.numel() * t.element_size() for t in tensors.values())
-        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
-            self._flush()
-        for name, tensor in tensors.items():
-            self._pending[name] = tensor.detach().to("cpu").contiguous()
-        self._pending_bytes += size
-        self.total_bytes += size
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        self.add_group({name: tensor})
-
-    def _flush(self) -> None:
-        path = self.folder / f"shard-{len(self._shards):05d}.safetensors.partial"
-        try:
-            save_file(self._pending, str(path), metadata=self.metadata)
-        except SafetensorError as err:  # the library reports I/O errors as text: keep their errno
-            found = re.search(r"os error (\d+)", str(err))
-            code = int(found.group(1)) if found else errno.EIO
-            raise OSError(code, os.strerror(code), str(path)) from None
-        path.chmod(0o644)
-        self._shards.append((path, list(self._pending)))
-        self._pending = {}
-        self._pending_bytes = 0
-
-    def finalize(self) -> dict[str, str]:
-        """Write the last shard, name the shards, write the index (when there are several);
-        returns the weight map, tensor name -> file name."""
-        if self._pending or not self._shards:
-            self._flush()
-        count = len(self._shards)
-        if count == 1:
-            self._shards[0][0].rename(self.folder / "model.safetensors")
-            return dict.fromkeys(self._shards[0][1], "model.safetensors")
-        weight_map: dict[str, str] = {}
-        for i, (path, tensors) in enumerate(self._shards, start=1):
-            name = f"model-{i:05d}-of-{count:05d}.safetensors"
-            path.rename(self.folder / name)
-            weight_map.update({t: name for t in tensors})
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-        (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        return weight_map

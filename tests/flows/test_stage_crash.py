@@ -13,17 +13,16 @@ from tests.pipeline_helpers import write_params
 KILL_AFTER_TENSORS = textwrap.dedent(
     """
     import os, signal, sys
-    from merging.io import writer
+    from merging.io import shards
     from flows.stage import run_named_stage
 
-    original, count = writer.ShardedWriter.add_group, [0]
+    original, count = shards.PlannedShardWriter.add_group, [0]
     def add_group(self, tensors):
-        original(self, tensors)
+        original(self, tensors)                # written at its offset, on disk ...
         count[0] += 1
         if count[0] == 7:
-            self._flush()                      # at least one shard is on disk ...
             os.kill(os.getpid(), signal.SIGKILL)  # ... when the process dies
-    writer.ShardedWriter.add_group = add_group
+    shards.PlannedShardWriter.add_group = add_group
     run_named_stage("save", sys.argv[1], sys.argv[2])
     """
 )

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from merging import merge_checkpoints, parse_merge_config
 from merging.io import checkpoint as checkpoint_module
-from merging.io import writer as writer_module
+from merging.io import shards as shards_module
 from tests.conftest import save_tiny_model
 
 
@@ -62,6 +62,28 @@ def test_sharded_output_has_index_and_same_tensors(tiny_models, tmp_path):
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in _state(one).values())
     x, y = _state(one), _state(many)
     assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_planned_shards_are_bit_identical_reruns_and_load(tiny_models, tmp_path):
+    """The shards are laid out from the plan before merging: a rerun writes the same bytes in
+    every file, each shard is what safetensors itself writes for its tensors, and transformers
+    loads the sharded folder."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    base, a, b = tiny_models["base"], tiny_models["ft_a"], tiny_models["ft_b"]
+    models = [(a, {"density": 0.5}), (b, {"density": 0.5})]
+    first = merge_checkpoints(_config("ties", base, models, shard_size=5000), tmp_path / "first")
+    second = merge_checkpoints(_config("ties", base, models, shard_size=5000), tmp_path / "second")
+    weights = sorted(p.name for p in first.iterdir() if p.name.startswith("model"))
+    assert len(weights) > 4 and weights == sorted(p.name for p in second.iterdir() if p.name.startswith("model"))
+    assert all((first / n).read_bytes() == (second / n).read_bytes() for n in weights)
+    for name in weights[:-1]:  # the shards (the index sorts last)
+        save_file(load_file(first / name), str(tmp_path / "reference.safetensors"), metadata={"format": "pt"})
+        assert (first / name).read_bytes() == (tmp_path / "reference.safetensors").read_bytes()
+    merged = AutoModelForCausalLM.from_pretrained(first)
+    state = merged.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in _state(first).items())
 
 
 def test_random_method_is_bit_identical_across_shard_sizes_and_runs(tiny_models, tmp_path):
@@ -159,8 +181,8 @@ def _peak_live_bytes(tmp_path: Path, layers: int, monkeypatch) -> tuple[int, int
     tracker = _LiveBytes()
     original_get = checkpoint_module.CheckpointReader.get
     monkeypatch.setattr(checkpoint_module.CheckpointReader, "get", lambda self, key: tracker.track(original_get(self, key)))
-    original_add = writer_module.ShardedWriter.add
-    monkeypatch.setattr(writer_module.ShardedWriter, "add", lambda self, n, t: original_add(self, n, tracker.track(t.clone())))
+    original_write = shards_module.PlannedShardWriter.write
+    monkeypatch.setattr(shards_module.PlannedShardWriter, "write", lambda self, n, t: original_write(self, n, tracker.track(t.clone())))
     config = _config("ties", base, [(m, {"density": 0.3}) for m in models], shard_size=4096)
     merge_checkpoints(config, tmp_path / f"out{layers}")
     largest = max(t.numel() * t.element_size() for t in _state(base).values())

@@ -1,6 +1,5 @@
-"""Atomic output folders and byte-bounded shards."""
+"""Atomic output folders and files (the shard writers: test_shards.py)."""
 
-import json
 import os
 import subprocess
 import sys
@@ -8,10 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from merging.errors import OutputExistsError
-from merging.io.writer import ShardedWriter, atomic_output_dir, parse_size
+from merging.io.writer import atomic_output_dir, parse_size
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -21,20 +19,6 @@ def test_parse_size():
     assert parse_size(123) == 123
     with pytest.raises(ValueError):
         parse_size("lots")
-
-
-def test_shards_respect_byte_limit(tmp_path):
-    writer = ShardedWriter(tmp_path, max_shard_bytes=100)
-    for i in range(5):
-        writer.add(f"t{i}", torch.zeros(10))  # 40 bytes each: 2 per shard
-    writer.add("big", torch.zeros(50))  # 200 bytes: a shard of its own
-    weight_map = writer.finalize()
-    names = sorted(set(weight_map.values()))
-    assert names == [f"model-0000{i}-of-00004.safetensors" for i in range(1, 5)]
-    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
-    assert index["metadata"]["total_size"] == 5 * 40 + 200
-    assert index["weight_map"] == weight_map and weight_map["big"] == "model-00004-of-00004.safetensors"
-    assert set(load_file(tmp_path / names[0])) == {"t0", "t1"}
 
 
 def test_failure_leaves_no_trace_and_keeps_existing_target(tmp_path):
