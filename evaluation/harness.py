@@ -14,7 +14,11 @@ Tasks are lm-eval task names: those of ``eval.include_path`` (local YAMLs) or lm
 (``arc_easy``, ``mmlu``, ...). Every task is built before the model is loaded, so a dataset that
 cannot be loaded (offline, not in the local datasets cache) is a one-line error naming the task
 and the dataset. Gated models and datasets read ``HF_TOKEN`` from the environment (huggingface_hub
-does); a token is never a params key."""
+does); a token is never a params key.
+
+A result also holds, per task, each item's value of the task's main metric in lm-eval's item
+order (``items``: acc as a string of 0/1 digits, ``merging.bootstrap.encode_values``), where the
+mean of those values is the task's score: what the report's bootstrap intervals resample."""
 
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from merging.bootstrap import encode_values
 from merging.digests import TOKENIZER_FILES, content_key, file_digest
 from merging.errors import MergeConfigError, MergeflowError
 from merging.fetch import fetched_models
@@ -33,7 +38,7 @@ from merging.io.writer import atomic_write_text
 from merging.pipeline_params import PipelineParams, require_evaluation
 
 __all__ = ["evaluate_models", "evaluate_folder", "eval_settings", "result_path", "cache_file_name", "run_lm_eval",
-           "primary_scores", "lower_is_better", "lm_backend", "RESULTS_FILE"]
+           "primary_scores", "item_scores", "lower_is_better", "lm_backend", "RESULTS_FILE"]
 
 _ENCODER_HEADS = ("ForMaskedLM", "ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering",
                   "ForMultipleChoice", "ForPreTraining", "ForNextSentencePrediction")
@@ -206,7 +211,8 @@ def _check_datasets(tasks: list[str], manager) -> None:
 def run_lm_eval(folder: str, settings: dict[str, Any], base_folder: str | None = None) -> dict[str, Any]:
     """``lm_eval.simple_evaluate`` on a local Hugging Face folder, or on a PEFT adapter folder
     (through peft, on ``base_folder``), with the settings of ``eval`` (``eval_settings``).
-    Returns lm-eval's results, sample counts, few-shot counts, metric directions and config."""
+    Returns lm-eval's results, sample counts, few-shot counts, metric directions, config and
+    per-item scores (``item_scores``)."""
     import lm_eval
 
     tasks = list(settings["tasks"])
@@ -217,11 +223,12 @@ def run_lm_eval(folder: str, settings: dict[str, Any], base_folder: str | None =
         model="hf", model_args=_model_args(folder, settings, base_folder), tasks=tasks, task_manager=manager,
         device=settings.get("device") or "cpu", batch_size=settings.get("batch_size", 8), limit=settings.get("limit"),
         num_fewshot=settings.get("num_fewshot"), apply_chat_template=settings.get("apply_chat_template") or False,
-        log_samples=False,
+        log_samples=True,  # for the per-item scores; nothing is written to disk
     )
     return {"results": out["results"], "n_samples": out.get("n-samples", {}), "n_shot": out.get("n-shot", {}),
             "higher_is_better": out.get("higher_is_better", {}),
-            "config": {k: out.get("config", {}).get(k) for k in ("model_args", "batch_size", "batch_sizes", "device")}}
+            "config": {k: out.get("config", {}).get(k) for k in ("model_args", "batch_size", "batch_sizes", "device")},
+            "items": item_scores(out["results"], out.get("samples") or {})}
 
 
 _PRIMARY = ("acc,none", "acc_norm,none", "exact_match,none")
@@ -233,6 +240,27 @@ def _primary(metrics: dict[str, Any]) -> str | None:
         if isinstance(metrics.get(name), (int, float)):
             return name
     return next((k for k, v in metrics.items() if isinstance(v, (int, float)) and "stderr" not in k), None)
+
+
+def item_scores(results: dict[str, Any], samples: dict[str, list[dict]]) -> dict[str, dict[str, Any]]:
+    """task -> ``{"metric", "values"}``: each item's value of the task's main metric (``_primary``)
+    in doc order, from lm-eval's logged samples. Kept only where every item has a number and
+    their mean is the task's score (a mean-aggregated metric such as acc; not a corpus-level
+    one such as BLEU or perplexity, nor a group, which logs no samples of its own)."""
+    items = {}
+    for task_name, logged in samples.items():
+        name = _primary(results.get(task_name, {}))
+        if name is None:
+            continue
+        metric, _, filter_key = name.partition(",")
+        rows = sorted((s["doc_id"], s.get(metric)) for s in logged if s.get("filter") == filter_key)
+        values = [v for _, v in rows]
+        if not values or not all(isinstance(v, (int, float)) for v in values):
+            continue
+        if abs(sum(values) / len(values) - float(results[task_name][name])) > 1e-6:
+            continue
+        items[task_name] = {"metric": name, "values": encode_values([float(v) for v in values])}
+    return items
 
 
 def primary_scores(results: dict[str, Any]) -> dict[str, float]:

@@ -116,3 +116,34 @@ def test_an_encoder_only_model_is_refused_by_name(tmp_path):
                                intermediate_size=32)).save_pretrained(tmp_path / "bert")
     with pytest.raises(MergeConfigError, match=r"'.*bert' is an encoder-only model \(BertForMaskedLM\)"):
         lm_backend(tmp_path / "bert")
+
+
+def test_each_items_score_is_recorded_in_doc_order(tiny_models, tmp_path):
+    """Per-item acc as a 0/1 string, item by item what zoo.train.score (lm-eval's acc,
+    computed independently) gives each row alone; their mean is the task's score."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from zoo.train import score
+
+    settings = {"tasks": ["demo_arith"], "include_path": str(DEMO_EVALS), "limit": 8, "batch_size": 4, "device": "cpu",
+                "dtype": "float32"}
+    path = evaluate_folder(settings, str(tiny_models["ft_a"]), "digest-a", str(tmp_path / "store"), str(tiny_models["base"]))
+    result = json.loads(path.read_text())
+    entry = result["items"]["demo_arith"]
+    assert entry["metric"] == "acc,none" and len(entry["values"]) == 8 and set(entry["values"]) <= {"0", "1"}
+    assert entry["values"].count("1") / 8 == result["scores"]["demo_arith"]
+    rows = [json.loads(line) for line in (DEMO_EVALS / "demo" / "arith" / "test.jsonl").read_text().splitlines()[:8]]
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["ft_a"], dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["base"])
+    assert entry["values"] == "".join(str(int(score(model, tokenizer, [row]))) for row in rows)
+
+
+def test_item_scores_keep_only_mean_aggregated_numbers():
+    from evaluation.harness import item_scores
+
+    results = {"t": {"acc,none": 0.5, "acc_norm,none": 1.0}, "bleu": {"bleu,none": 12.0}, "odd": {"acc,none": 0.9}}
+    samples = {"t": [{"doc_id": 1, "filter": "none", "acc": 0.0, "acc_norm": 1.0},
+                     {"doc_id": 0, "filter": "none", "acc": 1.0, "acc_norm": 1.0}],
+               "bleu": [{"doc_id": 0, "filter": "none", "bleu": ("ref", "hyp")}],
+               "odd": [{"doc_id": 0, "filter": "none", "acc": 1.0}]}  # the mean is not the score: not kept
+    assert item_scores(results, samples) == {"t": {"metric": "acc,none", "values": "10"}}
