@@ -139,6 +139,9 @@ class EvalSection(BaseModel):
     model_args: dict[str, str | int | float | bool] = Field(default_factory=dict, description="More arguments of lm-eval's hf model (max_length, attn_implementation, trust_remote_code, ...).")
     evaluate_inputs: bool = True
     regression_tolerance: float = Field(0.02, ge=0, description="A drop of the merged model's score on any task by more than this, from the previous run of the same series, fails the run.")
+    bootstrap_resamples: int = Field(2000, ge=0, description="Paired bootstrap resamples of the test items behind each interval of the report and the leaderboard (merging/bootstrap.py); 0: no intervals.")
+    bootstrap_level: float = Field(0.95, gt=0, lt=1, description="Coverage of the bootstrap intervals.")
+    bootstrap_seed: int = Field(0, description="Seed of the bootstrap's item draws.")
 
     @model_validator(mode="after")
     def _aligned(self) -> EvalSection:
