@@ -5,8 +5,11 @@ Default parameters come from ``params.yaml`` (the same file DVC reads); ``overri
 dotted keys like ``{"merge.sparsify.singular_matrices_drop_rate": 0.5}`` or nested mappings like
 ``{"eval": {"limit": 10}}``, merged into their section (``merging.pipeline_params.apply_overrides``);
 params with nothing to evaluate are refused before any stage runs. The flow returns the
-metrics (as ``metrics.json``) plus ``artifacts``: the store folder of each stage. The last
-run's report is copied to ``<pipeline.artifacts>/report``, where users look first.
+metrics (as ``metrics.json``) plus ``artifacts``: the store folder of each stage, and ``items``:
+each model's per-item scores per task (what a leaderboard's bootstrap over seeds resamples). The
+last run's report is copied to ``<pipeline.artifacts>/report``, where users look first; the UI
+gets the score table (``merge-scores``), each task's merged score against its specialist's with
+their bootstrap intervals (``merge-vs-specialist``) and a summary.
 
 At the start of a run, hub inputs on a branch (or with no revision) are pinned to the commit the
 branch points at now, so a new upload is merged and an unchanged input is a cache hit all the
@@ -40,7 +43,7 @@ from prefect.states import Failed
 from prefect.utilities.timeout import timeout
 
 from evaluation.harness import RESULTS_FILE, lower_is_better
-from evaluation.report import find_regressions, regression_markdown
+from evaluation.report import find_regressions, item_values, regression_markdown
 from merging import pipeline
 from merging.errors import MergeConfigError
 from merging.fetch import fetched_models
@@ -79,7 +82,8 @@ def merge_and_eval(params_file: str = "params.yaml", overrides: dict[str, Any] |
                                  set(current["lower_is_better"]))
         if worse:
             return _regressed(worse, previous, current, params.eval.regression_tolerance)
-    return metrics | {"artifacts": produced}
+    results = json.loads((Path(produced["evaluate"]) / RESULTS_FILE).read_text())
+    return metrics | {"artifacts": produced, "items": item_values(results)}
 
 
 def walk(params: PipelineParams, visit) -> dict[str, str]:
@@ -262,10 +266,13 @@ def _publish(params: PipelineParams, report: Path, metrics: dict) -> None:
     """The score table and a markdown summary in the Prefect UI; the report as the latest one."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    from evaluation.report import format_table
+    from evaluation.report import format_table, vs_specialist_rows
 
     table = [{"model": m, **{t: round(v, 4) for t, v in s.items()}} for m, s in metrics["accuracy"].items()]
     create_table_artifact(table=table, key="merge-scores", description=f"per-task accuracy, {metrics['method']}")
+    create_table_artifact(table=vs_specialist_rows(metrics), key="merge-vs-specialist",
+                          description=f"{metrics['method']}: each task's merged score against its specialist's, with "
+                                      "paired bootstrap intervals")
     recipe = json.dumps(params.merge.model_dump(mode="json"), indent=2)
     create_markdown_artifact(key="merge-summary", markdown=f"# {metrics['method']} merge\n\n```\n{format_table(metrics)}\n```"
                                                            f"\n\n## Recipe\n\n```json\n{recipe}\n```\n")

@@ -33,13 +33,19 @@ def test_second_run_is_cached_and_missing_artifacts_are_recomputed(prefect_harne
     metrics = first.result()
     assert set(metrics["accuracy"]) == {"merged", "base", "a", "b", "c"} and metrics["method"] == "ties"
     assert set(metrics["normalized_accuracy"]) >= {"demo_arith", "demo_antonym", "mean"}
+    # per-item scores (eval.limit 3) behind paired bootstrap intervals of every number
+    assert {m: len(v["demo_arith"]) for m, v in metrics["items"].items()} == dict.fromkeys(("merged", "base", "a", "b", "c"), 3)
+    assert metrics["items"]["merged"]["demo_arith"].count("1") / 3 == metrics["accuracy"]["merged"]["demo_arith"]
+    low, high = metrics["intervals"]["accuracy"]["merged"]["demo_arith"]
+    assert low <= metrics["accuracy"]["merged"]["demo_arith"] <= high and metrics["specialists"]["demo_arith"] == "a"
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     with get_client(sync_client=True) as client:
-        keys = {a.key for a in client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["merge-scores", "merge-summary"])))}
-    assert keys == {"merge-scores", "merge-summary"}  # the score table and the markdown summary in the UI
+        keys = {a.key for a in client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
+            any_=["merge-scores", "merge-vs-specialist", "merge-summary"])))}
+    assert keys == {"merge-scores", "merge-vs-specialist", "merge-summary"}  # the score tables and the summary in the UI
 
     second = merge_and_eval(str(params), return_state=True)
     states = _task_states(second)
