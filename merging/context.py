@@ -133,6 +133,9 @@ class MergeContext:
             config.out_format == "peft" and all(isinstance(s, AdapterSource) and not adapter_contents(s.adapter).full
                                                 for s in self.sources)
             and all(self.spec.keeps_lora_span(self.params_for(e)[0]) for e in self.merged_entries()))
+        if self.base_values_unused:  # a tensor no adapter touches has zero deltas, a zero merged delta: not in the adapter
+            self.plan = tuple(replace(e, kind="ignore") if not any(s.adapter.touches(e.name) for s in self.sources) else e
+                              for e in self.plan)
         self.stats = _load_stats(config.stats) if config.stats else None
         self.model_stats = None if self.spec.model_stats is None else ModelStats(  # RegMean's Grams, Fisher: per model
             self.spec.name, self.spec.model_stats, self.model_names, self.merged_entries(), lambda e: self.params_for(e)[1])

@@ -312,6 +312,10 @@ class LoraAdapter:
                 delta += (product.T if factors.transpose else product) * factors.scaling
         return delta.to(base.device)
 
+    def touches(self, key: str) -> bool:
+        """Whether the adapter changes base tensor ``key`` (a LoRA module or a saved tensor)."""
+        return key in self._lora or key in self._full
+
     def factors(self, key: str, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         """``(B, A, s)`` with ``delta = s * B @ A`` in the base tensor's layout (``(out, r)``,
         ``(r, in)``), or None when the adapter does not touch ``key`` as a pure LoRA product

@@ -226,3 +226,19 @@ def test_full_model_inputs_are_refused(zoo, tmp_path):
     zoo = {**zoo, "f": save_tiny_model(tmp_path / "full", seed=3, base=zoo["base"])}
     with pytest.raises(MergeConfigError, match="every input to be a LoRA adapter"):
         merge_checkpoints(_config(zoo, "task_arithmetic", "af", out_format="peft"), tmp_path / "out")
+
+
+def test_tensors_no_adapter_touches_are_never_merged_for_an_adapter_output(zoo, tmp_path, monkeypatch):
+    """Their deltas are zero and so is their merged delta: no (T, vocab, hidden) stack of zeros is
+    built for the embeddings (the adapters' values are checked against dense merges above)."""
+    from merging.context import MergeContext
+
+    config = _config(zoo, "task_arithmetic", "ab", out_format="peft")
+    computed = []
+    real = MergeContext.deltas
+    monkeypatch.setattr(MergeContext, "deltas", lambda self, entry: computed.append(entry.name) or real(self, entry))
+    merge_checkpoints(config, tmp_path / "after")
+    touched = set(computed)
+    assert touched and not any("embed_tokens" in n or "norm" in n or "lm_head" in n for n in touched)
+    saved = load_file(tmp_path / "after" / "adapter_model.safetensors")
+    assert all(any(name.removesuffix(".weight") in k for k in saved) for name in touched)
