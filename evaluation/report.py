@@ -18,7 +18,7 @@ from merging.bootstrap import bootstrap_replicates, intervals
 from merging.metrics import summarize_scores
 from merging.pipeline_params import PipelineParams
 
-__all__ = ["write_report", "build_metrics", "item_values", "format_table", "vs_specialist_rows", "vs_specialist_chart",
+__all__ = ["write_report", "build_metrics", "item_values", "format_table", "vs_specialist_rows", "vs_specialist_chart", "with_interval",
            "find_regressions", "params_diff", "regression_markdown", "METRICS_FILE", "SCORES_CSV", "SCORES_PNG"]
 
 METRICS_FILE = "metrics.json"
@@ -82,7 +82,8 @@ def _interval(metrics: dict, *path: str) -> list[float] | None:
     return node
 
 
-def _with_interval(value: float | None, interval: list[float] | None) -> str:
+def with_interval(value: float | None, interval: list[float] | None) -> str:
+    """``0.912 [0.890, 0.933]``: a number beside its bootstrap interval (``-`` when undefined)."""
     if value is None:
         return "-"
     return f"{value:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
@@ -99,8 +100,8 @@ def vs_specialist_rows(metrics: dict) -> list[dict[str, Any]]:
         row = {"task": task, "specialist model": spec or "-"}
         for label, model in (("merged", "merged"), ("specialist", spec), ("base", "base")):
             value = metrics["accuracy"].get(model, {}).get(task) if model else None
-            row[label + suffix] = _with_interval(value, _interval(metrics, "accuracy", model or "", task))
-        row["normalized" + suffix] = _with_interval(metrics["normalized_accuracy"].get(task),
+            row[label + suffix] = with_interval(value, _interval(metrics, "accuracy", model or "", task))
+        row["normalized" + suffix] = with_interval(metrics["normalized_accuracy"].get(task),
                                                     _interval(metrics, "normalized_accuracy", task))
         rows.append(row)
     return rows
@@ -139,7 +140,7 @@ def vs_specialist_chart(metrics: dict, path: Path, title: str | None = None) -> 
     ax.set_ylim(0, 1.05)
     normalized = metrics["normalized_accuracy"].get("mean")
     level = (metrics.get("intervals") or {}).get("level")
-    subtitle = f"normalized accuracy {_with_interval(normalized, _interval(metrics, 'normalized_accuracy', 'mean'))}" \
+    subtitle = f"normalized accuracy {with_interval(normalized, _interval(metrics, 'normalized_accuracy', 'mean'))}" \
         if normalized is not None else ""
     bars = f"; error bars: {level:.0%} paired bootstrap" if level else ""
     ax.set_title(f"{title or metrics['method']}: merged vs specialist per task\n{subtitle}{bars}", fontsize=9)
@@ -160,10 +161,10 @@ def format_table(metrics: dict) -> str:
     note = f" ({level:.0%} paired bootstrap interval)" if level else ""
     if n is not None:
         lines.append(f"normalized accuracy (merged / specialist): "
-                     f"{_with_interval(n, _interval(metrics, 'normalized_accuracy', 'mean'))}{note}")
+                     f"{with_interval(n, _interval(metrics, 'normalized_accuracy', 'mean'))}{note}")
     if g is not None:
         lines.append(f"gain recovery ((merged - base) / (specialist - base)): "
-                     f"{_with_interval(g, _interval(metrics, 'gain_recovery', 'mean'))}{note}")
+                     f"{with_interval(g, _interval(metrics, 'gain_recovery', 'mean'))}{note}")
     return "\n".join(lines)
 
 

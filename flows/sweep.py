@@ -33,7 +33,9 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from evaluation.harness import include_digest
+from evaluation.report import with_interval
 from flows.merge_and_eval import merge_and_eval, store_of
+from merging.bootstrap import bootstrap_replicates, percentile_interval, summary_replicates
 from merging.config import read_yaml
 from merging.digests import content_key
 from merging.errors import ArtifactError, MergeConfigError
@@ -100,7 +102,8 @@ def validation_overrides(params: PipelineParams) -> dict[str, Any]:
 def report_row(params_file: str, params: PipelineParams, override: dict[str, Any], val_metrics: dict, select: str,
                validation: bool, refresh: bool = False) -> dict[str, Any]:
     """A leaderboard row of the point picked for a method: re-run on the test tasks (when it was
-    picked on validation) and reported there."""
+    picked on validation) and reported there, with its per-item scores and the bootstrap
+    intervals of its numbers (``row_intervals``)."""
     params_override = {k: v for k, v in override.items() if k != "name"}
     test_metrics = run_point(params_file, params_override, f"{label(override)} (test)", refresh)[0] if validation else val_metrics
     inputs = [m.name for m in params.models.inputs]
@@ -109,7 +112,33 @@ def report_row(params_file: str, params: PipelineParams, override: dict[str, Any
             "normalized_accuracy": test_metrics["normalized_accuracy"]["mean"],
             "gain_recovery": test_metrics["gain_recovery"]["mean"],
             "best_specialist_mean": _best_specialist_mean(test_metrics, inputs),
-            "per_task": test_metrics["accuracy"]["merged"]}
+            "per_task": test_metrics["accuracy"]["merged"],
+            "items": test_metrics.get("items") or {}, "specialists": test_metrics.get("specialists") or {},
+            "intervals": row_intervals(test_metrics, params, inputs), "interval_level": params.eval.bootstrap_level}
+
+
+def bootstrap_stream(zoo_seed: int) -> str:
+    """The bootstrap's draw stream of a zoo seed's rows: seeds are resampled independently."""
+    return f"zoo-seed-{zoo_seed}"
+
+
+def row_replicates(items: dict, specialists: dict, inputs: list[str], params: PipelineParams, zoo_seed: int) -> dict:
+    """Bootstrap replicates of a row's item-level accuracies (``bootstrap_replicates``) and of its
+    numbers (``summary_replicates``, keyed by column), drawn with ``eval.bootstrap_*`` on the zoo
+    seed's stream; empty without per-item scores or resamples."""
+    if not params.eval.bootstrap_resamples or not items.get("merged"):
+        return {}
+    replicates = bootstrap_replicates(items, specialists, resamples=params.eval.bootstrap_resamples,
+                                      seed=params.eval.bootstrap_seed, stream=bootstrap_stream(zoo_seed))
+    return replicates | summary_replicates(replicates, items, inputs)
+
+
+def row_intervals(metrics: dict, params: PipelineParams, inputs: list[str]) -> dict[str, list[float] | None]:
+    """column -> the bootstrap interval of a row's test_mean, normalized_accuracy, gain_recovery
+    and margin (what the leaderboard of this zoo seed alone shows too)."""
+    replicates = row_replicates(metrics.get("items") or {}, metrics.get("specialists") or {}, inputs, params,
+                                params.zoo.seed)
+    return {k: percentile_interval(v, params.eval.bootstrap_level) for k, v in replicates.items() if isinstance(k, str)}
 
 
 @flow(name="sweep")
@@ -207,12 +236,21 @@ def _best_specialist_mean(metrics: dict, inputs: list[str]) -> float | None:
 
 
 def format_leaderboard(rows: list[dict]) -> str:
-    lines = [f"{'method':16s} {'val':>6s} {'test mean':>9s} {'norm acc':>9s} {'gain rec':>9s}  setting"]
+    """The rows as text: each test number beside its paired bootstrap interval."""
+    columns = ("test_mean", "normalized_accuracy", "gain_recovery")
+    level = next((r["interval_level"] for r in rows if r.get("intervals")), None)
+    lines = [f"{'method':16s} {'val':>6s} {'test mean':>21s} {'norm acc':>21s} {'gain rec':>21s}  setting"]
     for r in rows:
-        def f(v):
-            return f"{v:9.3f}" if v is not None else f"{'-':>9s}"
-        lines.append(f"{r['method']:16s} {r['validation']:6.3f} {f(r['test_mean'])} {f(r['normalized_accuracy'])} {f(r['gain_recovery'])}  {r['setting']}")
-    return "\n".join(lines)
+        cells = " ".join(f"{with_interval(r[c], (r.get('intervals') or {}).get(c)):>21s}" for c in columns)
+        lines.append(f"{r['method']:16s} {r['validation']:6.3f} {cells}  {r['setting']}")
+    return "\n".join(lines) + (f"\n[...]: {level:.0%} paired bootstrap interval over the test items" if level else "")
+
+
+def _table_row(row: dict) -> dict:
+    """A row for the Prefect table: its numbers and their intervals, not the per-item scores."""
+    out = {k: v for k, v in row.items() if k not in ("per_task", "items", "specialists", "intervals", "interval_level")}
+    return out | {f"{k} ({row['interval_level']:.0%} interval)": with_interval(row.get(k), v)
+                  for k, v in (row.get("intervals") or {}).items() if k in row}
 
 
 def _publish(rows: list[dict], path: Path) -> None:
@@ -220,6 +258,6 @@ def _publish(rows: list[dict], path: Path) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rows, indent=2) + "\n")
-    create_table_artifact(key="leaderboard", table=[{k: v for k, v in r.items() if k != "per_task"} for r in rows])
+    create_table_artifact(key="leaderboard", table=[_table_row(r) for r in rows])
     create_markdown_artifact(key="leaderboard-summary", markdown=f"```\n{format_leaderboard(rows)}\n```")
     get_run_logger().info("\n%s", format_leaderboard(rows))

@@ -25,7 +25,8 @@ Per-item values are what lm-eval scores each item with on the task's main metric
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
+from statistics import fmean
 
 import torch
 
@@ -34,7 +35,7 @@ from merging.metrics import GAIN_EPS
 from merging.rng import generator_for
 
 __all__ = ["bootstrap_replicates", "decode_values", "encode_values", "mean_of_runs", "percentile_interval",
-           "replicates_from_indices", "resample_indices", "intervals", "Key"]
+           "replicates_from_indices", "resample_indices", "intervals", "summary_replicates", "Key"]
 
 Key = tuple[str, ...]  # ("accuracy", model, task), ("mean", model), ("normalized_accuracy", task | "mean"), ...
 
@@ -139,7 +140,27 @@ def percentile_interval(replicates: torch.Tensor, level: float) -> list[float] |
     return [float(low), float(high)]
 
 
-def mean_of_runs(runs: Sequence[Mapping[Key, torch.Tensor]]) -> dict[Key, torch.Tensor]:
+def summary_replicates(replicates: Mapping[Key, torch.Tensor], items: Mapping[str, Mapping[str, Sequence[float]]],
+                       inputs: Sequence[str], merged: str = "merged") -> dict[str, torch.Tensor]:
+    """Replicates of a leaderboard row's numbers, from ``bootstrap_replicates``: ``test_mean``
+    (the merged model's mean over tasks), ``normalized_accuracy`` and ``gain_recovery`` (their
+    means over tasks) and ``margin``: the merged mean minus that of the input whose full-sample
+    mean is highest (the best single specialist, picked once, then resampled paired)."""
+    out = {}
+    for column, key in (("test_mean", ("mean", merged)), ("normalized_accuracy", ("normalized_accuracy", "mean")),
+                        ("gain_recovery", ("gain_recovery", "mean"))):
+        if key in replicates:
+            out[column] = replicates[key]
+    tasks = sorted(items.get(merged, {}))
+    full = {name: fmean(fmean(decode_values(items[name][t])) for t in tasks)
+            for name in inputs if tasks and ("mean", name) in replicates}
+    if full and ("mean", merged) in replicates:
+        best = max(full, key=lambda name: full[name])
+        out["margin"] = replicates["mean", merged] - replicates["mean", best]
+    return out
+
+
+def mean_of_runs(runs: Sequence[Mapping[Hashable, torch.Tensor]]) -> dict[Hashable, torch.Tensor]:
     """Replicates of the mean over runs of every statistic all runs have: the runs' replicates
     averaged index by index (each run drawn on its own stream)."""
     if not runs:

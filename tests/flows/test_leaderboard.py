@@ -52,3 +52,53 @@ def test_aggregate_mean_range_and_margin():
     assert ties["gain_recovery"] is None and ties["settings"] == {"0": "ties density=0.2", "1": "ties density=0.4"}
     table = format_markdown(rows, [0, 1])
     assert "| ties | 0.850 (0.800-0.900) |" in table and "s0: density=0.2; s1: density=0.4" in table
+
+
+def _zoo_row(method: str, merged: dict[str, str], seed: int) -> dict:
+    """A sweep row with per-item scores: two tasks, specialists a (t1) and b (t2), the base."""
+    items = {"merged": merged, "a": {"t1": "1111111101" * 3, "t2": "0000100001" * 3},
+             "b": {"t1": "0100100001" * 3, "t2": "1110111011" * 3}, "base": {"t1": "0100100100" * 3, "t2": "0000100010" * 3}}
+    acc = {m: {t: v.count("1") / len(v) for t, v in by_task.items()} for m, by_task in items.items()}
+    norm = (acc["merged"]["t1"] / acc["a"]["t1"] + acc["merged"]["t2"] / acc["b"]["t2"]) / 2
+    gain = sum((acc["merged"][t] - acc["base"][t]) / (acc[s][t] - acc["base"][t]) for t, s in (("t1", "a"), ("t2", "b"))) / 2
+    mean = (acc["merged"]["t1"] + acc["merged"]["t2"]) / 2
+    best = max((acc[m]["t1"] + acc[m]["t2"]) / 2 for m in ("a", "b"))
+    return {"method": method, "setting": f"{method} lambda=1.0", "normalized_accuracy": norm, "gain_recovery": gain,
+            "test_mean": mean, "best_specialist_mean": best, "items": items, "specialists": {"t1": "a", "t2": "b"},
+            "per_task": acc["merged"], "seed": seed}
+
+
+def test_aggregate_puts_the_bootstrap_interval_of_the_mean_over_seeds_beside_every_number(tmp_path):
+    import torch
+
+    from evaluation.report import vs_specialist_chart
+    from flows.sweep import row_replicates
+    from merging.bootstrap import percentile_interval
+    from merging.pipeline_params import parse_params
+
+    params = parse_params({"models": {"base": {"name": "base", "source": "/z/base"}, "inputs": [{"name": "a", "source": "/z/a"}]},
+                           "merge": {"method": "task_arithmetic"}, "eval": {"tasks": ["t1"], "bootstrap_resamples": 300}})
+    per_seed = {0: [_zoo_row("ties", {"t1": "1101101101" * 3, "t2": "1100110011" * 3}, 0)],
+                1: [_zoo_row("ties", {"t1": "1111101101" * 3, "t2": "1100111011" * 3}, 1)]}
+    (row,) = aggregate(per_seed, params)
+    # by hand: each seed's replicates on its own stream, averaged replicate by replicate
+    seeds = [row_replicates(per_seed[s][0]["items"], {"t1": "a", "t2": "b"}, ["a", "b"], params, s) for s in (0, 1)]
+    for column in ("test_mean", "normalized_accuracy", "gain_recovery", "margin"):
+        expected = percentile_interval((seeds[0][column] + seeds[1][column]) / 2, 0.95)
+        assert row["intervals"][column] == pytest.approx(expected, abs=1e-12), column
+        assert row["intervals"][column][0] <= row[column]["mean"] <= row["intervals"][column][1]
+    assert not torch.equal(seeds[0]["test_mean"], seeds[1]["test_mean"])  # independent draws per seed
+    # one seed alone: the interval the sweep row of that seed shows
+    (alone,) = aggregate({0: per_seed[0]}, params)
+    assert alone["intervals"]["normalized_accuracy"] == percentile_interval(seeds[0]["normalized_accuracy"], 0.95)
+    # the chart's numbers: accuracies averaged over seeds (merged t1: 0.7 and 0.8), intervals of those means
+    chart = row["per_task"]
+    assert chart["accuracy"]["merged"]["t1"] == pytest.approx(0.75) and chart["specialists"] == {"t1": "a", "t2": "b"}
+    low, high = chart["intervals"]["accuracy"]["a"]["t1"]
+    assert low <= 0.9 <= high and set(chart["accuracy"]) == {"merged", "base", "a", "b"}
+    vs_specialist_chart(chart, tmp_path / "ties.png", "ties (mean over seeds 0, 1)")
+    assert (tmp_path / "ties.png").read_bytes()[:4] == b"\x89PNG"
+    table = format_markdown([row], [0, 1])
+    lo, hi = row["intervals"]["normalized_accuracy"]
+    assert f"| ties | {row['normalized_accuracy']['mean']:.3f} [{lo:.3f}, {hi:.3f}] (" in table
+    assert "95% paired bootstrap interval over the test items of the mean over seeds" in table

@@ -22,7 +22,7 @@ def test_expand_grid():
 
 
 def test_sweep_selects_on_validation_and_reuses_upstream(prefect_harness, tiny_models, tmp_path):
-    from flows.sweep import sweep
+    from flows.sweep import format_leaderboard, sweep
 
     params = write_params(tmp_path / "params.yaml", tiny_models, tmp_path / "art")
     raw = yaml.safe_load(params.read_text())
@@ -43,6 +43,14 @@ def test_sweep_selects_on_validation_and_reuses_upstream(prefect_harness, tiny_m
     # pruned: of the three points' models only the two winners' (rebuilt for the test split) remain
     assert len(list((tmp_path / "art" / "store").glob("save-*"))) == 2
     assert json.loads((tmp_path / "art" / "leaderboard.json").read_text()) == rows
+    # the test items (eval.limit 3) of every model behind the row's paired bootstrap intervals
+    for r in rows:
+        assert set(r["items"]) == {"merged", "base", "a", "b", "c"} and len(r["items"]["merged"]["demo_arith"]) == 3
+        defined = {k for k in ("test_mean", "normalized_accuracy", "gain_recovery") if r[k] is not None}
+        assert set(r["intervals"]) == defined | {"margin"}  # an interval for every number the row has
+        low, high = r["intervals"]["test_mean"]
+        assert low <= r["test_mean"] <= high and r["interval_level"] == 0.95
+    assert "[...]: 95% paired bootstrap interval over the test items" in format_leaderboard(rows)
 
 
 def _lean_params(tmp_path, tiny_models, **eval_section):
