@@ -444,6 +444,16 @@ class MergeContext:
                                                      space.cores.to(self.device)))
         return self._last_core[1]
 
+    def factored(self, entry: TensorEntry) -> bool:
+        """Whether ``entry`` takes the LoRA factor route end to end (an adapter output of a method
+        with ``combine_factors``, every input a pure LoRA product of the matrix, in full space):
+        its deltas stage keeps only the factors, and combine gives the merged delta as factors."""
+        if not (self.base_values_unused and entry.kind == "matrix" and self.spec.combine_factors is not None):
+            return False
+        if not self.spec.factors_when(self.params_for(entry)[0]) or self.space_of(entry) != "full":
+            return False
+        return all(s.adapter.is_lora_product(entry.name) for s in self.sources)
+
     def lora_factors(self, entry: TensorEntry) -> LoraFactors | None:
         """The inputs of a matrix as LoRA factors, when every input is an adapter touching it
         as a pure LoRA product (any full fine-tune, saved full tensor or untouched input:
@@ -460,7 +470,9 @@ class MergeContext:
         from the deltas stage's tensors: the dense deltas, Core Space cores or KnOTS
         representations (no base tensor is read)."""
         lora = LoraFactors.from_tensors(deltas)
-        stack = deltas["deltas"]
+        stack = deltas.get("deltas")
+        if stack is None:  # the factor route end to end (``factored``): a shape-only stack
+            stack = torch.empty((len(self.sources), *entry.shape), dtype=self.dtype, device="meta")
         if lora is not None:
             lora = LoraFactors(tuple(b.to(self.device) for b in lora.b), tuple(a.to(self.device) for a in lora.a), lora.scales)
             if self.in_core_space(entry):
@@ -475,8 +487,10 @@ class MergeContext:
         _, model_params = self.params_for(entry)
         values, kinds = self.thresholds
         stack, lora = self.in_space(entry, deltas)
+        shape_only = stack.is_meta  # the factor route end to end: no dense delta, no base value
         return TensorGroup(
-            name=entry.name, base=self.base_tensor(entry.name), deltas=stack.to(self.device),
+            name=entry.name, base=torch.empty(entry.shape, dtype=self.dtype, device="meta") if shape_only
+            else self.base_tensor(entry.name), deltas=stack if shape_only else stack.to(self.device),
             model_params=model_params, kind=entry.kind, has_base=self.has_base,
             trim_thresholds=values if with_thresholds and entry.kind in kinds else None,
             stats=self.stats.get(entry.name) if self.stats is not None else None, lora=lora,

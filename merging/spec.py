@@ -175,6 +175,13 @@ class MethodSpec:
         model_stats: per-model statistics the method reads (RegMean's Grams, Fisher), each
             model's file named by its ``stats`` parameter; the engine hands them over as
             ``group.model_stats``.
+        combine_factors: the merged delta (before lambda) of a matrix whose inputs are all LoRA
+            products, as factors ``(b, a)`` with delta = b @ a, from ``group.lora`` and the
+            earlier stages' factors alone; an adapter output (``out_format: peft``) then never
+            forms an (n, m) matrix: the group's ``deltas`` and ``base`` are shape-only (meta)
+            tensors there. Used when ``factors_when(params)`` holds.
+        factors_when: whether ``combine_factors`` applies with these params (say, task
+            arithmetic in full space, not in Core Space).
     """
 
     name: str
@@ -193,6 +200,8 @@ class MethodSpec:
     uses_stats: bool = False
     lora_span: bool = False
     model_stats: ModelStatsNeed | None = None
+    combine_factors: Callable[[TensorGroup, Factors, MethodParams], tuple[torch.Tensor, torch.Tensor]] | None = None
+    factors_when: Callable[[MethodParams], bool] = lambda params: True
 
     @property
     def needs_base(self) -> bool:

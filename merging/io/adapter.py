@@ -312,6 +312,10 @@ class LoraAdapter:
                 delta += (product.T if factors.transpose else product) * factors.scaling
         return delta.to(base.device)
 
+    def is_lora_product(self, key: str) -> bool:
+        """Whether the adapter changes ``key`` by a LoRA product alone (no saved tensor)."""
+        return key in self._lora and key not in self._full
+
     def touches(self, key: str) -> bool:
         """Whether the adapter changes base tensor ``key`` (a LoRA module or a saved tensor)."""
         return key in self._lora or key in self._full

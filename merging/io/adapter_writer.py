@@ -23,6 +23,9 @@ Factoring one module's delta dW (n, m), in float64 (lora-core.md §3 "natively a
   Else right: dW Q_A (n, q), the mirror image. Task arithmetic, linear, TSV-M and every Core
   Space merge keep both spans; DRM-H only the column space (dW = U_r M), DRM-V only the row space.
   A delta that leaves both is refused, or (with a rank) takes the dense route.
+  Given as factors (``add_factored``: a method's ``combine_factors`` on the LoRA factor route,
+  dW = b a with b (n, k), a (k, m), k <= T r): qr(b) = Q_b R_b, qr(a^T) = Q_a R_a,
+  svd(R_b R_a^T) = U S V^T, dW = (Q_b U) S (Q_a V)^T; no (n, m) matrix is ever formed.
   Dense (a full-rank result, ``rank`` given): svd(dW) = U S V^T (Eckart-Young).
   Zero singular values are dropped: the smallest ones whose tail norm is at most 4 eps(dW's dtype)
   ||dW||_F (rounding noise of the merged delta, never a real direction of the result). A rank k
@@ -49,6 +52,7 @@ from merging.errors import AdapterError, MergeConfigError, NonFiniteOutputError
 from merging.io.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraAdapter
 
 __all__ = ["Factored", "AdapterContents", "AdapterFolder", "MergedAdapter", "span_factors", "svd_factors",
+           "product_factors", "factored_error",
            "adapter_contents", "span_of", "relative_error", "read_report", "summary_line", "REPORT", "SPAN_RTOL"]
 
 log = logging.getLogger(__name__)
@@ -126,6 +130,35 @@ def svd_factors(delta: torch.Tensor, rank: int) -> Factored:
     u, s, vh = u.double(), s.double(), vh.double()
     b, a, dropped = _split(u, s, vh, _kept(s, float(torch.linalg.matrix_norm(work.double())), delta.dtype, rank))
     return Factored(b, a, dropped, s)
+
+
+def product_factors(b: torch.Tensor, a: torch.Tensor, rank: int | None = None) -> Factored:
+    """Balanced (or, with ``rank``, truncated) LoRA factors of the product ``b @ a`` (n, k) x
+    (k, m), from the factors alone: qr(b) = Q_b R_b, qr(a^T) = Q_a R_a, svd(R_b R_a^T) = U S V^T,
+    so b a = (Q_b U) S (Q_a V)^T; no (n, m) matrix is formed. Zero singular values are dropped
+    as in ``span_factors`` (the tail at most 4 eps(b's dtype) ||b a||_F)."""
+    work_b, work_a = b.detach().to("cpu", torch.float64), a.detach().to("cpu", torch.float64)
+    if work_b.shape[1] == 0:
+        return Factored(work_b, work_a, 0.0, work_b.new_zeros(0))
+    q_b, r_b = torch.linalg.qr(work_b)
+    q_a, r_a = torch.linalg.qr(work_a.T)
+    u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
+    norm = float(s.square().sum().sqrt())
+    if norm == 0:
+        return Factored(work_b.new_zeros(work_b.shape[0], 0), work_a.new_zeros(0, work_a.shape[1]), 0.0, s)
+    factors_b, factors_a, dropped = _split(q_b @ u, s, vh @ q_a.T, _kept(s, norm, b.dtype, rank))
+    return Factored(factors_b, factors_a, dropped, s)
+
+
+def factored_error(b: torch.Tensor, a: torch.Tensor, b2: torch.Tensor, a2: torch.Tensor) -> float:
+    """||b a - b2 a2||_F / ||b a||_F from Gram matrices (no (n, m) product), in float64."""
+    b, a, b2, a2 = (x.detach().to("cpu", torch.float64) for x in (b, a, b2, a2))
+    norm2 = float(((b.T @ b) * (a @ a.T)).sum())
+    if norm2 <= 0:
+        return 0.0
+    cross = float(((b.T @ b2) * (a @ a2.T)).sum())
+    own = float(((b2.T @ b2) * (a2 @ a2.T)).sum())
+    return max(norm2 - 2 * cross + own, 0.0) ** 0.5 / norm2**0.5
 
 
 def relative_error(delta: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> float:
@@ -206,12 +239,13 @@ class AdapterFolder:
         self.report: dict[str, dict[str, Any]] = {}
         self._full: dict[str, torch.Tensor] = {}
 
-    def add_lora(self, module: str, factored: Factored, delta: torch.Tensor, *, transpose: bool = False,
-                 embedding: bool = False) -> None:
-        """Store ``delta ~ factored.b @ factored.a`` (base layout) as the LoRA of ``module``;
-        ``transpose``: peft's layout is the transpose (embeddings, ``fan_in_fan_out``)."""
+    def add_lora(self, module: str, factored: Factored, delta: torch.Tensor | tuple[torch.Tensor, torch.Tensor], *,
+                 transpose: bool = False, embedding: bool = False) -> None:
+        """Store ``delta ~ factored.b @ factored.a`` (base layout) as the LoRA of ``module``
+        (``delta`` dense, or as factors ``(b, a)``); ``transpose``: peft's layout is the
+        transpose (embeddings, ``fan_in_fan_out``)."""
         b, a = factored.b.to(self.dtype), factored.a.to(self.dtype)
-        error = relative_error(delta, b, a)
+        error = factored_error(*delta, b, a) if isinstance(delta, tuple) else relative_error(delta, b, a)
         self.report[module] = {"rank": b.shape[1], "energy_dropped": factored.energy_dropped, "relative_error": error}
         if b.shape[1] == 0:
             return
@@ -343,6 +377,19 @@ class MergedAdapter:
             factored = svd_factors(delta, self.rank)
         embedding = any(c.lora.get(module, ("", "", False))[2] for _, c in self.adapters)
         self.folder.add_lora(module, factored, delta, transpose=self.folder.fan_in_fan_out, embedding=embedding)
+
+    def add_factored(self, key: str, b: torch.Tensor, a: torch.Tensor) -> None:
+        """Take the merged delta of LoRA matrix ``key`` as factors, ``delta = b @ a`` (scaled by
+        lambda; a method's ``combine_factors``): balanced through a small SVD, never densified."""
+        if not (torch.isfinite(b).all() and torch.isfinite(a).all()):
+            raise NonFiniteOutputError(f"merged tensor {key!r} holds NaN or Inf; an adapter cannot store it "
+                                       f"(method {self.method}); lower lambda or the weights")
+        factored = product_factors(b, a, self.rank)
+        if factored.b.shape[1] == 0:
+            return  # unchanged: not written
+        module, _ = _module_of(key)
+        embedding = any(c.lora.get(module, ("", "", False))[2] for _, c in self.adapters)
+        self.folder.add_lora(module, factored, (b, a), transpose=self.folder.fan_in_fan_out, embedding=embedding)
 
     def write(self, folder: Path, base_model: str | None) -> dict[str, Any]:
         """Write the adapter folder (see ``AdapterFolder.write``) and log its summary."""

@@ -157,6 +157,18 @@ def combine(group: TensorGroup, factors: Factors, params: DrmParams) -> torch.Te
     return delta.to(group.base.dtype)
 
 
+def combine_factors(group: TensorGroup, factors: Factors, params: DrmParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """The merged delta of LoRA inputs as factors: DRM-H basis @ merged (n, r) x (r, m), DRM-V
+    merged @ basis (n, r) x (r, m); the same products ``combine`` forms densely."""
+    scaled, basis = factors["scaled"], factors["basis"]
+    if scaled.numel() == 0:  # nothing kept: a rank-0 product
+        n, m = group.base.shape
+        return scaled.new_zeros(n, 0), scaled.new_zeros(0, m)
+    coefficients = torch.tensor([p.coefficient for p in group.model_params], dtype=scaled.dtype, device=scaled.device)
+    merged = _mean(scaled * coefficients.reshape(-1, 1, 1), params.enable_disjoint_mean)
+    return (basis, merged) if params.direction == "horizontal" else (merged, basis)
+
+
 def non_linear_trim(params: DrmParams) -> GlobalTrim | None:
     rate = params.non_linear_module_entries_drop_rate
     if rate == 0:
@@ -174,6 +186,8 @@ SPEC = MethodSpec(
     global_trim=non_linear_trim,
     paper="Chaichana et al. 2025, Decom-Renorm-Merge, arXiv 2505.23117",
     lora_span=True,
+    combine_factors=combine_factors,
+    factors_when=lambda params: not _bypass(params),
     param_stages={
         "direction": "decompose", "rel_rank_tol": "decompose", "svd_dtype": "decompose", "reference_compat": "decompose",
         "singular_matrices_drop_rate": "sparsify", "enable_sign_resolution": "sparsify",

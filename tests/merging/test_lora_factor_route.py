@@ -232,3 +232,40 @@ def test_scale_svd_of_low_rank_adapters_is_iso_cts_of_them_without_iterations(zo
     _assert_close(lora, _merge(zoo, "lora", 4, "iso_cts", tmp_path / "iso"), 1e-12)
     _assert_close(lora, _merge(zoo, "full", 4, "scale_svd", tmp_path / "dense", **params), 1e-9)
     assert any(iterations)
+
+
+@pytest.mark.parametrize("method, params, model_params", [
+    ("task_arithmetic", {}, [{"weight": 1.0}, {"weight": 0.5}, {"weight": -0.3}]),
+    ("task_arithmetic", {"normalize": True}, [{"weight": 1.0}, {"weight": 0.5}, {"weight": 0.7}]),
+    ("drm", {"direction": "horizontal", "singular_matrices_drop_rate": 0.6, "svd_dtype": "float64"}, [{"coefficient": 1.0}] * 3),
+    ("drm", {"direction": "vertical", "singular_matrices_drop_rate": 0.3, "svd_dtype": "float64"}, [{"coefficient": 0.8}, {"coefficient": 1.2},
+                                                                           {"coefficient": 1.0}]),
+])
+def test_combine_factors_is_the_dense_combine_as_a_product(method, params, model_params):
+    """A method's combine_factors gives (b, a) with b @ a = its dense combine's merged delta,
+    from the factors alone (the group's deltas and base are shape-only meta tensors)."""
+    from merging.registry import get_method
+    from merging.rng import generator_for
+    from merging.spec import LoraFactors, TensorGroup
+
+    spec = get_method(method)
+    g = torch.Generator().manual_seed(5)
+    ranks, n, m = (3, 2, 4), 12, 9
+    lora = LoraFactors(tuple(torch.randn(n, r, generator=g, dtype=torch.float64) for r in ranks),
+                       tuple(torch.randn(r, m, generator=g, dtype=torch.float64) for r in ranks), (2.0, 0.5, 1.0))
+    dense = torch.stack([s * b @ a for b, a, s in zip(lora.b, lora.a, lora.scales)])
+    shared = spec.params.model_validate(params)
+    per_model = tuple(spec.model_params.model_validate(p) for p in model_params)
+
+    def run(group):
+        factors = spec.decompose(group, shared)
+        return spec.sparsify(group, factors, shared, generator_for(0, "w"))
+
+    full = TensorGroup("w", torch.zeros(n, m, dtype=torch.float64), dense, per_model, lora=lora)
+    expected = spec.combine(full, run(full), shared)
+    meta = TensorGroup("w", torch.empty(n, m, dtype=torch.float64, device="meta"),
+                       torch.empty(3, n, m, dtype=torch.float64, device="meta"), per_model, lora=lora)
+    assert spec.factors_when(shared)
+    b, a = spec.combine_factors(meta, run(meta), shared)
+    assert b.shape[1] <= sum(ranks)
+    torch.testing.assert_close(b @ a, expected.double(), rtol=0, atol=1e-12)

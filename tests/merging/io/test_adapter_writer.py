@@ -242,3 +242,21 @@ def test_tensors_no_adapter_touches_are_never_merged_for_an_adapter_output(zoo, 
     assert touched and not any("embed_tokens" in n or "norm" in n or "lm_head" in n for n in touched)
     saved = load_file(tmp_path / "after" / "adapter_model.safetensors")
     assert all(any(name.removesuffix(".weight") in k for k in saved) for name in touched)
+
+
+def test_product_factors_are_an_exact_balanced_split_and_truncate_by_energy():
+    from merging.io.adapter_writer import factored_error, product_factors
+
+    g = torch.Generator().manual_seed(0)
+    b, a = torch.randn(40, 6, generator=g, dtype=torch.float64), torch.randn(6, 30, generator=g, dtype=torch.float64)
+    b[:, 5] = b[:, 0]  # rank 5, not 6: one zero singular value is dropped
+    dense = b @ a
+    full = product_factors(b, a)
+    assert full.b.shape[1] == 5 and torch.allclose(full.b @ full.a, dense, atol=1e-12)
+    assert torch.allclose(full.b.T @ full.b, full.a @ full.a.T, atol=1e-10)  # balanced: B^T B = A A^T = S
+    s = torch.linalg.svdvals(dense)
+    truncated = product_factors(b, a, rank=2)
+    assert truncated.energy_dropped == pytest.approx(float((s[2:] ** 2).sum() / (s**2).sum()), rel=1e-9)
+    assert factored_error(b, a, truncated.b, truncated.a) == pytest.approx(
+        float(torch.linalg.matrix_norm(dense - truncated.b @ truncated.a) / torch.linalg.matrix_norm(dense)), rel=1e-9)
+    assert product_factors(b * 0, a).b.shape[1] == 0
