@@ -449,8 +449,13 @@ def _adapter_sink(ctx: MergeContext, out: Path, overwrite: bool) -> Iterator[Cal
     entries = {e.name: e for e in ctx.plan}
     refuse_overlap(out, ctx.input_folders())
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        yield lambda name, tensors: output.add(
-            name, tensors["merged_delta"], lambda: stages.save(ctx, entries[name], {"combine": tensors})[name])
+        def add(name: str, tensors: stages.Tensors) -> None:
+            if "merged_b" in tensors:  # the factor route end to end: never densified
+                output.add_factored(name, tensors["merged_b"], tensors["merged_a"])
+            else:
+                output.add(name, tensors["merged_delta"], lambda: stages.save(ctx, entries[name], {"combine": tensors})[name])
+
+        yield add
         output.write(tmp, ctx.config.base_model)
         (tmp / "mergeflow_config.yml").write_text(ctx.config.to_yaml())
 

@@ -37,8 +37,11 @@ Inputs = Mapping[str, Tensors]
 
 def compute_deltas(ctx: MergeContext, entry: TensorEntry, inputs: Inputs) -> Tensors:
     """theta_t - theta_0 of every input, stacked: ``{"deltas": (T, *shape)}``; when every input
-    is a LoRA adapter of the matrix, its factors too (``LoraFactors.to_tensors``)."""
+    is a LoRA adapter of the matrix, its factors too (``LoraFactors.to_tensors``), and only them
+    on the factor route end to end (``MergeContext.factored``)."""
     lora = ctx.lora_factors(entry)
+    if lora is not None and ctx.factored(entry):  # the factor route end to end: no (T, n, m) stack at all
+        return lora.to_tensors()
     return {"deltas": ctx.deltas(entry), **(lora.to_tensors() if lora is not None else {})}
 
 
@@ -59,17 +62,21 @@ def sparsify(ctx: MergeContext, entry: TensorEntry, inputs: Inputs) -> Tensors:
 
 def combine(ctx: MergeContext, entry: TensorEntry, inputs: Inputs) -> Tensors:
     """The merged delta of the group, scaled by lambda (mapped back from Core Space when the
-    method ran there)."""
+    method ran there); on the factor route end to end, as factors ``merged_b @ merged_a``."""
     group = ctx.group(entry, inputs["deltas"])
     if ctx.spec.has_sparsify or ctx.spec.has_decompose:
         factors = {k: v.to(ctx.device) for k, v in inputs["sparsify"].items()}
     else:  # identity stages: the group's deltas, in the space the method runs in
         factors = {"deltas": group.deltas}
-    merged = scaled_combine(ctx.spec, group, factors, ctx.params_for(entry)[0])
+    params = ctx.params_for(entry)[0]
+    if group.deltas.is_meta:  # the factor route end to end: the merged delta as factors, delta = b @ a
+        b, a = ctx.spec.combine_factors(group, factors, params)
+        return {"merged_b": b * params.lambda_ if params.lambda_ != 1 else b, "merged_a": a}
+    merged = scaled_combine(ctx.spec, group, factors, params)
     space = ctx.core_space(entry)
     if space is not None:
         merged = (space.u_ref.to(merged.dtype) @ merged @ space.v_ref.T.to(merged.dtype))
-    knots = ctx.knots_space(entry, LoraFactors.from_tensors(inputs["deltas"]), inputs["deltas"]["deltas"])
+    knots = ctx.knots_space(entry, LoraFactors.from_tensors(inputs["deltas"]), inputs["deltas"].get("deltas"))
     if knots is not None:
         merged = knots.basis.to(merged.dtype) @ merged
     return {"merged_delta": merged}

@@ -228,20 +228,25 @@ def test_full_model_inputs_are_refused(zoo, tmp_path):
         merge_checkpoints(_config(zoo, "task_arithmetic", "af", out_format="peft"), tmp_path / "out")
 
 
-def test_tensors_no_adapter_touches_are_never_merged_for_an_adapter_output(zoo, tmp_path, monkeypatch):
-    """Their deltas are zero and so is their merged delta: no (T, vocab, hidden) stack of zeros is
-    built for the embeddings (the adapters' values are checked against dense merges above)."""
+@pytest.mark.parametrize("method", ["task_arithmetic", "drm", "tsv_m"])
+def test_an_adapter_output_forms_no_dense_delta_it_does_not_need(zoo, tmp_path, monkeypatch, method):
+    """Tensors no adapter touches are never merged (no (T, vocab, hidden) stack of zeros for the
+    embeddings), and methods with combine_factors (task arithmetic, DRM) form no dense delta at
+    all: their merged deltas go to the adapter as factors. Their values are checked against dense
+    merges above."""
     from merging.context import MergeContext
 
-    config = _config(zoo, "task_arithmetic", "ab", out_format="peft")
     computed = []
     real = MergeContext.deltas
     monkeypatch.setattr(MergeContext, "deltas", lambda self, entry: computed.append(entry.name) or real(self, entry))
-    merge_checkpoints(config, tmp_path / "after")
-    touched = set(computed)
-    assert touched and not any("embed_tokens" in n or "norm" in n or "lm_head" in n for n in touched)
-    saved = load_file(tmp_path / "after" / "adapter_model.safetensors")
-    assert all(any(name.removesuffix(".weight") in k for k in saved) for name in touched)
+    merge_checkpoints(_config(zoo, method, "ab", out_format="peft"), tmp_path / "out")
+    saved = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert saved and all(".lora_" in k for k in saved)
+    if method == "tsv_m":  # no combine_factors: the touched matrices only
+        assert computed and not any("embed_tokens" in n or "norm" in n or "lm_head" in n for n in computed)
+        assert all(any(name.removesuffix(".weight") in k for k in saved) for name in computed)
+    else:
+        assert computed == []
 
 
 def test_product_factors_are_an_exact_balanced_split_and_truncate_by_energy():
