@@ -284,11 +284,26 @@ def _plan(stage: Stage, params: PipelineParams, inputs: dict[str, Path], fused: 
     code = _code(chain, spec)
     digests = {n: artifact_digest(p) for n, p in used.items()}
     payload = {"stage": stage.name, "fused": fused, "params": read, "code": code, "inputs": digests, "groups": groups}
+    if config is not None:  # statistics files are named by path in the params: their state joins the key
+        payload["stats_files"] = _stats_state(config)
     if stage.outside_state is not None:
         payload["outside"] = stage.outside_state(params)
         if payload["outside"] is None:  # unknown (an unpinned hub source may move): never reuse
             payload["unknown"] = time.time_ns()
     return _Plan(chain, config, used, digests, read, code, content_key(payload))
+
+
+def _stats_state(config: MergeConfig) -> list[Any]:
+    """(path, size, mtime) of every statistics file the merge reads (the global ``stats`` and each
+    model's ``stats``): a cheap stand-in for their content, as fetch's key has for local models,
+    so a file rewritten in place reruns the stages that read it."""
+    paths = [config.stats, *(m.parameters.get("stats") for m in config.models)]
+    state = []
+    for path in sorted({str(p) for p in paths if isinstance(p, str) and p}):
+        found = Path(path).expanduser()
+        stat = found.stat() if found.is_file() else None
+        state.append([path, stat.st_size if stat else None, stat.st_mtime_ns if stat else None])
+    return state
 
 
 def pipeline_fingerprint() -> str:

@@ -64,6 +64,35 @@ def test_changed_param_changes_only_downstream_keys(tiny_models, tmp_path):
     assert key("sparsify", p1) != key("sparsify", p2) and key("combine", p1) != key("combine", p2)
 
 
+def test_a_statistics_file_rewritten_in_place_changes_the_merge_keys(tiny_models, tmp_path):
+    """RegMean's per-model Grams are named by path in params.yaml; their state joins the key."""
+    import torch
+    from safetensors.torch import load_file
+
+    from merging.io.stats import write_stats
+
+    base = load_file(tiny_models["base"] / "model.safetensors")
+    grams = {}
+    for i, name in enumerate("abc"):
+        xs = {k: torch.randn(32, t.shape[1], generator=torch.Generator().manual_seed(i)) for k, t in base.items()
+              if t.dim() == 2 and "embed" not in k and "lm_head" not in k}
+        grams[name] = write_stats(tmp_path / f"{name}.safetensors", {k: x.T @ x / 32 for k, x in xs.items()}, "gram",
+                                  tokens={k: 32 for k in xs})
+    params_file = write_params(tmp_path / "p.yaml", tiny_models, tmp_path / "art", method="regmean",
+                               combine={"stats": {n: str(f) for n, f in grams.items()}})
+    params = load_params(params_file)
+    root = tmp_path / "run"
+    _run_all(params_file, root)
+
+    def key(name):
+        return pipeline.stage_key(name, params, {n: root / n for n in pipeline.stage_inputs(pipeline.get_stage(name))})
+
+    before = {name: key(name) for name in MERGE_STAGES[1:]}
+    stats = load_file(grams["b"])
+    write_stats(grams["b"], {k: v * 2 for k, v in stats.items()}, "gram", tokens={k: 32 for k in stats})
+    assert all(key(name) != before[name] for name in before)
+
+
 def test_rerun_with_the_same_key_writes_nothing(tiny_models, tmp_path):
     params_file = write_params(tmp_path / "params.yaml", tiny_models, tmp_path / "art")
     _run_all(params_file, tmp_path / "a")
