@@ -141,7 +141,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("fetch", (), ("models",), artifact="merging.fetch:fetch_models", versions=(),
           reads_files=model_sources, outside_state=local_state),
     Stage("deltas", (), ("merge.method", "plan", "tokenizer", "pipeline.compute_dtype", "pipeline.materialize"),
-          group=stages.compute_deltas, fusable=True, output_bytes=stages.deltas_bytes),
+          group=stages.compute_deltas, fusable=True, output_bytes=stages.deltas_bytes,
+          reads_files=lambda params: stats_files(params)),
     Stage("decompose", ("deltas",), ("merge.method", "merge.decompose", "pipeline.materialize"),
           group=stages.decompose, partitioned=True, fusable=True, output_bytes=stages.deltas_bytes,
           passthrough=lambda spec: not spec.has_decompose, method_code=lambda spec: (spec.decompose,)),
@@ -291,6 +292,16 @@ def _plan(stage: Stage, params: PipelineParams, inputs: dict[str, Path], fused: 
         if payload["outside"] is None:  # unknown (an unpinned hub source may move): never reuse
             payload["unknown"] = time.time_ns()
     return _Plan(chain, config, used, digests, read, code, content_key(payload))
+
+
+def stats_files(params: PipelineParams) -> list[str]:
+    """The statistics files the merge sections name (``stats``: one file, or one per model)."""
+    found = []
+    for section in (params.merge.decompose, params.merge.sparsify, params.merge.combine):
+        value = section.get("stats")
+        found += [value] if isinstance(value, str) else [v for v in value.values() if isinstance(v, str)] \
+            if isinstance(value, dict) else []
+    return sorted(set(found))
 
 
 def _stats_state(config: MergeConfig) -> list[Any]:

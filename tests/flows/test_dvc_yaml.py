@@ -37,3 +37,13 @@ def test_stages_follow_the_table(monkeypatch, tmp_path):
     stale = tmp_path / "dvc.yaml"
     stale.write_text("stages: {}\n")
     assert CliRunner().invoke(app, ["dvc-yaml", "--check", "--out", str(stale)]).exit_code == 1
+
+
+def test_statistics_files_named_in_the_params_are_deps_of_the_merge(tmp_path):
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["merge"] = {"method": "regmean", "combine": {"stats": {"antonym": "./stats/antonym.safetensors",
+                                                               "category": "./stats/category.safetensors"}}}
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    deltas = yaml.safe_load(render_dvc_yaml(str(params)))["stages"]["deltas"]
+    assert {"./stats/antonym.safetensors", "./stats/category.safetensors"} <= set(deltas["deps"])
