@@ -186,6 +186,23 @@ def format_rows(rows: list[dict], title: str) -> list[str]:
     return lines
 
 
+def curve_summary(points: list[tuple[int, float, list[dict]]]) -> list[str]:
+    """mergeflow's time and RSS per depth, each relative to the smallest model (flat in depth:
+    time about proportional to the parameters, RSS about constant)."""
+    med = statistics.median
+    lines = ["### size curve, mergeflow relative to the smallest depth", "",
+             "| layers | parameters | method | time | time / first | parameters / first | peak RSS | RSS / first |",
+             "|---|---|---|---|---|---|---|---|"]
+    first = {r["method"]: (med(r["mergeflow"][0]), med(r["mergeflow"][1])) for r in points[0][2]}
+    for layers, params, rows in points:
+        for r in rows:
+            t, m = med(r["mergeflow"][0]), med(r["mergeflow"][1])
+            t0, m0 = first[r["method"]]
+            lines.append(f"| {layers} | {params / 1e6:.0f}M | {r['method']} | {t:.1f} s | {t / t0:.2f} | "
+                         f"{params / points[0][1]:.2f} | {m:.0f} MB | {m / m0:.2f} |")
+    return lines
+
+
 def model_line(paths: dict[str, Path], hidden: int, layers: int, vocab: int, n_models: int) -> str:
     size = sum(f.stat().st_size for f in paths["base"].glob("*.safetensors"))
     return (f"hidden {hidden}, {layers} layers, vocab {vocab}: {size / 2 / 1e6:.0f}M parameters, {size / 1e6:.0f} MB per "
@@ -233,6 +250,7 @@ def main() -> None:
         lines += ["", f"load average (1 min) before / after: {rows[0]['load'][0]:.2f} / {rows[0]['load'][1]:.2f} on "
                   f"{os.cpu_count()} CPUs; ratios are only meaningful on an idle machine", ""]
         print("\n".join(lines), flush=True)
+        points = []
         for layers in curve:
             shutil.rmtree(root / "curve", ignore_errors=True)
             (root / "curve").mkdir()
@@ -242,6 +260,12 @@ def main() -> None:
             block += ["", f"load average before / after: {curve_rows[0]['load'][0]:.2f} / {curve_rows[0]['load'][1]:.2f}", ""]
             print("\n".join(block), flush=True)
             lines += block
+            size = sum(f.stat().st_size for f in curve_paths["base"].glob("*.safetensors"))
+            points.append((layers, size / 2, curve_rows))
+        if points:
+            summary = curve_summary(points)
+            print("\n".join(summary), flush=True)
+            lines += summary
     if args.results:
         args.results.write_text("\n".join(lines) + "\n")
         print(f"wrote {args.results}")
