@@ -4,8 +4,9 @@
 
 Imports only torch and safetensors. The output has the first input's tensors (names, shapes,
 dtypes) in one safetensors file whose header is written first; each output tensor is written
-as soon as every input's tensor of that name has been read (copied out of the file, as a merge
-must), so memory stays at one tensor per input. A merge cannot be faster than this on the same
+as soon as every input's tensor of that name has been read: copied out of the file, as a merge
+must (``get_tensor`` alone maps the file without reading it), so memory stays at one tensor per
+input. A merge cannot be faster than this on the same
 machine; ``bench_merge.py`` runs it in its own process beside the merges.
 """
 
@@ -61,7 +62,7 @@ def main(out: Path, inputs: list[Path]) -> None:
                 path = files[name]
                 if path not in handles:
                     handles[path] = safe_open(path, "pt")
-                tensors.append(handles[path].get_tensor(name))
+                tensors.append(handles[path].get_tensor(name).clone())  # the read itself
             f.write(tensors[0].contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
