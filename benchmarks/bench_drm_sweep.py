@@ -63,9 +63,9 @@ def sweep(models: dict[str, Path], root: Path, ran: dict[str, int]) -> float:
     start = time.perf_counter()
     for rate in RATES:
         params = _params(models, root / "art", rate)
-        shared = {"fetch": root / "fetch", "deltas": root / "deltas", "decompose": root / "decompose"}
+        shared = {n: root / n for n in ("fetch", "collect_stats", "deltas", "decompose")}
         folders = {**shared, **{s: root / f"{s}-{rate}" for s in ("sparsify", "combine", "save")}}
-        for name in ("fetch", *(s.name for s in pipeline.MERGE_STAGES)):
+        for name in pipeline.stages_through("save"):
             stage = pipeline.get_stage(name)
             inputs = {n: folders[n] for n in pipeline.stage_inputs(stage)}
             current = is_current(folders[name], pipeline.stage_key(name, params, inputs)) if folders[name].exists() else False

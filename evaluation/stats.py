@@ -30,9 +30,10 @@ from merging.errors import MergeConfigError
 from merging.io.adapter import LoraAdapter
 from merging.io.checkpoint import CheckpointReader
 from merging.io.sources import is_adapter_folder, resolve_folder
-from merging.io.stats import STATS_KINDS, write_stats
+from merging.io.stats import STATS_FILE, STATS_KINDS, write_stats
 
-__all__ = ["collect_stats", "collect_activation_stats", "load_causal_lm", "read_texts", "data_digest"]
+__all__ = ["collect_stats", "collect_activation_stats", "collect_pipeline_stats", "load_causal_lm",
+           "read_texts", "data_digest"]
 
 
 def read_texts(path: Path, max_samples: int) -> list[str]:
@@ -218,3 +219,51 @@ def collect_stats(model: str | Path, data: str | Path, out: str | Path, *, kind:
 def collect_activation_stats(model_dir: str | Path, data: str | Path, out: str | Path, **options) -> Path:
     """``collect_stats(..., kind="act")``: Scale-SVD's per-feature mean of x^2."""
     return collect_stats(model_dir, data, out, kind="act", **options)
+
+
+def _given_stats(params) -> set[str]:
+    """The inputs whose statistics file the merge sections name (``stats``: one for all, or per model)."""
+    names = {ref.name for ref in params.models.inputs}
+    given: set[str] = set()
+    for section in (params.merge.decompose, params.merge.sparsify, params.merge.combine):
+        value = section.get("stats")
+        given |= names if isinstance(value, str) else set(value) & names if isinstance(value, dict) else set()
+    return given
+
+
+def collect_pipeline_stats(params, inputs: dict[str, Path], folder: Path, store: Path, code: str = "") -> list[str]:
+    """The collect_stats stage: each input's statistics on its own data (``models.inputs[].data``)
+    when the method reads per-model statistics (RegMean's Grams, Fisher) and the merge sections
+    do not name its file already, written as
+    ``<name>.safetensors`` with ``stats.json``; for any other method ``stats.json`` alone, empty
+    (its digest never changes, so the merge stages never rerun for it)."""
+    from merging.fetch import fetched_folders
+    from merging.registry import get_method
+
+    need = get_method(params.merge.method).model_stats
+    given = _given_stats(params)
+    written: dict[str, str] = {}
+    if need is not None and any(ref.name not in given for ref in params.models.inputs):
+        folders = fetched_folders(inputs["fetch"])
+        base = folders[params.models.base.name]
+        device = params.pipeline.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        options = params.stats
+        for ref in params.models.inputs:
+            if ref.name in given:  # its statistics file is named in the merge sections
+                continue
+            if ref.data is None:
+                raise MergeConfigError(
+                    f"models.inputs[{ref.name}].data: method {params.merge.method!r} reads each model's {need.kind} "
+                    "statistics on its own task data; give the model's training prompts (.txt or .jsonl), or its "
+                    f"statistics file as merge.*.stats: {{{ref.name}: FILE}}")
+            model = folders[ref.name]
+            if is_adapter_folder(Path(model)):  # an adapter runs on its base, folded in
+                model = f"{base}+{model}"
+            out = folder / f"{ref.name}.safetensors"
+            collect_stats(model, ref.data, out, kind=need.kind, max_samples=options.max_samples,
+                          max_length=options.max_length, batch_size=options.batch_size, device=device, seed=options.seed)
+            written[ref.name] = hashlib.sha256(out.read_bytes()).hexdigest()
+    (folder / STATS_FILE).write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
+    return [STATS_FILE, *(f"{name}.safetensors" for name in written)]

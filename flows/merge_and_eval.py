@@ -253,7 +253,7 @@ def _run_partitioned(stage: pipeline.Stage, params: PipelineParams, inputs: dict
                      refresh: bool, leases: contextlib.ExitStack) -> str:
     """The stage mapped over tensor-group partitions (task runner: threads or Dask), joined by
     an index artifact."""
-    partitions = pipeline.partition_groups(params, inputs["fetch"], params.pipeline.partitions)
+    partitions = pipeline.partition_groups(params, inputs["fetch"], params.pipeline.partitions, inputs.get("collect_stats"))
     key = pipeline.stage_key(stage.name, params, inputs, fused=fused)
     index = artifact_dir(store, stage, key)
     leases.enter_context(lease(index))

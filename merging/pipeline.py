@@ -51,13 +51,15 @@ from merging.io.disk_space import check_free_space
 from merging.io.shard_layout import plan_shards
 from merging.io.shards import PlannedShardWriter
 from merging.io.sources import AdapterSource
+from merging.io.stats import STATS_FILE, collected_stats
 from merging.io.writer import atomic_output_dir, parse_size, refuse_overlap
 from merging.pipeline_params import PipelineParams, merge_config
 from merging.plan import TensorEntry
 from merging.registry import get_method
 from merging.spec import MethodSpec, _identity_sparsify
 
-__all__ = ["Stage", "STAGES", "MERGE_STAGES", "get_stage", "stage_key", "stage_inputs", "run_stage", "merge_checkpoints",
+__all__ = ["Stage", "STAGES", "MERGE_STAGES", "get_stage", "stage_key", "stage_inputs", "stages_through", "run_stage",
+           "merge_checkpoints",
            "partition_groups", "write_index", "stage_code_files", "pipeline_fingerprint", "fused_chain", "Progress", "MODEL_DIGEST_FILE"]
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,7 @@ Progress = Callable[[int, int, str], None] | None
 GroupFn = Callable[[MergeContext, TensorEntry, dict[str, stages.Tensors]], stages.Tensors]
 MODEL_DIGEST_FILE = "model.digest"  # the saved model's identity alone, what DVC's evaluate depends on
 _MERGE_CONTEXT = "fetch"  # every merge stage reads the fetched folders (base, inputs)
+_MERGE_STATS = "collect_stats"  # and the inputs' statistics (empty unless the method reads them)
 _LIBS = ("torch", "safetensors")
 
 
@@ -140,6 +143,11 @@ class Stage:
 STAGES: tuple[Stage, ...] = (
     Stage("fetch", (), ("models",), artifact="merging.fetch:fetch_models", versions=(),
           reads_files=model_sources, outside_state=local_state),
+    Stage("collect_stats", ("fetch",), ("models", "stats", "merge.method", "pipeline.device"),
+          artifact="evaluation.stats:collect_pipeline_stats", versions=("torch", "transformers"),
+          reads_files=lambda params: [m.data for m in params.models.inputs if m.data],
+          outside_state=lambda params: _files_state([m.data for m in params.models.inputs if m.data]),
+          identity_file=STATS_FILE),
     Stage("deltas", (), ("merge.method", "plan", "tokenizer", "pipeline.compute_dtype", "pipeline.materialize"),
           group=stages.compute_deltas, fusable=True, output_bytes=stages.deltas_bytes,
           reads_files=lambda params: stats_files(params)),
@@ -174,6 +182,18 @@ def get_stage(name: str) -> Stage:
     if name not in _BY_NAME:
         raise MergeConfigError(f"unknown stage {name!r}; stages: {', '.join(_BY_NAME)}")
     return _BY_NAME[name]
+
+
+def stages_through(name: str) -> list[str]:
+    """The stages a run of ``name`` needs, itself included, in table order (its inputs, the merge
+    context of merge stages, transitively): what to run, in order, to produce its artifact."""
+    needed, todo = set(), [name]
+    while todo:
+        current = todo.pop()
+        if current not in needed:
+            needed.add(current)
+            todo.extend(stage_inputs(get_stage(current)))
+    return [s.name for s in STAGES if s.name in needed]
 
 
 def fused_chain(stage: Stage) -> list[Stage]:
@@ -263,7 +283,7 @@ def stage_inputs(stage: Stage, fused: bool = False) -> list[str]:
     chain = fused_chain(stage) if fused else [stage]
     external = {n for s in chain for n in s.inputs} - {s.name for s in chain}
     if stage.is_merge:
-        external.add(_MERGE_CONTEXT)
+        external |= {_MERGE_CONTEXT, _MERGE_STATS}
     return sorted(external)
 
 
@@ -276,7 +296,7 @@ def _plan(stage: Stage, params: PipelineParams, inputs: dict[str, Path], fused: 
     used = {n: Path(inputs[n]) for n in sorted(external)}
     config = None
     if stage.is_merge:
-        config = merge_config(params, fetched_folders(used[_MERGE_CONTEXT]))
+        config = merge_config(params, fetched_folders(used[_MERGE_CONTEXT]), collected_stats(used[_MERGE_STATS]))
         read = {s.name: merge_stage_params(config, s.name) for s in chain}
         spec = get_method(config.merge_method)
     else:
@@ -308,7 +328,11 @@ def _stats_state(config: MergeConfig) -> list[Any]:
     """(path, size, mtime) of every statistics file the merge reads (the global ``stats`` and each
     model's ``stats``): a cheap stand-in for their content, as fetch's key has for local models,
     so a file rewritten in place reruns the stages that read it."""
-    paths = [config.stats, *(m.parameters.get("stats") for m in config.models)]
+    return _files_state([config.stats, *(m.parameters.get("stats") for m in config.models)])
+
+
+def _files_state(paths: list[Any]) -> list[Any]:
+    """(path, size, mtime) of each named file (None, None when absent), sorted by path."""
     state = []
     for path in sorted({str(p) for p in paths if isinstance(p, str) and p}):
         found = Path(path).expanduser()
@@ -496,10 +520,11 @@ def _marker(stage: Stage, out: Path) -> Path:
 
 # --- partitions -------------------------------------------------------------------------------
 
-def partition_groups(params: PipelineParams, fetch_dir: str | Path, parts: int) -> list[list[str]]:
+def partition_groups(params: PipelineParams, fetch_dir: str | Path, parts: int,
+                     stats_dir: str | Path | None = None) -> list[list[str]]:
     """Split the merged tensor groups into ``parts`` contiguous partitions of similar size,
     for stages mapped over workers; ``write_index`` joins their artifacts."""
-    ctx = MergeContext(merge_config(params, fetched_folders(fetch_dir)))
+    ctx = MergeContext(merge_config(params, fetched_folders(fetch_dir), collected_stats(stats_dir)))
     entries = ctx.merged_entries()
     sizes = [max(1, int(torch.Size(e.shape).numel())) for e in entries]
     target = sum(sizes) / max(parts, 1)

@@ -52,6 +52,9 @@ class ModelRef(BaseModel):
     task: str | None = None
     format: Literal["auto", "gguf"] = "auto"
     gguf_file: str | None = None
+    data: str | None = Field(None, description="The model's own task data (training prompts: .txt, one a line, or .jsonl "
+                                               "with text/question/prompt): the collect_stats stage runs it through the "
+                                               "model for RegMean's Grams and Fisher (never validation or test data).")
 
 
 class ModelsSection(BaseModel):
@@ -206,6 +209,18 @@ class ZooSection(BaseModel):
             raise MergeConfigError(f"zoo settings: {problems}") from None
 
 
+class StatsSection(BaseModel):
+    """How the collect_stats stage records each input's statistics on its own data (RegMean's
+    input Grams, Fisher's diagonal; ``evaluation.stats.collect_stats``), for methods that read them."""
+
+    model_config = _STRICT
+
+    max_samples: int = Field(256, ge=1, description="Samples of each model's data.")
+    max_length: int = Field(256, ge=1, description="Tokens per sample.")
+    batch_size: int = Field(8, ge=1, description="Samples per forward (Fisher: one per backward).")
+    seed: int = Field(0, description="Seed of Fisher's sampled labels.")
+
+
 class ScheduleSection(BaseModel):
     model_config = _STRICT
 
@@ -223,6 +238,7 @@ class PipelineParams(BaseModel):
     pipeline: PipelineSection = PipelineSection()
     eval: EvalSection = EvalSection()
     retry: RetrySection = RetrySection()
+    stats: StatsSection = StatsSection()
     schedule: ScheduleSection = ScheduleSection()
     zoo: ZooSection = ZooSection()
 
@@ -334,9 +350,11 @@ def _message(error: dict[str, Any]) -> str:
     return f"unknown key (valid: {', '.join(model.model_fields)})"
 
 
-def merge_config(params: PipelineParams, folders: dict[str, str] | None = None) -> MergeConfig:
+def merge_config(params: PipelineParams, folders: dict[str, str] | None = None,
+                 stats: dict[str, str] | None = None) -> MergeConfig:
     """The library's merge config for these params; ``folders`` maps model names to the
-    local folders ``fetch`` resolved (default: the sources as given)."""
+    local folders ``fetch`` resolved (default: the sources as given), ``stats`` model names to
+    the statistics files collect_stats wrote (a model's own ``stats`` in the merge sections wins)."""
     folders = folders or {}
     spec = get_method(params.merge.method)
     model_keys = field_names(spec.model_params)
@@ -360,6 +378,8 @@ def merge_config(params: PipelineParams, folders: dict[str, str] | None = None) 
             entry.setdefault(weight_key, m.coefficient)
         elif m.coefficient != 1.0:
             raise MergeConfigError(f"models.inputs[{m.name}].coefficient: method {spec.name!r} has no per-model weight")
+        if stats and m.name in stats and "stats" in model_keys:
+            entry.setdefault("stats", stats[m.name])
         models.append({"model": folders.get(m.name, m.source), "parameters": entry})
     raw = {
         "merge_method": spec.name,

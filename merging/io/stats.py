@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from merging.errors import StatisticsError
 from merging.io.writer import atomic_write
 
-__all__ = ["STATS_KINDS", "METADATA_KEY", "StatsFile", "write_stats"]
+__all__ = ["STATS_KINDS", "METADATA_KEY", "StatsFile", "write_stats", "collected_stats", "STATS_FILE"]
 
 STATS_KINDS = ("act", "gram", "fisher")
 METADATA_KEY = "mergeflow_stats"
@@ -126,3 +126,15 @@ class StatsFile:
         if key is not None and key in self._sq_norms:
             return self._sq_norms[key]
         return float(self.get(name).double().square().sum())
+
+
+STATS_FILE = "stats.json"
+"""The collect_stats artifact's identity: each input's statistics file and its sha256."""
+
+
+def collected_stats(folder: str | Path | None) -> dict[str, str]:
+    """Model name -> statistics file, from a collect_stats artifact (empty for none)."""
+    if folder is None:
+        return {}
+    listed = json.loads((Path(folder) / STATS_FILE).read_text())
+    return {name: str(Path(folder) / f"{name}.safetensors") for name in listed}

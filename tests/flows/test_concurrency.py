@@ -21,7 +21,7 @@ from merging.pipeline_params import load_params, merge_config
 from tests.pipeline_helpers import REPO, write_params
 
 LAMBDAS = (0.5, 0.7, 1.0, 1.3)
-SHARED = ("fetch", "deltas", "decompose", "sparsify")
+SHARED = ("fetch", "collect_stats", "deltas", "decompose", "sparsify")
 
 
 def _prefect_env(tmp_path: Path) -> dict[str, str]:
@@ -34,7 +34,7 @@ def _prefect_env(tmp_path: Path) -> dict[str, str]:
 
 def _executed(logs: list[str]) -> list[str]:
     """The stages whose task body ran, in every log (a Cached task does not run its body)."""
-    return [stage for log in logs for stage in re.findall(r"prefect\.task_runs: ([a-z]+) -> ", log)]
+    return [stage for log in logs for stage in re.findall(r"prefect\.task_runs: ([a-z_]+) -> ", log)]
 
 
 @pytest.mark.slow

@@ -4,6 +4,8 @@ missing or wrong statistics file is a one-line error naming the model (and the t
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import yaml
@@ -110,3 +112,47 @@ def test_an_output_over_a_statistics_file_is_refused_and_the_file_kept(tiny_mode
     result = runner.invoke(app, ["merge", str(path), str(folder), "-q", "--overwrite"])
     assert result.exit_code != 0 and "stats file" in result.output and "ft_a.safetensors" in result.output, result.output
     assert all(p.is_file() for p in copies.values())
+
+
+def test_the_pipeline_collects_each_inputs_statistics_and_merges_with_them(tiny_models, stats, tmp_path):
+    """params.yaml names each input's own data (models.inputs[].data): the collect_stats stage
+    writes its Grams, the merge stages read them, and the model is the one `mergeflow merge`
+    gives with the same statistics collected by `mergeflow collect-stats`."""
+    from merging import pipeline
+    from merging.io.artifacts import read_manifest
+    from merging.pipeline_params import parse_params
+
+    params = parse_params({
+        "models": {"base": {"name": "base", "source": str(tiny_models["base"])},
+                   "inputs": [{"name": n, "source": str(stats[n]["model"]), "data": str(stats[n]["model"].parent / f"{n}.txt")}
+                              for n in DATA]},
+        "merge": {"method": "regmean", "combine": {"alpha": 0.7}},
+        "pipeline": {"device": "cpu", "artifacts": str(tmp_path / "art")},
+        "eval": {"tasks": ["unused"]},
+    })
+    root = tmp_path / "run"
+    for name in pipeline.stages_through("save"):
+        stage = pipeline.get_stage(name)
+        pipeline.run_stage(name, params, {n: root / n for n in pipeline.stage_inputs(stage)}, root / name, root / "store")
+    collected = json.loads((root / "collect_stats" / "stats.json").read_text())
+    assert sorted(collected) == sorted(DATA) and read_manifest(root / "collect_stats")["stage"] == "collect_stats"
+    staged = load_file(root / "save" / "model.safetensors")
+    by_cli = _merge(tiny_models, stats, tmp_path, "regmean", "gram", {"alpha": 0.7})
+    assert staged.keys() == by_cli.keys()
+    for key in staged:
+        assert torch.allclose(staged[key], by_cli[key], atol=1e-6), key
+
+
+def test_the_pipeline_asks_for_an_inputs_data_by_name(tiny_models, stats, tmp_path):
+    from merging import pipeline
+    from merging.errors import MergeConfigError
+    from merging.pipeline_params import parse_params
+
+    params = parse_params({
+        "models": {"base": {"name": "base", "source": str(tiny_models["base"])},
+                   "inputs": [{"name": n, "source": str(stats[n]["model"])} for n in DATA]},
+        "merge": {"method": "fisher"}, "pipeline": {"device": "cpu"}, "eval": {"tasks": ["unused"]}})
+    pipeline.run_stage("fetch", params, {}, tmp_path / "fetch", tmp_path / "store")
+    with pytest.raises(MergeConfigError, match=r"models.inputs\[ft_a\].data: method 'fisher' reads each model's fisher"):
+        pipeline.run_stage("collect_stats", params, {"fetch": tmp_path / "fetch"}, tmp_path / "cs", tmp_path / "store")
+    assert not (tmp_path / "cs").exists()

@@ -8,7 +8,7 @@ import time
 
 from tests.pipeline_helpers import write_params
 
-UPSTREAM = ("fetch", "deltas", "decompose", "sparsify", "combine", "save")
+UPSTREAM = ("fetch", "collect_stats", "deltas", "decompose", "sparsify", "combine", "save")
 LEAN = {"eval.tasks": ["demo_arith"], "eval.evaluate_inputs": False, "eval.limit": 2,
         "retry.evaluate": {"retries": 1, "delay_seconds": 0}}
 

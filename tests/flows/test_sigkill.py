@@ -155,7 +155,7 @@ def test_killed_dvc_stages_leave_no_partial_artifact_and_reruns_match(family, tm
     params_file = write_params(tmp_path / "params.yaml", models, tmp_path / "unused")
     params = load_params(params_file)
     clean, root = tmp_path / "clean", tmp_path / "killed"
-    order = ["fetch", *(s.name for s in pipeline.MERGE_STAGES)]
+    order = pipeline.stages_through("save")
 
     def run_in_process(name: str, folder: Path) -> None:
         stage = pipeline.get_stage(name)

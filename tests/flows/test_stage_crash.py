@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+from merging import pipeline
 from merging.io.artifacts import read_manifest
 from tests.pipeline_helpers import write_params
 
@@ -37,7 +38,7 @@ def _stages(params, root, names):
 def test_killed_save_leaves_nothing_partial_and_rerun_matches(tiny_models, tmp_path):
     params = write_params(tmp_path / "params.yaml", tiny_models, tmp_path / "art")
     root = tmp_path / "art"
-    _stages(params, root, ["fetch", "deltas", "decompose", "sparsify", "combine"])
+    _stages(params, root, pipeline.stages_through("combine"))
 
     killed = subprocess.run([sys.executable, "-c", KILL_AFTER_TENSORS, str(params), str(root)], capture_output=True)
     assert killed.returncode == -9
@@ -56,5 +57,5 @@ def test_killed_save_leaves_nothing_partial_and_rerun_matches(tiny_models, tmp_p
     assert read_manifest(root / "save")["output_digest"] == digest and (root / "save" / "model.safetensors").is_file()
 
     reference = tmp_path / "reference"
-    _stages(params, reference, ["fetch", "deltas", "decompose", "sparsify", "combine", "save"])
+    _stages(params, reference, pipeline.stages_through("save"))
     assert read_manifest(reference / "save")["output_digest"] == digest

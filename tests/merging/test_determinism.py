@@ -127,7 +127,7 @@ def _fused(family, method: str, out: Path, **kwargs) -> Path:
 
 def _staged(family, method: str, root: Path) -> Path:
     params = _params(family, method, root)
-    for name in ("fetch", *(s.name for s in pipeline.MERGE_STAGES)):
+    for name in pipeline.stages_through("save"):
         stage = pipeline.get_stage(name)
         pipeline.run_stage(name, params, {n: root / n for n in pipeline.stage_inputs(stage)}, root / name, root / "store")
     return root / "save"

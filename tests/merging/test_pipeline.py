@@ -17,7 +17,7 @@ from merging.io.artifacts import ArtifactReader, read_manifest
 from merging.pipeline_params import load_params
 from tests.pipeline_helpers import write_params
 
-MERGE_STAGES = ("fetch", "deltas", "decompose", "sparsify", "combine", "save")
+MERGE_STAGES = ("fetch", "collect_stats", "deltas", "decompose", "sparsify", "combine", "save")
 
 
 def _run_all(params_file, root: Path, materialize: bool = True, overrides: dict | None = None) -> Path:
@@ -36,7 +36,7 @@ def test_artifacts_and_manifests(tiny_models, tmp_path):
     manifest = read_manifest(tmp_path / "a" / "sparsify")
     assert manifest["stage"] == "sparsify" and manifest["params"]["sparsify"]["parameters"] == {"density": 0.4}
     assert manifest["params"]["sparsify"]["models"][0] == {}  # the weight is read by combine, not sparsify
-    assert set(manifest["inputs"]) == {"decompose", "deltas", "fetch"} and manifest["versions"]["torch"]
+    assert set(manifest["inputs"]) == {"collect_stats", "decompose", "deltas", "fetch"} and manifest["versions"]["torch"]
     assert read_manifest(tmp_path / "a" / "decompose")["passthrough"]  # ties has no decomposition
     reader = ArtifactReader(tmp_path / "a" / "decompose")
     assert reader.folder == (tmp_path / "a" / "deltas").resolve()
@@ -59,7 +59,7 @@ def test_changed_param_changes_only_downstream_keys(tiny_models, tmp_path):
     def key(name, params):
         return pipeline.stage_key(name, params, {n: root / n for n in pipeline.stage_inputs(pipeline.get_stage(name))})
 
-    for name in ("fetch", "deltas", "decompose"):
+    for name in ("fetch", "collect_stats", "deltas", "decompose"):
         assert key(name, p1) == key(name, p2)
     assert key("sparsify", p1) != key("sparsify", p2) and key("combine", p1) != key("combine", p2)
 
@@ -87,7 +87,7 @@ def test_a_statistics_file_rewritten_in_place_changes_the_merge_keys(tiny_models
     def key(name):
         return pipeline.stage_key(name, params, {n: root / n for n in pipeline.stage_inputs(pipeline.get_stage(name))})
 
-    before = {name: key(name) for name in MERGE_STAGES[1:]}
+    before = {name: key(name) for name in MERGE_STAGES[2:]}
     stats = load_file(grams["b"])
     write_stats(grams["b"], {k: v * 2 for k, v in stats.items()}, "gram", tokens={k: 32 for k in stats})
     assert all(key(name) != before[name] for name in before)
@@ -103,7 +103,7 @@ def test_rerun_with_the_same_key_writes_nothing(tiny_models, tmp_path):
 
 def test_edited_method_source_changes_keys_from_the_first_stage_that_runs_it(tiny_models, tmp_path, monkeypatch):
     """Keys carry the fingerprint of the code each stage runs: a comment added to ties.py changes
-    the key of sparsify (TIES' trim and election), never fetch, deltas or decompose (identity for
+    the key of sparsify (TIES' trim and election), never fetch, collect_stats, deltas or decompose (identity for
     TIES). Later stages key on sparsify's output digest, so they rerun only if its output changes."""
     root = tmp_path / "one"
     params = load_params(write_params(tmp_path / "p.yaml", tiny_models, tmp_path / "art"))
@@ -115,7 +115,8 @@ def test_edited_method_source_changes_keys_from_the_first_stage_that_runs_it(tin
 
     before = keys()
     copy = tmp_path / "src"
-    shutil.copytree(fingerprint.ROOT / "merging", copy / "merging", ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("merging", "evaluation"):  # (collect_stats runs evaluation code)
+        shutil.copytree(fingerprint.ROOT / package, copy / package, ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.setattr(fingerprint, "ROOT", copy)
     fingerprint._path_of.cache_clear()
     try:
@@ -175,12 +176,14 @@ def test_merge_command_and_pipeline_give_the_same_model(tiny_models, tmp_path, m
 def test_missing_input_artifact_is_a_clear_error(tiny_models, tmp_path):
     params = load_params(write_params(tmp_path / "params.yaml", tiny_models, tmp_path / "art"))
     pipeline.run_stage("fetch", params, {}, tmp_path / "fetch", tmp_path / "store")
+    pipeline.run_stage("collect_stats", params, {"fetch": tmp_path / "fetch"}, tmp_path / "collect_stats", tmp_path / "store")
+    upstream = {"fetch": tmp_path / "fetch", "collect_stats": tmp_path / "collect_stats"}
     with pytest.raises(ArtifactError, match="missing or incomplete"):
-        pipeline.run_stage("decompose", params, {"fetch": tmp_path / "fetch", "deltas": tmp_path / "nowhere"},
+        pipeline.run_stage("decompose", params, {**upstream, "deltas": tmp_path / "nowhere"},
                            tmp_path / "decompose", tmp_path / "store")
     assert not (tmp_path / "decompose").exists()
     with pytest.raises(ArtifactError, match=r"needs the artifact\(s\) \['deltas'\]"):
-        pipeline.run_stage("decompose", params, {"fetch": tmp_path / "fetch"}, tmp_path / "decompose", tmp_path / "store")
+        pipeline.run_stage("decompose", params, upstream, tmp_path / "decompose", tmp_path / "store")
 
 
 def test_every_stage_function_resolves():
@@ -203,7 +206,8 @@ def test_a_new_stage_is_one_entry_and_one_function(tiny_models, tmp_path, monkey
     from flows.merge_and_eval import walk
 
     size = pipeline.Stage("size", ("save",), ("pipeline.out_dtype",), artifact=f"{__name__}:write_size")
-    stages = (*pipeline.STAGES[:6], size, *pipeline.STAGES[6:])
+    after_save = [s.name for s in pipeline.STAGES].index("save") + 1
+    stages = (*pipeline.STAGES[:after_save], size, *pipeline.STAGES[after_save:])
     monkeypatch.setattr(pipeline, "STAGES", stages)
     monkeypatch.setattr(pipeline, "_BY_NAME", {s.name: s for s in stages})
     params_file = write_params(tmp_path / "params.yaml", tiny_models, tmp_path / "art")
@@ -215,4 +219,4 @@ def test_a_new_stage_is_one_entry_and_one_function(tiny_models, tmp_path, monkey
     dvc = yaml.safe_load(render_dvc_yaml(str(params_file)))["stages"]["size"]
     assert dvc["deps"][0] == "artifacts/save/model.digest" and dvc["outs"] == ["artifacts/size"]
     visited = walk(params, lambda stage, inputs: root / stage.name if stage.name != "evaluate" else None)
-    assert list(visited) == ["fetch", "deltas", "decompose", "sparsify", "combine", "save", "size"]
+    assert list(visited) == ["fetch", "collect_stats", "deltas", "decompose", "sparsify", "combine", "save", "size"]

@@ -28,7 +28,7 @@ def _params(models: dict[str, Path], root: Path, method: str, **sections) -> dic
 
 def _staged(raw: dict, root: Path) -> Path:
     params = parse_params(raw)
-    for name in ("fetch", *(s.name for s in pipeline.MERGE_STAGES)):
+    for name in pipeline.stages_through("save"):
         stage = pipeline.get_stage(name)
         pipeline.run_stage(name, params, {n: root / n for n in pipeline.stage_inputs(stage)}, root / name, root / "store")
     return root / "save"
