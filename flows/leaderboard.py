@@ -63,6 +63,9 @@ def seed_params(raw: dict[str, Any], seed: int) -> dict[str, Any]:
             raise MergeConfigError(f"models.inputs[{ref['name']}].source {source} is not inside zoo.out {old_out}: "
                                    "the leaderboard re-points the zoo's specialists per seed")
         ref["source"] = new_out + source[len(old_out):]
+        data = ref.get("data")
+        if isinstance(data, str) and data.startswith(old_out + "/"):  # its own task data (collect_stats)
+            ref["data"] = new_out + data[len(old_out):]
     out["eval"]["include_path"] = f"{new_out}/evals"
     if not out["eval"].get("validation_tasks"):
         raise MergeConfigError("eval.validation_tasks is empty: the leaderboard selects on validation and reports test")

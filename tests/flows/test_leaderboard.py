@@ -26,6 +26,9 @@ def test_seed_params_repoint_models_evals_and_artifacts():
     assert [m["source"] for m in other["models"]["inputs"]] == [
         m["source"].replace(out, f"{out}-s7", 1) for m in raw["models"]["inputs"]]
     assert other["eval"]["include_path"] == f"{out}-s7/evals"
+    assert [m.get("data") for m in other["models"]["inputs"]] == [  # each specialist's own training prompts
+        m["data"].replace(out, f"{out}-s7", 1) if m.get("data") else None for m in raw["models"]["inputs"]]
+    assert any(m.get("data") for m in other["models"]["inputs"])
     assert other["pipeline"]["artifacts"] == f"{raw['pipeline']['artifacts']}-s7"
     assert other["models"]["base"] == raw["models"]["base"] and raw["zoo"]["seed"] != 7  # the input is not modified
 
