@@ -243,7 +243,13 @@ def collect_pipeline_stats(params, inputs: dict[str, Path], folder: Path, store:
     need = get_method(params.merge.method).model_stats
     given = _given_stats(params)
     written: dict[str, str] = {}
-    if need is not None and any(ref.name not in given for ref in params.models.inputs):
+    missing = [ref.name for ref in params.models.inputs if ref.name not in given]
+    if need is not None and missing and not need.per_model:
+        raise MergeConfigError(
+            f"merge.method {params.merge.method!r}: its statistics come through the partially merged model, a statistic "
+            f"of the whole recipe that collect_stats (per model) cannot make; {need.how or 'give them as merge.*.stats'} "
+            f"(model {missing[0]!r} has none)")
+    if need is not None and missing:
         folders = fetched_folders(inputs["fetch"])
         base = folders[params.models.base.name]
         device = params.pipeline.device

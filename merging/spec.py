@@ -80,11 +80,15 @@ class ModelStatsNeed:
         kind: the statistics file kind (``merging.io.stats.STATS_KINDS``).
         tensor_kinds: plan kinds of the tensors that need a statistic from every model.
         how: how a user makes them (shown when a model has none).
+        per_model: each model's statistic depends on that model and its data alone (RegMean,
+            Fisher), so the pipeline's collect_stats stage can make it; RegMean++'s Grams come
+            through the partially merged model, a statistic of the whole recipe.
     """
 
     kind: str
     tensor_kinds: frozenset[str]
     how: str = ""
+    per_model: bool = True
 
 
 @dataclass(frozen=True)
