@@ -19,7 +19,7 @@ from merging.rng import generator_for
 from merging.spec import MethodSpec, ModelStatistic, TensorGroup, TensorKind
 from merging.thresholds import global_thresholds
 
-__all__ = ["merge_tensors", "run_stages", "scaled_combine", "check_model_count"]
+__all__ = ["merge_tensors", "run_stages", "scaled_combine", "scaled_combine_factors", "check_model_count"]
 
 
 def check_model_count(spec: MethodSpec, count: int) -> None:
@@ -32,9 +32,20 @@ def check_model_count(spec: MethodSpec, count: int) -> None:
 
 
 def scaled_combine(spec: MethodSpec, group: TensorGroup, factors: dict[str, torch.Tensor], params: Any) -> torch.Tensor:
-    """The method's combine, scaled by ``lambda`` (the one place lambda is applied)."""
-    merged_delta = spec.combine(group, factors, params)
-    return merged_delta * params.lambda_ if params.lambda_ != 1 else merged_delta
+    """The method's combine, scaled by ``lambda`` (with ``scaled_combine_factors``, the one place
+    lambda is applied)."""
+    return _scaled(spec.combine(group, factors, params), params)
+
+
+def scaled_combine_factors(spec: MethodSpec, group: TensorGroup, factors: dict[str, torch.Tensor],
+                           params: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The method's ``combine_factors``, (b, a) with the merged delta b @ a scaled by ``lambda``."""
+    b, a = spec.combine_factors(group, factors, params)
+    return _scaled(b, params), a
+
+
+def _scaled(tensor: torch.Tensor, params: Any) -> torch.Tensor:
+    return tensor * params.lambda_ if params.lambda_ != 1 else tensor
 
 
 def run_stages(spec: MethodSpec, group: TensorGroup, params: Any, seed: int) -> torch.Tensor:

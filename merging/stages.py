@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from merging.api import scaled_combine
+from merging.api import scaled_combine, scaled_combine_factors
 from merging.context import DTYPES, MergeContext
 from merging.errors import NonFiniteOutputError
 from merging.io.model_card import model_card, write_support_files
@@ -70,8 +70,8 @@ def combine(ctx: MergeContext, entry: TensorEntry, inputs: Inputs) -> Tensors:
         factors = {"deltas": group.deltas}
     params = ctx.params_for(entry)[0]
     if group.deltas.is_meta:  # the factor route end to end: the merged delta as factors, delta = b @ a
-        b, a = ctx.spec.combine_factors(group, factors, params)
-        return {"merged_b": b * params.lambda_ if params.lambda_ != 1 else b, "merged_a": a}
+        b, a = scaled_combine_factors(ctx.spec, group, factors, params)
+        return {"merged_b": b, "merged_a": a}
     merged = scaled_combine(ctx.spec, group, factors, params)
     space = ctx.core_space(entry)
     if space is not None:
