@@ -31,6 +31,7 @@ from merging.io.adapter import LoraAdapter
 from merging.io.checkpoint import CheckpointReader
 from merging.io.sources import is_adapter_folder, resolve_folder
 from merging.io.stats import STATS_FILE, STATS_KINDS, write_stats
+from merging.pipeline_params import named_stats
 
 __all__ = ["collect_stats", "collect_activation_stats", "collect_pipeline_stats", "load_causal_lm",
            "read_texts", "data_digest"]
@@ -221,16 +222,6 @@ def collect_activation_stats(model_dir: str | Path, data: str | Path, out: str |
     return collect_stats(model_dir, data, out, kind="act", **options)
 
 
-def _given_stats(params) -> set[str]:
-    """The inputs whose statistics file the merge sections name (``stats``: one for all, or per model)."""
-    names = {ref.name for ref in params.models.inputs}
-    given: set[str] = set()
-    for section in (params.merge.decompose, params.merge.sparsify, params.merge.combine):
-        value = section.get("stats")
-        given |= names if isinstance(value, str) else set(value) & names if isinstance(value, dict) else set()
-    return given
-
-
 def collect_pipeline_stats(params, inputs: dict[str, Path], folder: Path, store: Path, code: str = "") -> list[str]:
     """The collect_stats stage: each input's statistics on its own data (``models.inputs[].data``)
     when the method reads per-model statistics (RegMean's Grams, Fisher) and the merge sections
@@ -241,7 +232,7 @@ def collect_pipeline_stats(params, inputs: dict[str, Path], folder: Path, store:
     from merging.registry import get_method
 
     need = get_method(params.merge.method).model_stats
-    given = _given_stats(params)
+    given = named_stats(params)
     written: dict[str, str] = {}
     missing = [ref.name for ref in params.models.inputs if ref.name not in given]
     if need is not None and missing and not need.per_model:

@@ -53,7 +53,7 @@ from merging.io.shards import PlannedShardWriter
 from merging.io.sources import AdapterSource
 from merging.io.stats import STATS_FILE, collected_stats
 from merging.io.writer import atomic_output_dir, parse_size, refuse_overlap
-from merging.pipeline_params import PipelineParams, merge_config
+from merging.pipeline_params import PipelineParams, merge_config, named_stats
 from merging.plan import TensorEntry
 from merging.registry import get_method
 from merging.spec import MethodSpec, _identity_sparsify
@@ -316,12 +316,7 @@ def _plan(stage: Stage, params: PipelineParams, inputs: dict[str, Path], fused: 
 
 def stats_files(params: PipelineParams) -> list[str]:
     """The statistics files the merge sections name (``stats``: one file, or one per model)."""
-    found = []
-    for section in (params.merge.decompose, params.merge.sparsify, params.merge.combine):
-        value = section.get("stats")
-        found += [value] if isinstance(value, str) else [v for v in value.values() if isinstance(v, str)] \
-            if isinstance(value, dict) else []
-    return sorted(set(found))
+    return sorted(set(named_stats(params).values()))
 
 
 def _stats_state(config: MergeConfig) -> list[Any]:

@@ -37,7 +37,8 @@ from merging.errors import MergeConfigError
 from merging.registry import get_method
 from merging.resolve import field_names
 
-__all__ = ["PipelineParams", "ModelRef", "ZooSection", "EvalSection", "RetrySection", "Retry", "load_params", "apply_overrides", "require_evaluation", "merge_config", "REPLACE"]
+__all__ = ["PipelineParams", "ModelRef", "ZooSection", "EvalSection", "RetrySection", "Retry", "load_params", "apply_overrides", "require_evaluation", "merge_config", "named_stats",
+           "REPLACE"]
 
 _STRICT = ConfigDict(frozen=True, extra="forbid")
 
@@ -348,6 +349,20 @@ def _message(error: dict[str, Any]) -> str:
             if model is None:
                 return error["msg"]
     return f"unknown key (valid: {', '.join(model.model_fields)})"
+
+
+def named_stats(params: PipelineParams) -> dict[str, str]:
+    """Input name -> the statistics file the merge sections name for it (``stats``: one file for
+    every input, or one per input)."""
+    names = [ref.name for ref in params.models.inputs]
+    found: dict[str, str] = {}
+    for section in (params.merge.decompose, params.merge.sparsify, params.merge.combine):
+        value = section.get("stats")
+        if isinstance(value, str):
+            found |= dict.fromkeys(names, value)
+        elif isinstance(value, dict):
+            found |= {name: path for name, path in value.items() if name in names and isinstance(path, str)}
+    return found
 
 
 def merge_config(params: PipelineParams, folders: dict[str, str] | None = None,
