@@ -46,6 +46,7 @@ from merging.plan import (
     check_same_tensors,
     find_tied,
     reconcile_tied_copies,
+    same_values,
 )
 from merging.registry import get_method
 from merging.resolve import build_params, split_global_parameters
@@ -171,7 +172,7 @@ class MergeContext:
         ]
         self.vocabulary = self._build_vocabulary(config, [s.name for s in self.sources])
         self._base_tied = {} if config.out_format == "peft" else find_tied(  # (an adapter output's base may be header-only)
-            base_shapes, lambda a, b: self.base.dtype(a) == self.base.dtype(b) and torch.equal(self.base.get(a), self.base.get(b)))
+            base_shapes, lambda a, b: same_values(self.base, a, b))
         for source in self.sources:
             if isinstance(source, FullModelSource):
                 reconcile_tied_copies(self._base_tied, base_shapes, source.reader)
@@ -257,7 +258,7 @@ class MergeContext:
         equal in the base (``_base_tied``) and in every full-model input."""
         readers = [s.reader for s in self.sources if isinstance(s, FullModelSource)]
         return {copy: first for copy, first in self._base_tied.items()
-                if all(torch.equal(r.get(copy), r.get(first)) for r in readers)}
+                if all(same_values(r, copy, first) for r in readers)}
 
     def rng_name(self, name: str) -> str:
         """The name whose per-tensor generator a tensor draws from: its own, or for a tied copy
