@@ -31,6 +31,7 @@ the module's output layers (``layer_count_key``).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from functools import partial
 from typing import Any
 
 from merging.config import MergeConfig, OutputModule, OutputSlice, SliceSource
@@ -126,22 +127,22 @@ def expand_modules(config: MergeConfig, base_ref: str, needs_base: bool, base_is
     """Every output tensor of a ``modules`` config, module by module, and each module's output
     layer count. ``shapes_of(model)`` gives a model's tensor shapes."""
     listed = list(config.modules)
-    tensors_of: dict[str, dict[str, list[str]]] = {}
+    split: dict[str, dict[str, dict[str, tuple[int, ...]]]] = {}  # model -> module -> its tensors' shapes
 
-    def module_shapes(ref: str, module: str) -> dict[str, tuple[int, ...]]:
-        if ref not in tensors_of:
-            tensors_of[ref] = assign_modules(shapes_of(ref), listed, f"model {ref!r}")
-        shapes = shapes_of(ref)
-        return {name: shapes[name] for name in tensors_of[ref][module]}
+    def module_shapes(module: str, ref: str) -> dict[str, tuple[int, ...]]:
+        if ref not in split:
+            shapes = shapes_of(ref)
+            split[ref] = {m: {n: shapes[n] for n in names}
+                          for m, names in assign_modules(shapes, listed, f"model {ref!r}").items()}
+        return split[ref][module]
 
     mapped: list[MappedTensor] = []
     out_layers: dict[str, int] = {}
     for name, module in config.modules.items():
-        def shapes(ref: str, module_name: str = name) -> dict[str, tuple[int, ...]]:
-            return module_shapes(ref, module_name)
+        shapes = partial(module_shapes, name)
 
-        def layers(ref: str, module_name: str = name) -> int:
-            return module_layer_count(module_shapes(ref, module_name))
+        def layers(ref: str, shapes=shapes) -> int:
+            return module_layer_count(shapes(ref))
 
         slices = _module_slices(module, config.base_model, layers)
         where = f"modules.{name}.slices" if module.slices else f"modules.{name}.models"
