@@ -178,6 +178,7 @@ def _open_study(store: Path, name: str | None, sampler):
 def run_study(params_file: str, space: Space, settings: dict[str, Any], refresh: bool = False) -> tuple[dict, dict, Any]:
     """Run the study of ``space`` to ``space.trials`` finished trials; returns (the best trial's
     override, its validation metrics, the study)."""
+    import optuna
     from optuna.trial import TrialState
 
     logger = _logger()
@@ -208,8 +209,7 @@ def run_study(params_file: str, space: Space, settings: dict[str, Any], refresh:
         failed += not math.isfinite(value)
         logger.info("%s trial %d: %s -> %.4f", space.name, done, label(override), value)
     best = study.best_trial
-    fixed = optuna_fixed_trial(best.params)
-    override = space.suggest(fixed)
+    override = space.suggest(optuna.trial.FixedTrial(best.params))
     metrics, _ = run_point(params_file, {**{k: v for k, v in override.items() if k != "name"}, **on_validation},
                            f"{label(override)} (best)", refresh)  # a point record: not rerun
     return override, metrics, study
@@ -223,12 +223,6 @@ def _logger():
         return get_run_logger()
     except MissingContextError:
         return logging.getLogger(__name__)
-
-
-def optuna_fixed_trial(values: dict[str, Any]):
-    import optuna
-
-    return optuna.trial.FixedTrial(values)
 
 
 def history_rows(study) -> list[dict[str, Any]]:
