@@ -148,7 +148,8 @@ STAGES: tuple[Stage, ...] = (
           reads_files=lambda params: [m.data for m in params.models.inputs if m.data],
           outside_state=lambda params: _files_state([m.data for m in params.models.inputs if m.data]),
           identity_file=STATS_FILE),
-    Stage("deltas", (), ("merge.method", "plan", "tokenizer", "pipeline.compute_dtype", "pipeline.materialize"),
+    Stage("deltas", (), ("merge.method", "plan", "tokenizer", "pipeline.compute_dtype", "pipeline.materialize",
+                         "pipeline.out_format"),
           group=stages.compute_deltas, fusable=True, output_bytes=stages.deltas_bytes,
           reads_files=lambda params: stats_files(params)),
     Stage("decompose", ("deltas",), ("merge.method", "merge.decompose", "pipeline.materialize"),
@@ -165,7 +166,8 @@ STAGES: tuple[Stage, ...] = (
            "pipeline.materialize"),
           group=stages.combine, partitioned=True, method_code=lambda spec: (spec.combine,),
           output_bytes=stages.merged_delta_bytes),
-    Stage("save", ("combine",), ("pipeline.out_dtype", "pipeline.shard_size"), group=stages.save, covers_ignored=True,
+    Stage("save", ("combine",), ("pipeline.out_dtype", "pipeline.shard_size", "pipeline.out_format", "pipeline.adapter_rank"),
+          group=stages.save, covers_ignored=True,
           identity_file=MODEL_DIGEST_FILE),
     Stage("evaluate", ("save", "fetch"), ("eval", "pipeline.device"), artifact="evaluation.harness:evaluate_models",
           versions=("lm_eval", "transformers", "torch"),
@@ -223,11 +225,13 @@ def merge_stage_params(config: MergeConfig, stage: str) -> dict[str, Any]:
     """
     spec = get_method(config.merge_method)
     if stage == "deltas":
+        # an adapter output changes the plan (untouched tensors) and what deltas keep (factors only)
         return {"include": list(config.include), "exclude": list(config.exclude), "ignore": list(config.ignore),
-                "compute_dtype": config.compute_dtype, "dtype": config.dtype}
+                "compute_dtype": config.compute_dtype, "dtype": config.dtype, "out_format": config.out_format}
     if stage == "save":
         return {"out_dtype": config.out_dtype or config.dtype, "tokenizer_source": config.tokenizer_source,
-                "shard_size": str(config.shard_size)}
+                "shard_size": str(config.shard_size), "out_format": config.out_format,
+                "adapter_rank": config.adapter_rank}
     upto = set(_METHOD_STAGES[: _METHOD_STAGES.index(stage) + 1])
     picked: dict[str, Any] = {"method": spec.name}
     picked["parameters"] = {k: v for k, v in sorted(config.parameters.items()) if spec.stage_of(k) in upto}
@@ -384,9 +388,13 @@ def run_stage(name: str, params: PipelineParams, inputs: dict[str, str | Path], 
         result = ArtifactWriter(out, manifest).commit(extra={"passthrough": link})
     else:
         ctx = MergeContext(plan.config)
-        with _sink(stage, ctx, out, manifest, overwrite=True, groups=groups) as add:
-            _loop(plan.chain, ctx, {n: ArtifactReader(p) for n, p in plan.inputs.items() if n != _MERGE_CONTEXT},
-                  add, groups, progress)
+        readers = {n: ArtifactReader(p) for n, p in plan.inputs.items() if n != _MERGE_CONTEXT}
+        if stage.covers_ignored and ctx.config.out_format == "peft":
+            with _adapter_sink(ctx, out, overwrite=True, manifest=manifest) as add:
+                _merged_deltas(plan.chain, ctx, readers, add, progress)
+        else:
+            with _sink(stage, ctx, out, manifest, overwrite=True, groups=groups) as add:
+                _loop(plan.chain, ctx, readers, add, groups, progress)
         result = out
     log.info("stage %s -> %s (%.1f s)", name, result, time.perf_counter() - started)
     return result
@@ -400,7 +408,7 @@ def merge_checkpoints(config: MergeConfig, out: str | Path, *, overwrite: bool =
     ctx = MergeContext(config)
     if config.out_format == "peft":
         with _adapter_sink(ctx, Path(out), overwrite) as add:
-            _loop([s for s in MERGE_STAGES if not s.covers_ignored], ctx, {}, add, None, progress)
+            _merged_deltas(list(MERGE_STAGES), ctx, {}, add, progress)
     else:
         with _sink(MERGE_STAGES[-1], ctx, Path(out), None, overwrite) as add:
             _loop(list(MERGE_STAGES), ctx, {}, add, None, progress)
@@ -479,10 +487,28 @@ def _sink(stage: Stage, ctx: MergeContext, out: Path, manifest: dict[str, Any] |
             write_manifest(tmp, {**manifest, "files": sorted(p.name for p in tmp.iterdir()), "output_digest": digest})
 
 
+def _merged_deltas(chain: list[Stage], ctx: MergeContext, readers: dict[str, ArtifactReader],
+                   add: Callable[[str, stages.Tensors], None], progress: Progress) -> None:
+    """An adapter output's groups: combine's merged delta (or factors) of every merged tensor,
+    from the chain's merge stages in memory, or (a staged save) from combine's artifact."""
+    merge_chain = [s for s in chain if not s.covers_ignored]
+    if merge_chain:
+        _loop(merge_chain, ctx, readers, add, None, progress)
+        return
+    entries = ctx.merged_entries()
+    with reproducible_threads(ctx.device):  # the adapter's QR/SVD balancing, as in a fused run
+        for done, entry in enumerate(entries, start=1):
+            add(entry.name, readers["combine"].read_group(entry.name))
+            if progress is not None:
+                progress(done, len(entries), entry.name)
+
+
 @contextlib.contextmanager
-def _adapter_sink(ctx: MergeContext, out: Path, overwrite: bool) -> Iterator[Callable[[str, stages.Tensors], None]]:
+def _adapter_sink(ctx: MergeContext, out: Path, overwrite: bool,
+                  manifest: dict[str, Any] | None = None) -> Iterator[Callable[[str, stages.Tensors], None]]:
     """``out_format: peft``: combine's merged deltas written as a PEFT LoRA adapter folder
-    (``merging.io.adapter_writer``), atomically; tensors whose delta is zero are left out."""
+    (``merging.io.adapter_writer``), atomically; tensors whose delta is zero are left out. With
+    ``manifest`` (the save stage) the folder is an artifact: its model digest and manifest beside."""
     full = [s.name for s in ctx.sources if not isinstance(s, AdapterSource)]
     if full:
         raise MergeConfigError(f"out_format: peft needs every input to be a LoRA adapter, but model {full[0]!r} is a "
@@ -503,6 +529,10 @@ def _adapter_sink(ctx: MergeContext, out: Path, overwrite: bool) -> Iterator[Cal
         yield add
         output.write(tmp, ctx.config.base_model)
         (tmp / "mergeflow_config.yml").write_text(ctx.config.to_yaml())
+        if manifest is not None:
+            digest = model_digest(tmp)
+            (tmp / MODEL_DIGEST_FILE).write_text(digest + "\n")
+            write_manifest(tmp, {**manifest, "files": sorted(p.name for p in tmp.iterdir()), "output_digest": digest})
 
 
 def _marker(stage: Stage, out: Path) -> Path:

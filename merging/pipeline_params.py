@@ -117,6 +117,8 @@ class PipelineSection(BaseModel):
     partitions: int = Field(1, ge=1, description="Split decompose/sparsify/combine into this many tensor-group partitions, mapped over the task runner.")
     artifacts: str = "artifacts"
     shard_size: str = "2GB"
+    out_format: Literal["hf", "peft"] = copy.copy(MergeConfig.model_fields["out_format"])  # the save stage's output
+    adapter_rank: int | None = copy.copy(MergeConfig.model_fields["adapter_rank"])
     keep_runs: int = Field(5, ge=0, description="mergeflow gc keeps what the last N recorded runs of each series used (and what the current params use).")
 
 
@@ -409,6 +411,8 @@ def merge_config(params: PipelineParams, folders: dict[str, str] | None = None,
         "exclude": list(params.plan.exclude),
         "ignore": list(params.plan.ignore),
         "shard_size": params.pipeline.shard_size,
+        "out_format": params.pipeline.out_format,
+        "adapter_rank": params.pipeline.adapter_rank,
         "base_is_reference": True,
     }
     folder_of = {m.name: folders.get(m.name, m.source) for m in (params.models.base, *params.models.inputs)}
