@@ -26,16 +26,17 @@ import fcntl
 import json
 import os
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from merging.digests import folder_digest
-from merging.errors import ArtifactError
+from merging.errors import ArtifactError, CheckpointMismatchError
+from merging.io.safetensors_header import TensorSlot, read_layout, read_tensor
 from merging.io.shards import StreamingShardWriter
 from merging.io.writer import INDEX, commit_dir, make_temp_dir, rename_noreplace, temp_sibling
 
@@ -184,7 +185,8 @@ def _follow(folder: Path) -> tuple[Path, dict[str, Any]]:
 
 class ArtifactReader:
     """Reads tensor groups of an artifact, following ``passthrough`` manifests and joining
-    the partial artifacts an index manifest (``parts``) lists."""
+    the partial artifacts an index manifest (``parts``) lists. Tensors are read with positional
+    reads (``safetensors_header.read_tensor``): nothing stays mapped, threads may read at once."""
 
     def __init__(self, folder: str | Path) -> None:
         self.folder, self.manifest = _follow(Path(folder))
@@ -194,22 +196,40 @@ class ArtifactReader:
             part_folder, part_manifest = _follow(part) if parts else (self.folder, self.manifest)
             for group, file in part_manifest.get("groups", {}).items():
                 self._where[group] = (part_folder, file)
-        self._handles: dict[Path, Any] = {}
-        self._keys: dict[str, list[str]] = {}
+        self._files: dict[Path, tuple[int, dict[str, dict[str, TensorSlot]]]] = {}  # fd, group -> factor -> slot
+        self._lock = threading.Lock()
+
+    def _open(self, path: Path) -> tuple[int, dict[str, dict[str, TensorSlot]]]:
+        with self._lock:
+            if path not in self._files:
+                try:
+                    layout = read_layout(path, f"artifact {self.folder}")
+                except CheckpointMismatchError as err:
+                    raise ArtifactError(f"{err}; rerun the stage that makes it") from None
+                groups: dict[str, dict[str, TensorSlot]] = {}
+                for key, slot in sorted(layout.items()):  # by name, as safe_open's keys() lists them
+                    group, _, factor = key.partition(SEP)
+                    groups.setdefault(group, {})[factor] = slot
+                self._files[path] = (os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)), groups)
+            return self._files[path]
 
     def read_group(self, group: str) -> dict[str, torch.Tensor]:
         if group not in self._where or not self._where[group][1]:
             raise ArtifactError(f"artifact {self.folder} has no tensor group {group!r}")
         folder, file = self._where[group]
-        path = folder / file
-        if path not in self._handles:
-            handle = safe_open(path, framework="pt")
-            self._handles[path] = handle
-            for key in handle.keys():
-                self._keys.setdefault(key.split(SEP, 1)[0], []).append(key)
-        handle = self._handles[path]
-        start = len(group) + len(SEP)
-        return {key[start:]: handle.get_tensor(key) for key in self._keys.get(group, [])}
+        fd, groups = self._open(folder / file)
+        where = f"artifact {self.folder}, group {group!r} in {file}"
+        return {factor: read_tensor(fd, slot, where) for factor, slot in groups.get(group, {}).items()}
+
+    def close(self) -> None:
+        with self._lock:
+            while self._files:
+                os.close(self._files.popitem()[1][0])
+
+    def __del__(self) -> None:
+        files = getattr(self, "_files", None)
+        while files:
+            os.close(files.popitem()[1][0])
 
 
 # --- locks ------------------------------------------------------------------------------------

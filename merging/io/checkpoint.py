@@ -1,7 +1,9 @@
 """Lazy readers of Hugging Face model folders (safetensors only, one tensor at a time).
 
 A folder holds ``model.safetensors`` or shards listed in ``model.safetensors.index.json``.
-Tensors are read with ``safe_open`` (memory-mapped) on demand, never the whole model.
+Tensors are read on demand, never the whole model, each with positional reads into a buffer
+torch owns (``safetensors_header.read_tensor``): no page of the file stays mapped, so the
+process holds only the tensors in flight, and several threads may read at once.
 Pickle checkpoints (``pytorch_model.bin``) are refused unless the user opts in with
 ``allow_pickle``, and then loaded with ``torch.load(weights_only=True, mmap=True)``.
 """
@@ -10,14 +12,14 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from merging.errors import CheckpointMismatchError, CheckpointNotFoundError, UnsafeCheckpointError
 from merging.io.files import model_file, read_json_object
-from merging.io.safetensors_header import read_header
+from merging.io.safetensors_header import TensorSlot, read_layout, read_tensor
 
 __all__ = ["CheckpointReader"]
 
@@ -52,7 +54,9 @@ class CheckpointReader:
                 "or a Hugging Face id fetched with network access)"
             )
         self._files: dict[str, Path] = {}  # tensor name -> file
-        self._handles: dict[Path, object] = {}
+        self._fds: dict[Path, int] = {}  # open weight files (read with os.preadv)
+        self._fds_lock = threading.Lock()
+        self._slots: dict[str, TensorSlot] = {}  # tensor name -> (shape, dtype, begin, end) in its file
         self._pickled: dict[str, torch.Tensor] | None = None
         self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         self._aliases: dict[str, str] = {}  # a name this checkpoint lacks -> the tied copy it reads instead
@@ -90,18 +94,19 @@ class CheckpointReader:
         tensors an index assigns to it, each of which must be there)."""
         path = model_file(self.path, name, self._owner)
         try:
-            header = read_header(path, self._owner)
+            header = read_layout(path, self._owner)
         except CheckpointMismatchError:
             if not self.shapes_only:
                 raise
-            header = read_header(path, self._owner, shapes_only=True)
+            header = read_layout(path, self._owner, shapes_only=True)
             self._headers_only.add(path)
         for tensor in sorted(header) if wanted is None else wanted:
             if tensor not in header:
                 raise CheckpointMismatchError(f"{self._owner}: {SAFETENSORS_INDEX} puts tensor {tensor!r} in {name}, "
                                               "which does not contain it; the index and the shards do not belong together")
             self._files[tensor] = path
-            self._meta[tensor] = header[tensor]
+            self._slots[tensor] = header[tensor]
+            self._meta[tensor] = header[tensor][:2]
 
     def _read_index(self, index: Path) -> None:
         data = read_json_object(index, self._owner)
@@ -139,10 +144,11 @@ class CheckpointReader:
             self._pickled.update(loaded)
         self._meta = {k: (tuple(v.shape), v.dtype) for k, v in self._pickled.items()}
 
-    def _handle(self, file: Path):
-        if file not in self._handles:
-            self._handles[file] = safe_open(file, framework="pt")
-        return self._handles[file]
+    def _fd(self, file: Path) -> int:
+        with self._fds_lock:
+            if file not in self._fds:
+                self._fds[file] = os.open(file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            return self._fds[file]
 
     def keys(self) -> list[str]:
         """Tensor names, in file order."""
@@ -194,9 +200,17 @@ class CheckpointReader:
                 f"{self._owner}: {self._files[key].name} holds tensor headers only (no data), and this merge reads "
                 f"tensor {key!r}; a header-only base serves only out_format: peft merges of LoRA adapters (without "
                 "modules_to_save) by a method that keeps their span; give the full base")
-        return self._handle(self._files[key]).get_tensor(key)
+        file = self._files[key]
+        return read_tensor(self._fd(file), self._slots[key], f"{self._owner}, tensor {key!r} in {file.name}")
 
     def close(self) -> None:
-        self._handles.clear()
+        with self._fds_lock:
+            while self._fds:
+                os.close(self._fds.popitem()[1])
         self._pickled = None
+
+    def __del__(self) -> None:
+        fds = getattr(self, "_fds", None)
+        while fds:
+            os.close(fds.popitem()[1])
 

@@ -8,12 +8,17 @@ the JSON is an object, every dtype is known, every shape is a list of non-negati
 ``end - begin`` equals the element count times the dtype's size, offsets lie inside the
 data area and no two tensors overlap. (The same-size relabelling of a tensor's dtype passes
 these checks; the plan refuses an input whose dtype kind differs from the base's.)
+
+``read_tensor`` reads one tensor's bytes with positional reads (``os.preadv``) straight into a
+buffer torch owns: nothing of the file stays mapped, so only the tensors in flight are resident
+(a memory-mapped reader keeps every page it touched in the process's RSS until it closes).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from pathlib import Path
 
@@ -21,7 +26,7 @@ import torch
 
 from merging.errors import CheckpointMismatchError
 
-__all__ = ["read_header", "DTYPES", "MAX_HEADER_BYTES"]
+__all__ = ["read_header", "read_layout", "read_tensor", "TensorSlot", "DTYPES", "MAX_HEADER_BYTES"]
 
 MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
 
@@ -33,6 +38,10 @@ DTYPES = {
 }
 
 
+TensorSlot = tuple[tuple[int, ...], torch.dtype, int, int]
+"""(shape, dtype, begin, end): a tensor and its bytes' absolute offsets in the file."""
+
+
 def read_header(path: Path, owner: str, shapes_only: bool = False) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """``{tensor name: (shape, dtype)}`` of a safetensors file whose header is consistent.
 
@@ -40,6 +49,12 @@ def read_header(path: Path, owner: str, shapes_only: bool = False) -> dict[str, 
     give a model's shapes without its weights): offsets are not checked against the file's
     size, everything else is.
     """
+    return {name: (shape, dtype) for name, (shape, dtype, _, _) in read_layout(path, owner, shapes_only).items()}
+
+
+def read_layout(path: Path, owner: str, shapes_only: bool = False) -> dict[str, TensorSlot]:
+    """``{tensor name: (shape, dtype, begin, end)}`` of a safetensors file whose header is
+    consistent (``read_header``'s checks), with absolute byte offsets for ``read_tensor``."""
 
     def bad(what: str) -> CheckpointMismatchError:
         return CheckpointMismatchError(f"{owner}: {path.name} is not a valid safetensors file: {what}; "
@@ -61,7 +76,7 @@ def read_header(path: Path, owner: str, shapes_only: bool = False) -> dict[str, 
     if not isinstance(header, dict):
         raise bad("its header is not a JSON object")
     data_size = size - 8 - length
-    tensors: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    tensors: dict[str, TensorSlot] = {}
     spans: list[tuple[int, int, str]] = []
     for name, info in header.items():
         if name == "__metadata__":
@@ -86,10 +101,27 @@ def read_header(path: Path, owner: str, shapes_only: bool = False) -> dict[str, 
         if offsets[1] - offsets[0] != expected:
             raise bad(f"tensor {name!r} ({info['dtype']}, shape {shape}) needs {expected} bytes but its offsets "
                       f"span {offsets[1] - offsets[0]}")
-        tensors[name] = (tuple(shape), dtype)
+        tensors[name] = (tuple(shape), dtype, 8 + length + offsets[0], 8 + length + offsets[1])
         spans.append((offsets[0], offsets[1], name))
     spans.sort()
     for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
         if begin < end:
             raise bad(f"tensors {first!r} and {second!r} overlap")
     return tensors
+
+
+def read_tensor(fd: int, slot: TensorSlot, where: str) -> torch.Tensor:
+    """The tensor at ``slot`` of the open file ``fd``, read with ``os.preadv`` into a fresh
+    buffer (safe from several threads: the reads are positional). ``where`` names the file and
+    tensor in the error raised when the file ends early (it was cut after its header was read)."""
+    shape, dtype, begin, end = slot
+    raw = torch.empty(end - begin, dtype=torch.uint8)
+    view = memoryview(raw.numpy())
+    done = 0
+    while done < len(view):  # a read may return less than asked (2 GiB at most on Linux)
+        count = os.preadv(fd, [view[done:]], begin + done)
+        if count == 0:
+            raise CheckpointMismatchError(f"{where}: the file ends at byte {begin + done}, inside the tensor's bytes "
+                                          f"[{begin}, {end}); it was truncated while being read; re-download or re-save it")
+        done += count
+    return raw.view(dtype).reshape(shape)
