@@ -289,13 +289,18 @@ def _publish(params: PipelineParams, report: Path, metrics: dict) -> None:
 
 
 def task_runner(params_file: str = "params.yaml", overrides: dict[str, Any] | None = None):
-    """The task runner ``pipeline.task_runner`` asks for: a thread pool, or Dask worker
-    processes (``pip install 'mergeflow[dask]'``) for partitions on several processes or a cluster."""
+    """The task runner ``pipeline.task_runner`` asks for: a thread pool, or Dask (``pip install
+    'mergeflow[dask]'``): the cluster at ``pipeline.dask_address``, else a local cluster of
+    ``max_workers`` worker processes, for partitions on several processes or machines."""
     from prefect.task_runners import ThreadPoolTaskRunner
 
     settings = load_params(params_file, overrides).pipeline
     if settings.task_runner == "dask":
-        from prefect_dask import DaskTaskRunner
-
+        try:
+            from prefect_dask import DaskTaskRunner
+        except ImportError:
+            raise MergeConfigError("pipeline.task_runner: dask needs prefect-dask: pip install 'mergeflow[dask]'") from None
+        if settings.dask_address:
+            return DaskTaskRunner(address=settings.dask_address)
         return DaskTaskRunner(cluster_kwargs={"n_workers": settings.max_workers, "threads_per_worker": 1, "processes": True})
     return ThreadPoolTaskRunner(max_workers=settings.max_workers)

@@ -114,6 +114,10 @@ class PipelineSection(BaseModel):
     materialize: bool = Field(True, description="Write deltas/decompose/sparsify artifacts; false streams them in memory (fused).")
     task_runner: Literal["thread", "dask"] = "thread"
     max_workers: int = Field(2, ge=1)
+    dask_address: str | None = Field(
+        None, description="task_runner: dask: the scheduler of an existing dask.distributed cluster (tcp://host:8786); "
+                          "its workers must see the artifact store and the models at the same paths (a shared file "
+                          "system). Default: a local cluster of max_workers processes.")
     partitions: int = Field(1, ge=1, description="Split decompose/sparsify/combine into this many tensor-group partitions, mapped over the task runner.")
     artifacts: str = "artifacts"
     shard_size: str = "2GB"
