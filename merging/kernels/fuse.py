@@ -8,6 +8,12 @@ With weights ``w_t`` and (optionally sign-elected) deltas ``d_t``:
 
 ``weight_before_election`` chooses mergekit's order (weights scale the deltas before the
 vote, so they change which sign wins) or the TIES paper's (vote on unweighted deltas).
+
+Every step is per position (the sums run over the T models), so large tensors are fused in
+chunks of positions: the same arithmetic, in the same order, on a bounded working set (the
+(T, n) weighted stack, signs and masks of a vocabulary-sized matrix are several times its
+size). The TIES paper's ``majority`` rule reads a whole-tensor statistic at zero-mass positions,
+so that election runs unchunked.
 """
 
 from __future__ import annotations
@@ -17,6 +23,11 @@ import torch
 from merging.kernels.sign import TieRule, agreement_mask, elect_sign
 
 __all__ = ["fuse_deltas", "model_weights", "combine_weighted_sum", "combine_sign_elected"]
+
+CHUNK = 1 << 20
+"""Positions fused at a time (a few MB of temporaries per model). A power of two: torch's sum
+over the models handles positions in blocks of a few SIMD vectors plus a scalar tail, so chunk
+boundaries on that grid keep every position's order of addition, hence its bits (tested)."""
 
 
 def fuse_deltas(
@@ -29,6 +40,19 @@ def fuse_deltas(
     tie_rule: TieRule = "positive",
 ) -> torch.Tensor:
     """Fuse ``deltas`` ``(T, ...)`` with ``weights`` ``(T,)`` into one delta ``(...)``."""
+    size = deltas[0].numel() if deltas.dim() > 1 else 0
+    if size <= CHUNK or (elect and tie_rule != "positive"):
+        return _fuse(deltas, weights, elect, normalize, weight_before_election, tie_rule)
+    flat = deltas.reshape(deltas.shape[0], size)  # (T, n): a view of the contiguous stack
+    merged = torch.empty(size, dtype=deltas.dtype, device=deltas.device)
+    for start in range(0, size, CHUNK):
+        merged[start:start + CHUNK] = _fuse(flat[:, start:start + CHUNK], weights, elect, normalize,
+                                            weight_before_election, tie_rule)
+    return merged.reshape(deltas.shape[1:])
+
+
+def _fuse(deltas: torch.Tensor, weights: torch.Tensor, elect: bool, normalize: bool, weight_before_election: bool,
+          tie_rule: TieRule) -> torch.Tensor:
     w = weights.to(deltas.dtype).reshape((-1,) + (1,) * (deltas.dim() - 1))  # (T, 1, ...)
     weighted = deltas * w
     if not elect:

@@ -57,7 +57,7 @@ def trim_by_magnitude(group: TensorGroup, deltas: torch.Tensor, densities: list[
         elif density >= 1:
             trimmed[t] = deltas[t]
         else:
-            trimmed[t] = keep_topk(deltas[t], max(1, math.floor(density * deltas[t].numel())))
+            keep_topk(deltas[t], max(1, math.floor(density * deltas[t].numel())), out=trimmed[t])
     return trimmed
 
 
