@@ -100,8 +100,23 @@ _THREADS_LOCK = threading.Lock()
 _THREADS_HELD = [0, 1]  # merges running on the CPU, the thread count to restore
 
 
+class _LastPerThread(threading.local):
+    """The last base tensor, aligned token rows, Core Space and KnOTS basis a thread asked for:
+    every stage of a group asks again, and groups may be merged in several threads at once."""
+
+    def __init__(self) -> None:  # run once in each thread that uses it
+        self.clear()
+
+    def clear(self) -> None:
+        self.base: tuple[str | None, torch.Tensor | None] = (None, None)
+        self.aligned: tuple[str | None, dict[str, torch.Tensor] | None] = (None, None)
+        self.core: tuple[str | None, CoreSpace | None] = (None, None)
+        self.knots: tuple[str | None, KnotsMatrix | None] = (None, None)
+
+
 class MergeContext:
-    """Everything opened and checked before any tensor is merged, and the per-group views."""
+    """Everything opened and checked before any tensor is merged, and the per-group views.
+    Safe to use from several threads, one tensor group per thread at a time."""
 
     def __init__(self, config: MergeConfig) -> None:
         self.config = config
@@ -110,13 +125,10 @@ class MergeContext:
         self.dtype = DTYPES[config.compute_dtype]
         self.out_dtype_name = config.out_dtype or config.dtype
         self.thresholds: tuple[torch.Tensor | None, frozenset] = (None, frozenset())  # sparsify's first pass
-        self._last_base: tuple[str | None, torch.Tensor | None] = (None, None)
-        self._last_core: tuple[str | None, CoreSpace | None] = (None, None)
-        self._last_knots: tuple[str | None, KnotsMatrix | None] = (None, None)
+        self._last = _LastPerThread()  # what the stages of the group a thread is merging ask for again
         self.mapped: dict[str, MappedTensor] | None = None  # sliced configs: each output tensor's inputs
         self.out_layers: int | dict[str, int] | None = None  # output layer count(s) when slices change them
         self.vocabulary: Vocabulary | None = None  # a tokenizer merge's output vocabulary
-        self._last_aligned: tuple[str | None, dict[str, torch.Tensor] | None] = (None, None)
         self._base_tied: dict[str, str] = {}  # tied copies the base stores: copy -> first name
         if config.slices is not None or config.modules is not None:
             self._open_slices(config)
@@ -298,7 +310,7 @@ class MergeContext:
         order (None for other tensors, or without a tokenizer merge); the last one is kept."""
         if self.vocabulary is None or not VOCAB_TENSOR.match(name):
             return None
-        if self._last_aligned[0] != name:
+        if self._last.aligned[0] != name:
             if self.mapped is not None:
                 pairs = [*self.mapped[name].inputs, self.mapped[name].reference]
                 readers = {ref: self._by_ref[ref].reader for ref, _ in pairs}
@@ -309,8 +321,8 @@ class MergeContext:
             for ref, key in pairs:
                 tensor = readers[ref].get(key)
                 raw[ref] = tensor.to(DTYPES[self.config.dtype]) if self.config.dtype else tensor
-            self._last_aligned = (name, align_rows(raw, self.vocabulary, self.config.tokens, self.config.base_model))
-        return self._last_aligned[1]
+            self._last.aligned = (name, align_rows(raw, self.vocabulary, self.config.tokens, self.config.base_model))
+        return self._last.aligned[1]
 
     def _check_core_space(self) -> None:
         """``merge_space: core`` needs LoRA inputs and a per-tensor trim."""
@@ -348,6 +360,11 @@ class MergeContext:
                 )
         return self._param_cache[key]
 
+    def release_group(self) -> None:
+        """Drop what the calling thread kept for its last group (its base tensor, ...): called
+        when a group is done, so the next one does not start with it still in memory."""
+        self._last.clear()
+
     def merged_entries(self) -> list[TensorEntry]:
         """Plan entries the method merges, in plan order."""
         return [e for e in self.plan if e.kind != "ignore"]
@@ -372,12 +389,12 @@ class MergeContext:
     def base_tensor(self, name: str) -> torch.Tensor:
         """The base tensor (read in ``dtype`` when set) on the compute device and dtype; the
         last one is kept, since every stage of a tensor group asks for it."""
-        if self._last_base[0] != name:
+        if self._last.base[0] != name:
             raw = torch.zeros(self.base.shape(name), dtype=self.dtype) if self.base_values_unused else self.raw_base(name)
             if self.config.dtype:
                 raw = raw.to(DTYPES[self.config.dtype])
-            self._last_base = (name, raw.to(device=self.device, dtype=self.dtype))
-        return self._last_base[1]
+            self._last.base = (name, raw.to(device=self.device, dtype=self.dtype))
+        return self._last.base[1]
 
     def deltas(self, entry: TensorEntry) -> torch.Tensor:
         """theta_t - theta_0 of every input, stacked: (T, *shape); NaN or Inf is an error."""
@@ -419,7 +436,7 @@ class MergeContext:
         last one is kept, since every stage of a group asks for it."""
         if self.space_of(entry) != "knots":
             return None
-        if self._last_knots[0] != entry.name:
+        if self._last.knots[0] != entry.name:
             if lora is not None:
                 space = knots_decompose(lora.b, lora.a, lora.scales, min_singular_value=KNOTS_MIN_SINGULAR_VALUE)
             else:
@@ -428,22 +445,22 @@ class MergeContext:
                 k = int((s > KNOTS_MIN_SINGULAR_VALUE).sum())
                 blocks = vh[:k].reshape(k, t, m).permute(1, 0, 2)  # (T, k, m)
                 space = KnotsMatrix(u[:, :k], s[:k].reshape(1, k, 1) * blocks)
-            self._last_knots = (entry.name, KnotsMatrix(space.basis.to(self.device), space.representations.to(self.device)))
-        return self._last_knots[1]
+            self._last.knots = (entry.name, KnotsMatrix(space.basis.to(self.device), space.representations.to(self.device)))
+        return self._last.knots[1]
 
     def core_space(self, entry: TensorEntry, lora: LoraFactors | None = None) -> CoreSpace | None:
         """The Core Space of a LoRA-adapted matrix under ``merge_space: core`` (None
         otherwise); the last one is kept, since every stage of a group asks for it."""
         if not self.in_core_space(entry):
             return None
-        if self._last_core[0] != entry.name:
+        if self._last.core[0] != entry.name:
             lora = lora if lora is not None else self.lora_factors(entry)
             if lora is None:
                 return None
             space = project_to_core(lora.b, lora.a, lora.scales, dtype=torch.float64)
-            self._last_core = (entry.name, CoreSpace(space.u_ref.to(self.device), space.v_ref.to(self.device),
+            self._last.core = (entry.name, CoreSpace(space.u_ref.to(self.device), space.v_ref.to(self.device),
                                                      space.cores.to(self.device)))
-        return self._last_core[1]
+        return self._last.core[1]
 
     def factored(self, entry: TensorEntry) -> bool:
         """Whether ``entry`` takes the LoRA factor route end to end (an adapter output of a method

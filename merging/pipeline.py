@@ -57,6 +57,7 @@ from merging.pipeline_params import PipelineParams, merge_config, named_stats
 from merging.plan import TensorEntry
 from merging.registry import get_method
 from merging.spec import MethodSpec, _identity_sparsify
+from merging.workers import group_workers, merge_groups
 
 __all__ = ["Stage", "STAGES", "MERGE_STAGES", "get_stage", "stage_key", "stage_inputs", "stages_through", "run_stage",
            "merge_checkpoints",
@@ -421,12 +422,16 @@ def _loop(chain: list[Stage], ctx: MergeContext, readers: dict[str, ArtifactRead
     """Run ``chain`` per tensor group: inputs come from ``readers`` or from the chain's earlier
     stages in memory; the last stage's output goes to ``add``."""
     by_name = {s.name: s for s in chain}
+    read_by = {n: [s.name for s in chain if n in s.inputs] for s in chain for n in s.inputs}
 
     def produce(name: str, entry: TensorEntry, memo: dict[str, stages.Tensors]) -> stages.Tensors:
         if name not in memo:
             if name in by_name:
                 stage = by_name[name]
                 memo[name] = stage.group(ctx, entry, {n: produce(n, entry, memo) for n in stage.inputs})
+                for n in stage.inputs:  # an input every stage reading it is done with is let go (memory)
+                    if all(r in memo for r in read_by[n]):
+                        memo[n] = {}  # (kept as a key: its readers' check above stays true)
             else:
                 memo[name] = readers[name].read_group(entry.name)
         return memo[name]
@@ -439,18 +444,40 @@ def _run_chain(chain: list[Stage], ctx: MergeContext, produce, add, groups: list
     for stage in chain:
         if stage.first_pass is not None:
             stage.first_pass(ctx, lambda name, e: produce(name, e, {}))
+            ctx.release_group()
     last = chain[-1]
     entries = ctx.all_entries() if last.covers_ignored else ctx.merged_entries()
     if groups is not None:
         wanted = set(groups)
         entries = [e for e in entries if e.name in wanted]
-    for done, entry in enumerate(entries, start=1):
-        if entry.kind == "ignore":
-            add(entry.name, last.group(ctx, entry, {}))
-        else:
-            add(entry.name, produce(last.name, entry, {}))
+
+    def merge(entry: TensorEntry) -> stages.Tensors:
+        try:
+            return last.group(ctx, entry, {}) if entry.kind == "ignore" else produce(last.name, entry, {})
+        finally:
+            ctx.release_group()
+
+    done = 0
+
+    def commit(entry: TensorEntry, tensors: stages.Tensors) -> None:
+        nonlocal done
+        add(entry.name, tensors)
+        done += 1
         if progress is not None:
             progress(done, len(entries), entry.name)
+
+    # groups are independent now: merged on the available cores, the output the same (merging.workers)
+    merge_groups(entries, merge, commit, group_workers(ctx.device), any_order=isinstance(add, _AnyOrder))
+
+
+class _AnyOrder:
+    """A sink that takes tensor groups in any order (each tensor has its planned offset)."""
+
+    def __init__(self, add: Callable[[str, stages.Tensors], None]) -> None:
+        self.add = add
+
+    def __call__(self, name: str, tensors: stages.Tensors) -> None:
+        self.add(name, tensors)
 
 
 @contextlib.contextmanager
@@ -476,7 +503,7 @@ def _sink(stage: Stage, ctx: MergeContext, out: Path, manifest: dict[str, Any] |
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         shards = PlannedShardWriter(tmp, layout)
         try:
-            yield lambda name, tensors: shards.add_group(tensors)
+            yield _AnyOrder(lambda name, tensors: shards.add_group(tensors))
             shards.finalize()
         finally:
             shards.close()

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from merging import merge_checkpoints, parse_merge_config
+from merging import pipeline as pipeline_module
 from merging.io import checkpoint as checkpoint_module
 from merging.io import shards as shards_module
 from tests.conftest import save_tiny_model
@@ -175,7 +176,8 @@ class _LiveBytes:
         self.live -= size
 
 
-def _peak_live_bytes(tmp_path: Path, layers: int, monkeypatch) -> tuple[int, int]:
+def _peak_live_bytes(tmp_path: Path, layers: int, monkeypatch, workers: int = 1) -> tuple[int, int]:
+    monkeypatch.setattr(pipeline_module, "group_workers", lambda device: workers)
     base = save_tiny_model(tmp_path / f"base{layers}", seed=0, layers=layers)
     models = [save_tiny_model(tmp_path / f"m{layers}_{i}", seed=i, base=base) for i in (1, 2, 3)]
     tracker = _LiveBytes()
@@ -184,7 +186,7 @@ def _peak_live_bytes(tmp_path: Path, layers: int, monkeypatch) -> tuple[int, int
     original_write = shards_module.PlannedShardWriter.write
     monkeypatch.setattr(shards_module.PlannedShardWriter, "write", lambda self, n, t: original_write(self, n, tracker.track(t.clone())))
     config = _config("ties", base, [(m, {"density": 0.3}) for m in models], shard_size=4096)
-    merge_checkpoints(config, tmp_path / f"out{layers}")
+    merge_checkpoints(config, tmp_path / f"out{layers}-{workers}")
     largest = max(t.numel() * t.element_size() for t in _state(base).values())
     return tracker.peak, largest
 
@@ -196,6 +198,9 @@ def test_peak_memory_does_not_grow_with_layers(tmp_path, monkeypatch):
     assert big <= small * 1.1, (small, big)
     assert big < 8 * largest + 4096 + largest
     assert big < model_bytes / 4  # far below one model, let alone four
+    # two workers: at most two groups in flight (which two depends on timing), still flat in depth
+    two, _ = _peak_live_bytes(tmp_path / "two", 24, monkeypatch, workers=2)
+    assert two <= 2 * small, (small, two)
 
 
 def test_no_base_linear_uses_first_model_as_reference(tiny_models, tmp_path):
