@@ -13,7 +13,9 @@ else is derived from this table: the Prefect task and flow, the DVC entry point
 The runner owns the context, the loop over tensor groups, the writer, the manifest and the
 key. A stage's key is the sha256 of its name, the params it reads, the digests of its input
 artifacts and the fingerprint of the code it runs (``merging.fingerprint``), so a code change
-can never serve a stale artifact. With ``pipeline.materialize: false`` the ``fusable`` stages
+can never serve a stale artifact. A ``recipe`` stage (``deltas``) stores a manifest only: the
+stages that read it compute its groups in memory, from its own inputs, as the fused mode
+does. With ``pipeline.materialize: false`` the ``fusable`` stages
 write only a marker and the next stage runs them in memory per group (the fused mode);
 ``merge_checkpoints`` runs every merge stage that way, writing straight to its output.
 """
@@ -44,6 +46,8 @@ from merging.io.artifacts import (
     ArtifactWriter,
     artifact_digest,
     is_current,
+    linked_data_folder,
+    read_manifest,
     relative_link,
     write_manifest,
 )
@@ -88,6 +92,9 @@ class Stage:
         partitioned: may be split over tensor-group partitions mapped over workers.
         fusable: with ``pipeline.materialize: false`` it runs in memory inside the next stage.
         covers_ignored: runs for tensors the plan keeps at the base value (``save``).
+        recipe: its artifact is a manifest only (no tensors): every stage that reads it computes
+            its groups in memory from the artifact's own inputs (``deltas``: input minus base,
+            cheaper to recompute than to store and read back).
         passthrough: the method has no such stage: its artifact is its first input's.
         method_code: the method functions the stage runs (their modules join its fingerprint).
         first_pass: a whole-model pass before the loop, given ``read(stage, entry)``: what an
@@ -112,6 +119,7 @@ class Stage:
     partitioned: bool = False
     fusable: bool = False
     covers_ignored: bool = False
+    recipe: bool = False
     passthrough: Callable[[MethodSpec], bool] | None = None
     method_code: Callable[[MethodSpec], tuple] | None = None
     first_pass: Callable[[MergeContext, Callable[[str, TensorEntry], stages.Tensors]], None] | None = None
@@ -151,7 +159,7 @@ STAGES: tuple[Stage, ...] = (
           identity_file=STATS_FILE),
     Stage("deltas", (), ("merge.method", "plan", "tokenizer", "pipeline.compute_dtype", "pipeline.materialize",
                          "pipeline.out_format"),
-          group=stages.compute_deltas, fusable=True, output_bytes=stages.deltas_bytes,
+          group=stages.compute_deltas, fusable=True, recipe=True, output_bytes=stages.deltas_bytes,
           reads_files=lambda params: stats_files(params)),
     Stage("decompose", ("deltas",), ("merge.method", "merge.decompose", "pipeline.materialize"),
           group=stages.decompose, partitioned=True, fusable=True, output_bytes=stages.deltas_bytes,
@@ -384,21 +392,45 @@ def run_stage(name: str, params: PipelineParams, inputs: dict[str, str | Path], 
             writer.abort()
             raise
         result = writer.commit(extra_files=files)
+    elif stage.recipe:
+        result = ArtifactWriter(out, manifest).commit(extra={"recipe": True})
     elif stage.passthrough is not None and not fused and stage.passthrough(get_method(plan.config.merge_method)):
         link = relative_link(plan.inputs[stage.inputs[0]], out)
         result = ArtifactWriter(out, manifest).commit(extra={"passthrough": link})
     else:
         ctx = MergeContext(plan.config)
-        readers = {n: ArtifactReader(p) for n, p in plan.inputs.items() if n != _MERGE_CONTEXT}
+        in_memory = _computed_in_memory(plan)
+        chain = [s for s in STAGES if s.name in in_memory] + plan.chain
+        readers = {n: ArtifactReader(p) for n, p in plan.inputs.items() if n != _MERGE_CONTEXT and n not in in_memory}
         if stage.covers_ignored and ctx.config.out_format == "peft":
             with _adapter_sink(ctx, out, overwrite=True, manifest=manifest) as add:
-                _merged_deltas(plan.chain, ctx, readers, add, progress)
+                _merged_deltas(chain, ctx, readers, add, progress)
         else:
             with _sink(stage, ctx, out, manifest, overwrite=True, groups=groups) as add:
-                _loop(plan.chain, ctx, readers, add, groups, progress)
+                _loop(chain, ctx, readers, add, groups, progress)
         result = out
     log.info("stage %s -> %s (%.1f s)", name, result, time.perf_counter() - started)
     return result
+
+
+def _computed_in_memory(plan: _Plan) -> set[str]:
+    """The input stages a run computes per group in memory instead of reading: recipes
+    (``Stage.recipe``), passthroughs of recipes, and what those read that this run was not
+    given (a passthrough's own input), transitively."""
+    def in_memory(name: str) -> bool:
+        if name not in plan.inputs:
+            return True
+        folder = Path(plan.inputs[name])
+        return bool(read_manifest(linked_data_folder(folder)).get("recipe"))
+
+    found: set[str] = set()
+    todo = [n for n in plan.inputs if n not in (_MERGE_CONTEXT, _MERGE_STATS) and get_stage(n).is_merge]
+    while todo:
+        name = todo.pop()
+        if name not in found and in_memory(name):
+            found.add(name)
+            todo.extend(get_stage(name).inputs)
+    return found
 
 
 def merge_checkpoints(config: MergeConfig, out: str | Path, *, overwrite: bool = False, progress: Progress = None) -> Path:

@@ -34,13 +34,14 @@ from typing import Any
 
 import torch
 
-from merging.digests import folder_digest
+from merging.digests import content_key, folder_digest
 from merging.errors import ArtifactError, CheckpointMismatchError
 from merging.io.safetensors_header import TensorSlot, read_layout, read_tensor
 from merging.io.shards import StreamingShardWriter
 from merging.io.writer import INDEX, commit_dir, make_temp_dir, rename_noreplace, temp_sibling
 
 __all__ = ["ArtifactWriter", "ArtifactReader", "read_manifest", "artifact_digest", "is_current", "relative_link", "linked_folders",
+           "linked_data_folder",
            "write_manifest", "MANIFEST", "acquire_lock", "release_lock", "exclusive", "lease", "is_leased", "remove_unleased"]
 
 MANIFEST = "manifest.json"
@@ -74,10 +75,18 @@ class ArtifactWriter:
         self.folder = make_temp_dir(self.target.absolute())  # extra files may be written here before ``commit``
         self._shards = StreamingShardWriter(self.folder, max_shard_bytes)
         self._groups: dict[str, str] = {}
+        self._zeros: dict[str, dict[str, list]] = {}  # group -> factor -> [shape, dtype] of an all-zero tensor
 
     def add_group(self, group: str, factors: dict[str, torch.Tensor]) -> None:
         self._groups[group] = ""
-        self._shards.add_group({f"{group}{SEP}{name}": tensor for name, tensor in factors.items()})
+        stored = {}
+        for name, tensor in factors.items():
+            if _all_zero_bits(tensor):  # recorded by shape and dtype, no bytes (untouched tensors' deltas)
+                self._zeros.setdefault(group, {})[name] = [list(tensor.shape), str(tensor.dtype).removeprefix("torch.")]
+            else:
+                stored[f"{group}{SEP}{name}"] = tensor
+        if stored:
+            self._shards.add_group(stored)
 
     def commit(self, extra_files: list[str] | None = None, extra: dict[str, Any] | None = None) -> Path:
         """Write the last shard and the manifest, then move the folder into place. A complete
@@ -90,8 +99,10 @@ class ArtifactWriter:
                 for key, file in weight_map.items():
                     self._groups[key.split(SEP, 1)[0]] = file
                 files += sorted(set(weight_map.values())) + ([INDEX] if (self.folder / INDEX).is_file() else [])
-            manifest = {**self.manifest, "files": sorted(files), "groups": self._groups,
-                        "output_digest": folder_digest(self.folder, files), **(extra or {})}
+            zeros = {"zeros": self._zeros} if self._zeros else {}
+            digest = folder_digest(self.folder, files) if not zeros else content_key([folder_digest(self.folder, files), zeros])
+            manifest = {**self.manifest, "files": sorted(files), "groups": self._groups, **zeros,
+                        "output_digest": digest, **(extra or {})}
             write_manifest(self.folder, manifest)
             _install(self.folder, self.target, manifest.get("cache_key"))
         except BaseException:
@@ -144,7 +155,7 @@ def is_current(folder: str | Path, key: str) -> bool:
 def artifact_digest(folder: str | Path) -> str:
     """The content identity of an artifact (what downstream cache keys depend on)."""
     manifest = read_manifest(folder)
-    if manifest.get("passthrough"):
+    if manifest.get("passthrough") or manifest.get("recipe"):
         return manifest["cache_key"]
     return manifest["output_digest"]
 
@@ -170,6 +181,11 @@ def linked_folders(folder: str | Path) -> set[Path]:
     return {folder}.union(*(linked_folders(_resolve(folder, link)) for link in links))
 
 
+def linked_data_folder(folder: str | Path) -> Path:
+    """The folder holding the data of an artifact (its own, or its passthrough's, transitively)."""
+    return _follow(Path(folder))[0]
+
+
 def _follow(folder: Path) -> tuple[Path, dict[str, Any]]:
     """The folder holding the data of an artifact, following ``passthrough`` manifests."""
     manifest = read_manifest(folder)
@@ -190,12 +206,17 @@ class ArtifactReader:
 
     def __init__(self, folder: str | Path) -> None:
         self.folder, self.manifest = _follow(Path(folder))
+        if self.manifest.get("recipe"):
+            raise ArtifactError(f"artifact {self.folder} is a recipe of stage {self.manifest.get('stage')!r}: it stores no "
+                                "tensors, its readers compute them (merging.pipeline)")
         self._where: dict[str, tuple[Path, str]] = {}  # group -> (folder, file)
+        self._zeros: dict[str, dict[str, list]] = {}
         parts = [_resolve(self.folder, p) for p in self.manifest.get("parts", [])]
         for part in parts or [self.folder]:
             part_folder, part_manifest = _follow(part) if parts else (self.folder, self.manifest)
             for group, file in part_manifest.get("groups", {}).items():
                 self._where[group] = (part_folder, file)
+            self._zeros.update(part_manifest.get("zeros", {}))
         self._files: dict[Path, tuple[int, dict[str, dict[str, TensorSlot]]]] = {}  # fd, group -> factor -> slot
         self._lock = threading.Lock()
 
@@ -214,12 +235,17 @@ class ArtifactReader:
             return self._files[path]
 
     def read_group(self, group: str) -> dict[str, torch.Tensor]:
-        if group not in self._where or not self._where[group][1]:
+        zeros = {factor: torch.zeros(shape, dtype=getattr(torch, dtype))
+                 for factor, (shape, dtype) in self._zeros.get(group, {}).items()}
+        if group not in self._where or not (self._where[group][1] or zeros):
             raise ArtifactError(f"artifact {self.folder} has no tensor group {group!r}")
         folder, file = self._where[group]
+        if not file:
+            return zeros
         fd, groups = self._open(folder / file)
         where = f"artifact {self.folder}, group {group!r} in {file}"
-        return {factor: read_tensor(fd, slot, where) for factor, slot in groups.get(group, {}).items()}
+        stored = {factor: read_tensor(fd, slot, where) for factor, slot in groups.get(group, {}).items()}
+        return {name: stored[name] if name in stored else zeros[name] for name in sorted({*stored, *zeros})}
 
     def close(self) -> None:
         with self._lock:
@@ -230,6 +256,14 @@ class ArtifactReader:
         files = getattr(self, "_files", None)
         while files:
             os.close(files.popitem()[1][0])
+
+
+def _all_zero_bits(tensor: torch.Tensor) -> bool:
+    """Every element of ``tensor`` is +0 bit for bit (-0.0 is not: it must round-trip)."""
+    if tensor.numel() == 0 or not tensor.is_contiguous():
+        return False
+    as_int = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}.get(tensor.element_size())
+    return as_int is not None and not bool(tensor.view(as_int).any())
 
 
 # --- locks ------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import yaml
 
 from merging import fingerprint, pipeline
 from merging.errors import ArtifactError
-from merging.io.artifacts import ArtifactReader, read_manifest
+from merging.io.artifacts import ArtifactReader, linked_data_folder, read_manifest
 from merging.pipeline_params import load_params
 from tests.pipeline_helpers import write_params
 
@@ -38,14 +38,17 @@ def test_artifacts_and_manifests(tiny_models, tmp_path):
     assert manifest["params"]["sparsify"]["models"][0] == {}  # the weight is read by combine, not sparsify
     assert set(manifest["inputs"]) == {"collect_stats", "decompose", "deltas", "fetch"} and manifest["versions"]["torch"]
     assert read_manifest(tmp_path / "a" / "decompose")["passthrough"]  # ties has no decomposition
-    reader = ArtifactReader(tmp_path / "a" / "decompose")
-    assert reader.folder == (tmp_path / "a" / "deltas").resolve()
-    assert reader.read_group("model.layers.0.self_attn.q_proj.weight")["deltas"].shape[0] == 3
+    # deltas is a recipe (no tensors stored: its readers compute input - base); ties' decompose a passthrough of it
+    assert read_manifest(tmp_path / "a" / "deltas")["recipe"] and not list((tmp_path / "a" / "deltas").glob("*.safetensors"))
+    assert linked_data_folder(tmp_path / "a" / "decompose") == (tmp_path / "a" / "deltas").resolve()
+    with pytest.raises(ArtifactError, match="recipe"):
+        ArtifactReader(tmp_path / "a" / "decompose")
+    assert ArtifactReader(tmp_path / "a" / "sparsify").read_group("model.layers.0.self_attn.q_proj.weight")["deltas"].shape[0] == 3
     assert (model / "config.json").is_file()
     assert (model / pipeline.MODEL_DIGEST_FILE).read_text().strip() == read_manifest(model)["output_digest"]
     shutil.copytree(tmp_path / "a", tmp_path / "moved")  # links between artifacts are relative
     shutil.rmtree(tmp_path / "a" / "deltas")
-    assert ArtifactReader(tmp_path / "moved" / "decompose").folder == (tmp_path / "moved" / "deltas").resolve()
+    assert linked_data_folder(tmp_path / "moved" / "decompose") == (tmp_path / "moved" / "deltas").resolve()
     models = json.loads((tmp_path / "a" / "fetch" / "models.json").read_text())
     assert Path(models["a"]["folder"]).resolve() == tiny_models["ft_a"].resolve() and len(models["a"]["digest"]) == 64
 

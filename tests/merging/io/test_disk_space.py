@@ -48,7 +48,7 @@ def test_merge_command_refuses_before_writing(tiny_models, tmp_path, monkeypatch
 
 
 def test_stage_refuses_before_writing_its_artifact(tiny_models, tmp_path, monkeypatch):
-    """A materialized stage checks the bytes it will store (deltas: T x numel x 4) first."""
+    """A materialized stage checks the bytes it will store (sparsify: T x numel x 4) first."""
     from merging.pipeline import get_stage, run_stage, stage_inputs, stages_through
     from merging.pipeline_params import load_params
     from tests.pipeline_helpers import write_params
@@ -56,9 +56,9 @@ def test_stage_refuses_before_writing_its_artifact(tiny_models, tmp_path, monkey
     params = load_params(write_params(tmp_path / "params.yaml", tiny_models, tmp_path / "art"))
     store = tmp_path / "art" / "store"
     done = {}
-    for name in stages_through("deltas")[:-1]:  # what deltas reads (fetch, ...), written with the disk as it is
+    for name in stages_through("sparsify")[:-1]:  # what sparsify reads (fetch, deltas, ...), written with the disk as it is
         done[name] = run_stage(name, params, {n: done[n] for n in stage_inputs(get_stage(name))}, store / name, store)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10**9, 10**9 - 999, 999))
-    with pytest.raises(InsufficientDiskSpaceError, match="the deltas artifact at .*deltas.*999 B free"):
-        run_stage("deltas", params, {n: done[n] for n in stage_inputs(get_stage("deltas"))}, store / "deltas", store)
-    assert not (store / "deltas").exists() and not list(store.glob(".deltas*"))
+    with pytest.raises(InsufficientDiskSpaceError, match="the sparsify artifact at .*sparsify.*999 B free"):
+        run_stage("sparsify", params, {n: done[n] for n in stage_inputs(get_stage("sparsify"))}, store / "sparsify", store)
+    assert not (store / "sparsify").exists() and not list(store.glob(".sparsify*"))
