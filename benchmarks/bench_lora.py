@@ -30,13 +30,14 @@ from bench_merge import BIN, alternate, median_range  # noqa: E402
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def build(root: Path, hidden: int, layers: int, vocab: int, n_adapters: int, rank: int) -> dict[str, Path]:
+def build(root: Path, hidden: int, layers: int, vocab: int, n_adapters: int, rank: int,
+          dtype: torch.dtype = torch.bfloat16) -> dict[str, Path]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 8 / 3), num_hidden_layers=layers,
                          num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
     torch.manual_seed(0)
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(root / "base")
+    LlamaForCausalLM(config).to(dtype).save_pretrained(root / "base")
     base = load_file(root / "base" / "model.safetensors")
     paths = {"base": root / "base"}
     for i in range(n_adapters):
@@ -51,7 +52,7 @@ def build(root: Path, hidden: int, layers: int, vocab: int, n_adapters: int, ran
                 b = torch.randn(out_dim, rank, generator=g) * 0.01
                 prefix = f"base_model.model.model.layers.{layer}.{part}.{module}"
                 tensors[f"{prefix}.lora_A.weight"], tensors[f"{prefix}.lora_B.weight"] = a, b
-                full[key] = (base[key].float() + 2.0 * b @ a).to(torch.bfloat16)
+                full[key] = (base[key].float() + 2.0 * b @ a).to(dtype)
         folder = root / f"lora{i}"
         folder.mkdir()
         save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
