@@ -7,10 +7,17 @@ defaults), plus the I/O floor (``io_floor.py``: read every input tensor once, wr
 alternating ``--repeat`` times so drifts in machine load hit every command alike. Reports the
 median (min-max) of the whole command's wall time and peak RSS (``os.wait4``'s ru_maxrss of
 the child), the ratios to mergekit and to the floor, and the load average seen during the runs:
-ratios only mean something on an otherwise idle machine. ``--size-curve`` adds linear and ties
-at growing depth (fixed width and vocabulary). Not part of the test suite (``make bench``).
+ratios only mean something on an otherwise idle machine. Not part of the test suite (``make bench``).
 
-    .venv/bin/python benchmarks/bench_merge.py --repeat 3 --results benchmarks/results.md
+``--size-curve`` adds linear and ties (mergeflow and mergekit, ``--curve-repeat`` runs each) at
+growing depth, fixed width and vocabulary (9, 36, 72, 144 layers: about 0.1B to 1B parameters;
+the first depth reuses the table's runs when it is the table's model), and ``--wide`` one point
+at a larger width (hidden 1536, 8 layers: about as many parameters as 36 layers at 768, with
+vocabulary-sized groups twice as large), so a summary shows whether time grows with the
+parameters and peak RSS with the largest tensor group rather than with the model. ``--quick``
+runs everything at toy sizes (a smoke test of the script, seconds per command).
+
+    .venv/bin/python benchmarks/bench_merge.py --repeat 3 --size-curve --wide --results benchmarks/results.md
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -146,17 +154,20 @@ def commands_for(method: str, root: Path, paths: dict[str, Path], n_models: int,
 
 
 def run_table(methods: list[str], root: Path, paths: dict[str, Path], n_models: int, repeat: int, src: Path | None,
-              compare: Path | None) -> list[dict]:
+              compare: Path | None, tools: tuple[str, ...] = ("mergekit", "mergeflow", "floor", "compare")) -> list[dict]:
     commands: dict[str, list[str]] = {}
     for method in methods:
-        commands.update(commands_for(method, root, paths, n_models, src, compare))
+        commands.update({k: v for k, v in commands_for(method, root, paths, n_models, src, compare).items()
+                         if k.split("/")[1] in tools})
 
-    def clean(label: str) -> None:
-        shutil.rmtree(root / f"out-{label.split('/')[1]}", ignore_errors=True)
+    def clean(label: str) -> None:  # every output removed before each command: one output on disk at a time
+        for out in root.glob("out-*"):
+            shutil.rmtree(out, ignore_errors=True)
 
     loads = [os.getloadavg()[0]]
     results = alternate(commands, repeat, before_each=clean)
     loads.append(os.getloadavg()[0])
+    clean("")
     rows = []
     for method in methods:
         row = {"method": method, "load": loads}
@@ -170,15 +181,19 @@ def run_table(methods: list[str], root: Path, paths: dict[str, Path], n_models: 
 def format_rows(rows: list[dict], title: str) -> list[str]:
     med = statistics.median
     has_compare = any("compare" in r for r in rows)
-    head = ["merge", "mergeflow", "mergekit", "I/O floor", "time / mergekit", "time / floor", "RSS / mergekit", "RSS / floor"]
+    has_floor = all("floor" in r for r in rows)
+    head = ["merge", "mergeflow", "mergekit", *(["I/O floor"] if has_floor else []), "time / mergekit",
+            *(["time / floor"] if has_floor else []), "RSS / mergekit", *(["RSS / floor"] if has_floor else [])]
     if has_compare:
         head += ["compare (other checkout)", "time / compare", "RSS / compare"]
     lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        (ft, fm), (kt, km), (lt, lm) = r["mergeflow"], r["mergekit"], r["floor"]
+        (ft, fm), (kt, km) = r["mergeflow"], r["mergekit"]
+        lt, lm = r.get("floor", ([1.0], [1.0]))
         cells = [r["method"], f"{median_range(ft)}, {med(fm):.0f} MB", f"{median_range(kt)}, {med(km):.0f} MB",
-                 f"{median_range(lt)}, {med(lm):.0f} MB", f"{med(ft) / med(kt):.2f}", f"{med(ft) / med(lt):.2f}",
-                 f"{med(fm) / med(km):.2f}", f"{med(fm) / med(lm):.2f}"]
+                 *([f"{median_range(lt)}, {med(lm):.0f} MB"] if has_floor else []), f"{med(ft) / med(kt):.2f}",
+                 *([f"{med(ft) / med(lt):.2f}"] if has_floor else []), f"{med(fm) / med(km):.2f}",
+                 *([f"{med(fm) / med(lm):.2f}"] if has_floor else [])]
         if has_compare:
             ct, cm = r["compare"]
             cells += [f"{median_range(ct)}, {med(cm):.0f} MB", f"{med(ft) / med(ct):.2f}", f"{med(fm) / med(cm):.2f}"]
@@ -186,20 +201,40 @@ def format_rows(rows: list[dict], title: str) -> list[str]:
     return lines
 
 
-def curve_summary(points: list[tuple[int, float, list[dict]]]) -> list[str]:
-    """mergeflow's time and RSS per depth, each relative to the smallest model (flat in depth:
-    time about proportional to the parameters, RSS about constant)."""
+@dataclass(frozen=True)
+class Point:
+    """One model of the size curve and the linear / ties rows measured on it."""
+
+    hidden: int
+    layers: int
+    params: float
+    largest: int  # parameters of the largest tensor group (the embedding / LM head)
+    rows: list[dict]
+
+
+def _millions(count: float) -> str:
+    return f"{count / 1e6:.0f}M" if count >= 1e7 else f"{count / 1e6:.2f}M"
+
+
+def curve_summary(points: list[Point]) -> list[str]:
+    """Time and peak RSS per model, relative to the first (smallest) one, for both tools: flat in
+    depth means time about proportional to the parameters and RSS about constant; the wide point
+    shows RSS following the largest tensor group."""
     med = statistics.median
-    lines = ["### size curve, mergeflow relative to the smallest depth", "",
-             "| layers | parameters | method | time | time / first | parameters / first | peak RSS | RSS / first |",
-             "|---|---|---|---|---|---|---|---|"]
-    first = {r["method"]: (med(r["mergeflow"][0]), med(r["mergeflow"][1])) for r in points[0][2]}
-    for layers, params, rows in points:
-        for r in rows:
-            t, m = med(r["mergeflow"][0]), med(r["mergeflow"][1])
-            t0, m0 = first[r["method"]]
-            lines.append(f"| {layers} | {params / 1e6:.0f}M | {r['method']} | {t:.1f} s | {t / t0:.2f} | "
-                         f"{params / points[0][1]:.2f} | {m:.0f} MB | {m / m0:.2f} |")
+    lines = ["### size curve: each tool relative to the first model", "",
+             "| hidden x layers | parameters | largest group | method | mergeflow time | time / first | parameters / first "
+             "| mergeflow peak RSS | RSS / first | mergekit time | time / first | mergekit peak RSS | RSS / first "
+             "| time / mergekit | RSS / mergekit |", "|" + "---|" * 15]
+    first = {r["method"]: r for r in points[0].rows}
+    for point in points:
+        for r in point.rows:
+            (ft, fm), (kt, km) = r["mergeflow"], r["mergekit"]
+            (ft0, fm0), (kt0, km0) = first[r["method"]]["mergeflow"], first[r["method"]]["mergekit"]
+            lines.append(
+                f"| {point.hidden} x {point.layers} | {_millions(point.params)} | {_millions(point.largest)} | {r['method']} | "
+                f"{med(ft):.1f} s | {med(ft) / med(ft0):.2f} | {point.params / points[0].params:.2f} | {med(fm):.0f} MB | "
+                f"{med(fm) / med(fm0):.2f} | {med(kt):.1f} s | {med(kt) / med(kt0):.2f} | {med(km):.0f} MB | "
+                f"{med(km) / med(km0):.2f} | {med(ft) / med(kt):.2f} | {med(fm) / med(km):.2f} |")
     return lines
 
 
@@ -209,16 +244,41 @@ def model_line(paths: dict[str, Path], hidden: int, layers: int, vocab: int, n_m
             f"checkpoint (bf16); base + {n_models} fine-tunes")
 
 
+def parameters(hidden: int, layers: int, vocab: int) -> int:
+    """Parameters of ``build``'s model (an upper bound: k and v counted as full square matrices)."""
+    return 2 * vocab * hidden + layers * (4 * hidden * hidden + 3 * hidden * int(hidden * 2.75))
+
+
 def disk_needed(hidden: int, layers: int, vocab: int, n_models: int) -> float:
-    """About the bytes the inputs and the outputs in flight take (one output per tool)."""
-    per_layer = 4 * hidden * hidden + 3 * hidden * int(hidden * 2.75)
-    params = 2 * vocab * hidden + layers * per_layer
-    return params * 2 * (n_models + 1 + 4)
+    """About the bytes one model's inputs and one output take (bf16; outputs are removed before
+    each command)."""
+    return parameters(hidden, layers, vocab) * 2 * (n_models + 1 + 1)
+
+
+def run_point(root: Path, hidden: int, layers: int, vocab: int, args,
+              reuse: tuple[list[dict], dict[str, Path]] | None) -> tuple[Point, list[str]]:
+    """Build one curve model in ``root`` and run linear and ties with both tools, then remove it;
+    or take ``reuse``: the table's rows and models, when they are this model."""
+    if reuse is not None:
+        rows, paths = reuse
+        block = [f"### size curve: {model_line(paths, hidden, layers, vocab, args.models)}", "", "(the table's runs above)", ""]
+    else:
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir()
+        paths = build(root, hidden, layers, vocab, args.models)
+        rows = run_table(["linear", "ties"], root, paths, args.models, args.curve_repeat, args.src, None,
+                         tools=("mergekit", "mergeflow"))
+        block = format_rows(rows, "size curve: " + model_line(paths, hidden, layers, vocab, args.models))
+        block += ["", f"load average before / after: {rows[0]['load'][0]:.2f} / {rows[0]['load'][1]:.2f}", ""]
+    size = sum(f.stat().st_size for f in paths["base"].glob("*.safetensors"))
+    if reuse is None:
+        shutil.rmtree(root, ignore_errors=True)
+    return Point(hidden, layers, size / 2, max(vocab * hidden, int(hidden * 2.75) * hidden), rows), block
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="Methods of the table (default: all; --quick: linear ties).")
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--layers", type=int, default=9)
     parser.add_argument("--vocab", type=int, default=32000)
@@ -226,42 +286,51 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--size-curve", nargs="*", type=int, metavar="LAYERS",
                         help="Also run linear and ties at these depths (default 9 36 72 144: about 0.1B to 1B).")
+    parser.add_argument("--wide", nargs="?", const="1536x8", metavar="HIDDENxLAYERS",
+                        help="Also run linear and ties on one wider model (default 1536x8).")
+    parser.add_argument("--curve-repeat", type=int, default=1, help="Runs of each command per curve point.")
+    parser.add_argument("--quick", action="store_true", help="Toy sizes throughout: a smoke test of this script.")
     parser.add_argument("--src", type=Path, help="Run mergeflow from this checkout (default: the installed one).")
     parser.add_argument("--compare", type=Path, help="Another mergeflow checkout run as a fourth command (before/after).")
     parser.add_argument("--results", type=Path, help="Also write the tables (markdown) to this file.")
     parser.add_argument("--workdir", type=Path, help="Where to build the checkpoints (default: a temporary folder).")
     args = parser.parse_args()
     curve = [] if args.size_curve is None else (args.size_curve or [9, 36, 72, 144])
-    need = max([disk_needed(args.hidden, n, args.vocab, args.models) for n in [args.layers, *curve]])
+    wide = [int(v) for v in args.wide.split("x")] if args.wide else None
+    if args.quick:  # toy sizes: hidden 64, vocab 1000; depths and width scaled alike
+        args.hidden, args.layers, args.vocab, args.repeat = 64, 2, 1000, 1
+        curve = [max(1, n // 9 * 2) for n in curve]
+        wide = [128, 2] if wide else None
+    methods = args.methods or (["linear", "ties"] if args.quick else list(METHODS))
+    shapes = [(args.hidden, n) for n in curve] + ([tuple(wide)] if wide else [])
+    need = disk_needed(args.hidden, args.layers, args.vocab, args.models) + max(
+        [disk_needed(h, n, args.vocab, args.models) for h, n in shapes], default=0)
     where = args.workdir or Path(tempfile.gettempdir())
     where.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(where).free
     print(f"needs about {need / 1e9:.1f} GB free disk in {where} ({free / 1e9:.1f} GB free); {os.cpu_count()} CPUs; "
           f"load average now {os.getloadavg()[0]:.2f}", flush=True)
     if free < need:
-        sys.exit("not enough free disk; pass --workdir on a larger file system")
+        sys.exit(f"not enough free disk: about {need / 1e9:.1f} GB needed, {free / 1e9:.1f} GB free in {where}; "
+                 "pass --workdir on a larger file system")
     lines = [f"mergeflow vs mergekit 0.1.5 vs the I/O floor: median (min-max) of {args.repeat} alternating runs, whole "
              "process wall time and peak RSS (ru_maxrss), each tool at its defaults.", ""]
     with tempfile.TemporaryDirectory(dir=where) as tmp:
         root = Path(tmp)
         paths = build(root, args.hidden, args.layers, args.vocab, args.models)
-        rows = run_table(args.methods, root, paths, args.models, args.repeat, args.src, args.compare)
+        rows = run_table(methods, root, paths, args.models, args.repeat, args.src, args.compare)
         lines += format_rows(rows, model_line(paths, args.hidden, args.layers, args.vocab, args.models))
         lines += ["", f"load average (1 min) before / after: {rows[0]['load'][0]:.2f} / {rows[0]['load'][1]:.2f} on "
                   f"{os.cpu_count()} CPUs; ratios are only meaningful on an idle machine", ""]
         print("\n".join(lines), flush=True)
+        table_rows = [r for r in rows if r["method"] in ("linear", "ties")]
         points = []
-        for layers in curve:
-            shutil.rmtree(root / "curve", ignore_errors=True)
-            (root / "curve").mkdir()
-            curve_paths = build(root / "curve", args.hidden, layers, args.vocab, args.models)
-            curve_rows = run_table(["linear", "ties"], root / "curve", curve_paths, args.models, args.repeat, args.src, None)
-            block = format_rows(curve_rows, "size curve: " + model_line(curve_paths, args.hidden, layers, args.vocab, args.models))
-            block += ["", f"load average before / after: {curve_rows[0]['load'][0]:.2f} / {curve_rows[0]['load'][1]:.2f}", ""]
+        for hidden, layers in shapes:
+            same = (hidden, layers) == (args.hidden, args.layers) and len(table_rows) == 2
+            point, block = run_point(root / "curve", hidden, layers, args.vocab, args, (table_rows, paths) if same else None)
             print("\n".join(block), flush=True)
             lines += block
-            size = sum(f.stat().st_size for f in curve_paths["base"].glob("*.safetensors"))
-            points.append((layers, size / 2, curve_rows))
+            points.append(point)
         if points:
             summary = curve_summary(points)
             print("\n".join(summary), flush=True)
