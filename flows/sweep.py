@@ -167,9 +167,9 @@ def sweep(sweep_file: str = "sweep.yaml", params_file: str = "params.yaml", refr
         scored.append((override, metrics))
         if prune and computed:  # points are in grid order (lambda innermost): neighbours share their sparsify artifact
             used = {d for stage, d in metrics.get("artifacts", {}).items() if stage in PRUNED}
-            _prune(held - used, existing)
+            prune_created(held - used, existing)
             held = used
-    _prune(held, existing)
+    prune_created(held, existing)
     best: dict[str, tuple[dict, dict]] = {}
     for override, metrics in scored:
         method = override["name"]
@@ -211,7 +211,7 @@ def point_record(params: PipelineParams) -> Path | None:
     return store_of(params) / POINTS / f"{key[:24]}.json"
 
 
-def _prune(folders: set[str], existing: set[str]) -> None:
+def prune_created(folders: set[str], existing: set[str]) -> None:
     """Delete point artifacts (and the partial artifacts an index lists) that this sweep
     created, unless another run holds a lease on them (``remove_unleased``): a concurrent run
     or sweep keeps what it uses, and what was in the store before the sweep is someone else's.

@@ -8,6 +8,7 @@ Tune file (YAML)::
     trials: 8                     # per method (a method's own 'trials' wins)
     seed: 0                       # the samplers' seed
     startup_trials: 3             # random trials before TPE models the history (default trials // 3, >= 1)
+    prune: true                   # delete each trial's sparsify/combine/save artifacts once scored (default)
     methods:
       - method: drm
         name: drm_h               # tells apart studies of one method
@@ -45,7 +46,17 @@ from prefect import flow, get_run_logger
 
 from evaluation.harness import include_digest
 from flows.merge_and_eval import store_of
-from flows.sweep import SECTIONS, format_leaderboard, label, report_row, run_point, score, validation_overrides
+from flows.sweep import (
+    PRUNED,
+    SECTIONS,
+    format_leaderboard,
+    label,
+    prune_created,
+    report_row,
+    run_point,
+    score,
+    validation_overrides,
+)
 from merging.config import read_yaml
 from merging.digests import content_key
 from merging.errors import MergeConfigError, MergeflowError
@@ -120,15 +131,18 @@ class Space:
 
 
 def parse_tune_file(path: str) -> tuple[dict[str, Any], list[Space]]:
-    """(settings: select, trials, seed, startup_trials; the spaces), validated."""
+    """(settings: select, trials, seed, startup_trials, prune; the spaces), validated."""
     raw = read_yaml(path)
     if not isinstance(raw, dict) or not isinstance(raw.get("methods"), list) or not raw["methods"]:
         raise MergeConfigError(f"{path}: a tune file needs a non-empty 'methods' list")
-    unknown = set(raw) - {"methods", "select", "trials", "seed", "startup_trials"}
+    unknown = set(raw) - {"methods", "select", "trials", "seed", "startup_trials", "prune"}
     if unknown:
-        raise MergeConfigError(f"{path}: unknown key(s) {sorted(unknown)}; use methods, select, trials, seed, startup_trials")
+        raise MergeConfigError(f"{path}: unknown key(s) {sorted(unknown)}; use methods, select, trials, seed, "
+                               "startup_trials, prune")
     settings = {"select": raw.get("select", "normalized_accuracy"), "trials": raw.get("trials", 8),
-                "seed": raw.get("seed", 0), "startup_trials": raw.get("startup_trials")}
+                "seed": raw.get("seed", 0), "startup_trials": raw.get("startup_trials"), "prune": raw.get("prune", True)}
+    if not isinstance(settings["prune"], bool):
+        raise MergeConfigError(f"{path}: prune must be true or false, got {settings['prune']!r}")
     if settings["select"] not in SELECTS:
         raise MergeConfigError(f"{path}: select must be one of {', '.join(SELECTS)}, got {settings['select']!r}")
     spaces = [Space(entry, f"{path}: methods[{i}]") for i, entry in enumerate(raw["methods"])]
@@ -185,7 +199,9 @@ def run_study(params_file: str, space: Space, settings: dict[str, Any], refresh:
     params = require_evaluation(load_params(params_file), params_file)
     on_validation = validation_overrides(params)
     name = study_name(space, settings, params)
-    study = _open_study(store_of(params), name, _sampler(settings, space, 0))
+    store = store_of(params)
+    existing = {p.name for p in store.iterdir()} if store.is_dir() else set()  # never pruned: not this study's
+    study = _open_study(store, name, _sampler(settings, space, 0))
     for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):  # left by a killed run: retry it
         study.enqueue_trial(stale.params, skip_if_exists=False)
         study.tell(stale.number, state=TrialState.FAIL)
@@ -200,8 +216,10 @@ def run_study(params_file: str, space: Space, settings: dict[str, Any], refresh:
         params_override = {k: v for k, v in override.items() if k != "name"}
         require_evaluation(load_params(params_file, {**params_override, **on_validation}),
                            f"{params_file} ({label(override)})")
-        metrics, _ = run_point(params_file, {**params_override, **on_validation}, f"{label(override)} (trial {done})",
-                               refresh)
+        metrics, computed = run_point(params_file, {**params_override, **on_validation},
+                                      f"{label(override)} (trial {done})", refresh)
+        if settings["prune"] and computed:  # a trial's model is scored: its point record keeps the metrics
+            prune_created({d for stage, d in metrics.get("artifacts", {}).items() if stage in PRUNED}, existing)
         value = score(metrics, settings["select"])
         trial.set_user_attr("setting", label(override))
         study.tell(trial, value if math.isfinite(value) else None,

@@ -126,6 +126,8 @@ def test_tune_reports_the_best_trial_on_test(prefect_harness, tiny_models, tmp_p
     values = [float(line.split(",")[1]) for line in history[1:]]
     assert rows[0]["validation"] == pytest.approx(max(values))  # the best trial is the one reported
     assert len(list((tmp_path / "art" / "store").glob("deltas-*"))) == 1  # one deltas artifact for every trial
+    # each trial's sparsify/combine/save were pruned once scored; the best's were made again for the test split
+    assert len(list((tmp_path / "art" / "store").glob("save-*"))) == 1
     assert json.loads((tmp_path / "art" / "tune" / "leaderboard.json").read_text()) == rows
     # a rerun resumes the finished study: no trial runs again
     assert tune(str(tune_file), str(params)) == rows
