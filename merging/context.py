@@ -54,7 +54,7 @@ from merging.slices import MappedTensor, expand_slices, sliced_layer_count
 from merging.spec import LoraFactors, MethodSpec, TensorGroup
 from merging.tokenizer_merge import VOCAB_TENSOR, Vocabulary, align_rows, build_vocabulary, needs_vocabulary
 
-__all__ = ["MergeContext", "resolve_device", "reproducible_threads", "DTYPES"]
+__all__ = ["MergeContext", "resolve_device", "reproducible_threads", "all_finite", "DTYPES"]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,16 @@ def resolve_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise MergeConfigError("device: cuda was asked for but no CUDA device is available; use cpu or auto")
     return torch.device(device)
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` holds no NaN or Inf: one min/max reduction (a NaN propagates through
+    it), about a tenth of the time of ``isfinite(tensor).all()``, which writes a mask as large
+    as the tensor first."""
+    if tensor.numel() == 0 or not tensor.is_floating_point():
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 @contextlib.contextmanager
@@ -413,7 +423,7 @@ class MergeContext:
             if d is None:
                 deltas[t].zero_()
                 continue
-            if not torch.isfinite(d).all():
+            if not all_finite(d):
                 raise NonFiniteDeltaError(
                     f"model {source.name!r}, tensor {entry.name!r}: the delta to the base holds NaN or Inf; "
                     "the checkpoint is corrupt or was saved from a diverged run"

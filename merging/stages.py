@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from merging.api import scaled_combine, scaled_combine_factors
-from merging.context import DTYPES, MergeContext
+from merging.context import DTYPES, MergeContext, all_finite
 from merging.errors import NonFiniteOutputError
 from merging.io.model_card import model_card, write_support_files
 from merging.io.shard_layout import PlannedTensor
@@ -100,7 +100,7 @@ def save(ctx: MergeContext, entry: TensorEntry, inputs: Inputs) -> Tensors:
         return {entry.name: ctx.raw_base(entry.name).to(out_dtype)}
     merged = ctx.base_tensor(entry.name) + inputs["combine"]["merged_delta"].to(ctx.device)
     out = merged.to(out_dtype)
-    if not ctx.config.allow_nonfinite and not torch.isfinite(out).all():
+    if not ctx.config.allow_nonfinite and not all_finite(out):
         raise NonFiniteOutputError(_nonfinite_message(ctx, entry, merged, out_dtype))
     return {entry.name: out}
 
