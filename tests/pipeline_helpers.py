@@ -29,3 +29,21 @@ def write_params(path: Path, models: dict[str, Path], artifacts: Path, method: s
     }
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
+
+
+MERGE_STAGES = ("fetch", "collect_stats", "deltas", "decompose", "sparsify", "combine", "save")
+
+
+def run_merge_stages(params_file, root: Path, materialize: bool = True, overrides: dict | None = None) -> Path:
+    """Run fetch .. save one stage at a time through the stage table into ``root/<stage>``
+    (fused stages write markers with ``materialize=False``); returns the save artifact."""
+    from merging import pipeline
+    from merging.pipeline_params import load_params
+
+    params = load_params(params_file, {"pipeline.materialize": materialize, **(overrides or {})})
+    fused = not materialize
+    for name in MERGE_STAGES:
+        stage = pipeline.get_stage(name)
+        inputs = {n: root / n for n in pipeline.stage_inputs(stage, fused)}
+        pipeline.run_stage(name, params, inputs, root / name, root / "store", fused=fused)
+    return root / "save"

@@ -15,24 +15,12 @@ from merging import fingerprint, pipeline
 from merging.errors import ArtifactError
 from merging.io.artifacts import ArtifactReader, linked_data_folder, read_manifest
 from merging.pipeline_params import load_params
-from tests.pipeline_helpers import write_params
-
-MERGE_STAGES = ("fetch", "collect_stats", "deltas", "decompose", "sparsify", "combine", "save")
-
-
-def _run_all(params_file, root: Path, materialize: bool = True, overrides: dict | None = None) -> Path:
-    params = load_params(params_file, {"pipeline.materialize": materialize, **(overrides or {})})
-    fused = not materialize
-    for name in MERGE_STAGES:
-        stage = pipeline.get_stage(name)
-        inputs = {n: root / n for n in pipeline.stage_inputs(stage, fused)}
-        pipeline.run_stage(name, params, inputs, root / name, root / "store", fused=fused)
-    return root / "save"
+from tests.pipeline_helpers import MERGE_STAGES, run_merge_stages, write_params
 
 
 def test_artifacts_and_manifests(tiny_models, tmp_path):
     params_file = write_params(tmp_path / "params.yaml", tiny_models, tmp_path / "art")
-    model = _run_all(params_file, tmp_path / "a")
+    model = run_merge_stages(params_file, tmp_path / "a")
     manifest = read_manifest(tmp_path / "a" / "sparsify")
     assert manifest["stage"] == "sparsify" and manifest["params"]["sparsify"]["parameters"] == {"density": 0.4}
     assert manifest["params"]["sparsify"]["models"][0] == {}  # the weight is read by combine, not sparsify
@@ -55,7 +43,7 @@ def test_artifacts_and_manifests(tiny_models, tmp_path):
 
 def test_changed_param_changes_only_downstream_keys(tiny_models, tmp_path):
     root = tmp_path / "one"
-    _run_all(write_params(tmp_path / "p1.yaml", tiny_models, tmp_path / "art"), root)
+    run_merge_stages(write_params(tmp_path / "p1.yaml", tiny_models, tmp_path / "art"), root)
     p1 = load_params(tmp_path / "p1.yaml")
     p2 = load_params(write_params(tmp_path / "p2.yaml", tiny_models, tmp_path / "art", sparsify={"density": 0.6}))
 
@@ -85,7 +73,7 @@ def test_a_statistics_file_rewritten_in_place_changes_the_merge_keys(tiny_models
                                combine={"stats": {n: str(f) for n, f in grams.items()}})
     params = load_params(params_file)
     root = tmp_path / "run"
-    _run_all(params_file, root)
+    run_merge_stages(params_file, root)
 
     def key(name):
         return pipeline.stage_key(name, params, {n: root / n for n in pipeline.stage_inputs(pipeline.get_stage(name))})
@@ -98,9 +86,9 @@ def test_a_statistics_file_rewritten_in_place_changes_the_merge_keys(tiny_models
 
 def test_rerun_with_the_same_key_writes_nothing(tiny_models, tmp_path):
     params_file = write_params(tmp_path / "params.yaml", tiny_models, tmp_path / "art")
-    _run_all(params_file, tmp_path / "a")
+    run_merge_stages(params_file, tmp_path / "a")
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "a").rglob("manifest.json")}
-    _run_all(params_file, tmp_path / "a")
+    run_merge_stages(params_file, tmp_path / "a")
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "a").rglob("manifest.json")} == before
 
 
@@ -110,7 +98,7 @@ def test_edited_method_source_changes_keys_from_the_first_stage_that_runs_it(tin
     TIES). Later stages key on sparsify's output digest, so they rerun only if its output changes."""
     root = tmp_path / "one"
     params = load_params(write_params(tmp_path / "p.yaml", tiny_models, tmp_path / "art"))
-    _run_all(tmp_path / "p.yaml", root)
+    run_merge_stages(tmp_path / "p.yaml", root)
 
     def keys():
         return {n: pipeline.stage_key(n, params, {i: root / i for i in pipeline.stage_inputs(pipeline.get_stage(n))})
@@ -135,8 +123,8 @@ def test_edited_method_source_changes_keys_from_the_first_stage_that_runs_it(tin
 def test_fused_equals_materialized_bit_for_bit(tiny_models, tmp_path):
     params_file = write_params(tmp_path / "params.yaml", tiny_models, tmp_path / "art", method="dare_ties",
                                sparsify={"density": 0.5}, combine={"lambda": 0.8})
-    a = _run_all(params_file, tmp_path / "m")
-    b = _run_all(params_file, tmp_path / "f", materialize=False)
+    a = run_merge_stages(params_file, tmp_path / "m")
+    b = run_merge_stages(params_file, tmp_path / "f", materialize=False)
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
     assert read_manifest(a)["output_digest"] == read_manifest(b)["output_digest"]
     assert read_manifest(tmp_path / "f" / "sparsify")["fused"] and not (tmp_path / "f" / "deltas" / "model.safetensors").exists()
@@ -160,8 +148,8 @@ def test_merge_command_and_pipeline_give_the_same_model(tiny_models, tmp_path, m
     raw = yaml.safe_load(params_file.read_text())
     raw["pipeline"]["shard_size"] = "8KB"
     params_file.write_text(yaml.safe_dump(raw))
-    staged = _run_all(params_file, tmp_path / "staged")
-    fused = _run_all(params_file, tmp_path / "fused", materialize=False)
+    staged = run_merge_stages(params_file, tmp_path / "staged")
+    fused = run_merge_stages(params_file, tmp_path / "fused", materialize=False)
     config = {"merge_method": method, "base_model": str(tiny_models["base"]), "seed": 0, "device": "cpu",
               "models": [{"model": str(tiny_models[n])} for n in ("ft_a", "ft_b", "ft_c")],
               "parameters": {**merge["sparsify"], **merge["combine"]}}
@@ -214,7 +202,7 @@ def test_a_new_stage_is_one_entry_and_one_function(tiny_models, tmp_path, monkey
     monkeypatch.setattr(pipeline, "STAGES", stages)
     monkeypatch.setattr(pipeline, "_BY_NAME", {s.name: s for s in stages})
     params_file = write_params(tmp_path / "params.yaml", tiny_models, tmp_path / "art")
-    root = _run_all(params_file, tmp_path / "a").parent
+    root = run_merge_stages(params_file, tmp_path / "a").parent
     params = load_params(params_file)
     out = pipeline.run_stage("size", params, {"save": root / "save"}, root / "size", root / "store")
     assert json.loads((out / "size.json").read_text())["bytes"] > 0 and read_manifest(out)["stage"] == "size"

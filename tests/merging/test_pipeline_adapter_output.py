@@ -18,9 +18,8 @@ from merging.errors import MergeConfigError
 from merging.io.artifacts import read_manifest
 from merging.pipeline import merge_checkpoints
 from merging.pipeline_params import load_params, merge_config
-from tests.pipeline_helpers import write_params
+from tests.pipeline_helpers import MERGE_STAGES, run_merge_stages, write_params
 
-MERGE_STAGES = ("fetch", "collect_stats", "deltas", "decompose", "sparsify", "combine", "save")
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 
 
@@ -58,21 +57,11 @@ def _params(adapters, tmp_path: Path, method: str, name: str = "params.yaml", **
     return path
 
 
-def _run(params_file: Path, root: Path, materialize: bool = True) -> Path:
-    params = load_params(params_file, {"pipeline.materialize": materialize})
-    fused = not materialize
-    for name in MERGE_STAGES:
-        stage = pipeline.get_stage(name)
-        inputs = {n: root / n for n in pipeline.stage_inputs(stage, fused)}
-        pipeline.run_stage(name, params, inputs, root / name, root / "store", fused=fused)
-    return root / "save"
-
-
 @pytest.mark.parametrize("method", ["drm", "task_arithmetic"])
 def test_staged_fused_and_merge_command_write_the_same_adapter(adapters, tmp_path, method):
     params_file = _params(adapters, tmp_path, method)
-    staged = _run(params_file, tmp_path / "staged")
-    fused = _run(params_file, tmp_path / "fused", materialize=False)
+    staged = run_merge_stages(params_file, tmp_path / "staged")
+    fused = run_merge_stages(params_file, tmp_path / "fused", materialize=False)
     config = merge_config(load_params(params_file))
     assert config.out_format == "peft"
     reference = merge_checkpoints(config, tmp_path / "cli")
@@ -93,8 +82,8 @@ def test_the_adapter_artifact_is_the_merge_peft_loads(adapters, tmp_path):
     from safetensors.torch import load_file
     from transformers import LlamaForCausalLM
 
-    adapter = _run(_params(adapters, tmp_path, "drm"), tmp_path / "peft")
-    hf = _run(_params(adapters, tmp_path, "drm", name="hf.yaml", out_format="hf"), tmp_path / "hf")
+    adapter = run_merge_stages(_params(adapters, tmp_path, "drm"), tmp_path / "peft")
+    hf = run_merge_stages(_params(adapters, tmp_path, "drm", name="hf.yaml", out_format="hf"), tmp_path / "hf")
     want = load_file(hf / "model.safetensors")
     base = LlamaForCausalLM.from_pretrained(adapters["base"], dtype=torch.float32)
     got = PeftModel.from_pretrained(base, adapter).merge_and_unload().state_dict()
@@ -104,7 +93,7 @@ def test_the_adapter_artifact_is_the_merge_peft_loads(adapters, tmp_path):
 
 def test_out_format_keys_from_deltas_and_adapter_rank_keys_save_only(adapters, tmp_path):
     root = tmp_path / "one"
-    _run(_params(adapters, tmp_path, "task_arithmetic"), root)
+    run_merge_stages(_params(adapters, tmp_path, "task_arithmetic"), root)
     before = load_params(_params(adapters, tmp_path, "task_arithmetic"))
 
     def keys(params):
@@ -121,9 +110,9 @@ def test_out_format_keys_from_deltas_and_adapter_rank_keys_save_only(adapters, t
 def test_a_full_rank_method_needs_adapter_rank_and_leaves_nothing(adapters, tmp_path):
     params_file = _params(adapters, tmp_path, "ties")
     with pytest.raises(MergeConfigError, match="adapter_rank"):
-        _run(params_file, tmp_path / "r")
+        run_merge_stages(params_file, tmp_path / "r")
     assert not (tmp_path / "r" / "save").exists()
-    ranked = _run(_params(adapters, tmp_path, "ties", name="k.yaml", adapter_rank=2), tmp_path / "k")
+    ranked = run_merge_stages(_params(adapters, tmp_path, "ties", name="k.yaml", adapter_rank=2), tmp_path / "k")
     report = json.loads((ranked / "adapter_report.json").read_text())
     assert report and all(m["rank"] <= 2 for m in report["modules"].values())
 
@@ -134,7 +123,7 @@ def test_the_evaluate_stage_scores_the_adapter_through_peft(adapters, tmp_path, 
 
     params_file = _params(adapters, tmp_path, "task_arithmetic")
     root = tmp_path / "e"
-    _run(params_file, root)
+    run_merge_stages(params_file, root)
     seen = {}
 
     def fake_run(folder, settings, base_folder=None):
