@@ -18,11 +18,13 @@ so that election runs unchunked.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from merging.kernels.sign import TieRule, agreement_mask, elect_sign
 
-__all__ = ["fuse_deltas", "model_weights", "combine_weighted_sum", "combine_sign_elected"]
+__all__ = ["fuse_deltas", "by_positions", "model_weights", "combine_weighted_sum", "combine_sign_elected"]
 
 CHUNK = 1 << 20
 """Positions fused at a time (a few MB of temporaries per model). A power of two: torch's sum
@@ -40,15 +42,30 @@ def fuse_deltas(
     tie_rule: TieRule = "positive",
 ) -> torch.Tensor:
     """Fuse ``deltas`` ``(T, ...)`` with ``weights`` ``(T,)`` into one delta ``(...)``."""
-    size = deltas[0].numel() if deltas.dim() > 1 else 0
-    if size <= CHUNK or (elect and tie_rule != "positive"):
-        return _fuse(deltas, weights, elect, normalize, weight_before_election, tie_rule)
-    flat = deltas.reshape(deltas.shape[0], size)  # (T, n): a view of the contiguous stack
-    merged = torch.empty(size, dtype=deltas.dtype, device=deltas.device)
+    def fuse(stack: torch.Tensor) -> torch.Tensor:
+        return _fuse(stack, weights, elect, normalize, weight_before_election, tie_rule)
+
+    if elect and tie_rule != "positive":
+        return fuse(deltas)
+    return by_positions(fuse, deltas)
+
+
+def by_positions(fn: Callable[..., torch.Tensor], stack: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
+    """``fn(stack, *others)`` for a per-position ``fn`` (element-wise, plus sums over the models):
+    ``stack`` ``(T, ...)``, ``others`` shaped like ``stack[0]``, result shaped like ``stack[0]``;
+    computed ``CHUNK`` positions at a time (2-D / 1-D chunks) when the tensor is larger."""
+    size = stack[0].numel() if stack.dim() > 1 else 0
+    if size <= CHUNK:
+        return fn(stack, *others)
+    flat = stack.reshape(stack.shape[0], size)  # (T, n): a view of a contiguous stack
+    flat_others = [o.reshape(size) for o in others]
+    out = None
     for start in range(0, size, CHUNK):
-        merged[start:start + CHUNK] = _fuse(flat[:, start:start + CHUNK], weights, elect, normalize,
-                                            weight_before_election, tie_rule)
-    return merged.reshape(deltas.shape[1:])
+        part = fn(flat[:, start:start + CHUNK], *(o[start:start + CHUNK] for o in flat_others))
+        if out is None:
+            out = torch.empty(size, dtype=part.dtype, device=part.device)
+        out[start:start + part.numel()] = part
+    return out.reshape(stack.shape[1:])
 
 
 def _fuse(deltas: torch.Tensor, weights: torch.Tensor, elect: bool, normalize: bool, weight_before_election: bool,
@@ -62,12 +79,16 @@ def _fuse(deltas: torch.Tensor, weights: torch.Tensor, elect: bool, normalize: b
             divisor = torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
             merged = merged / divisor
         return merged
-    sign = elect_sign(weighted if weight_before_election else deltas, tie_rule=tie_rule)
-    mask = agreement_mask(weighted if weight_before_election else deltas, sign)
+    voters = weighted if weight_before_election else deltas
+    sign = elect_sign(voters, tie_rule=tie_rule)
+    if tie_rule == "positive":  # the elected sign is never 0: agreeing is a positive product (zeros never agree)
+        mask = voters * sign > 0
+    else:
+        mask = agreement_mask(voters, sign)
     merged = (weighted * mask).sum(dim=0)
     if normalize:
         divisor = (w * mask).sum(dim=0)
-        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+        divisor.masked_fill_(divisor == 0, 1.0)
         merged = merged / divisor
     return merged
 

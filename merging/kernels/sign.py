@@ -21,8 +21,8 @@ TieRule = Literal["majority", "positive"]
 def elect_sign(stack: torch.Tensor, tie_rule: TieRule = "majority", by: Literal["mass", "count"] = "mass") -> torch.Tensor:
     """Elected sign per position, shape ``stack.shape[1:]``, values in {-1, 0, +1}."""
     weight = stack.sum(dim=0) if by == "mass" else torch.sign(stack).sum(dim=0)
-    if tie_rule == "positive":
-        return torch.where(weight >= 0, 1.0, -1.0).to(stack.dtype)
+    if tie_rule == "positive":  # +1 where weight >= 0, else -1 (exact; a scalar torch.where is several times slower)
+        return (weight >= 0).to(stack.dtype).mul_(2).sub_(1)
     sign = torch.sign(weight)
     return torch.where(sign == 0, torch.sign(sign.sum()), sign)
 

@@ -17,6 +17,7 @@ import torch
 from pydantic import Field
 
 from merging.errors import MergeConfigError
+from merging.kernels.fuse import by_positions
 from merging.params import MethodParams, WeightedModelParams
 from merging.spec import Factors, MethodSpec, TensorGroup
 
@@ -27,16 +28,17 @@ class LinearParams(MethodParams):
 
 def combine(group: TensorGroup, factors: Factors, params: LinearParams) -> torch.Tensor:
     weights = torch.tensor([p.weight for p in group.model_params], dtype=group.base.dtype, device=group.base.device)
-    w = weights.reshape((-1,) + (1,) * group.base.dim())  # (T, 1, ...)
-    models = group.base.unsqueeze(0) + factors["deltas"]  # (T, ...)
-    merged = (models * w).sum(dim=0)
-    if params.normalize:
-        total = float(weights.sum())
-        if abs(total) < 1e-12:
-            raise MergeConfigError(f"linear: the model weights sum to 0 for tensor {group.name!r}; "
-                                   "change a weight or set normalize: false")
-        merged = merged / total
-    return merged - group.base
+    total = float(weights.sum())
+    if params.normalize and abs(total) < 1e-12:
+        raise MergeConfigError(f"linear: the model weights sum to 0 for tensor {group.name!r}; "
+                               "change a weight or set normalize: false")
+
+    def average(deltas: torch.Tensor, base: torch.Tensor) -> torch.Tensor:  # per position: chunked when large
+        w = weights.reshape((-1,) + (1,) * base.dim())  # (T, 1, ...)
+        merged = ((base.unsqueeze(0) + deltas) * w).sum(dim=0)  # the models, (T, ...), weighted and summed
+        return (merged / total if params.normalize else merged) - base
+
+    return by_positions(average, factors["deltas"], group.base)
 
 
 SPEC = MethodSpec(

@@ -30,3 +30,39 @@ def test_chunked_fusion_is_bit_identical(monkeypatch, dtype, tasks):
     majority = fuse_deltas(deltas, weights, elect=True, normalize=True, tie_rule="majority")  # unchunked by design
     monkeypatch.setattr(fuse, "CHUNK", 1 << 20)
     assert torch.equal(majority, fuse_deltas(deltas, weights, elect=True, normalize=True, tie_rule="majority"))
+
+
+def _reference(deltas, weights, normalize, weight_before_election, tie_rule):
+    """The fusion as first written (where-based election, sign-comparison agreement mask)."""
+    w = weights.to(deltas.dtype).reshape((-1,) + (1,) * (deltas.dim() - 1))
+    weighted = deltas * w
+    voters = weighted if weight_before_election else deltas
+    mass = voters.sum(dim=0)
+    if tie_rule == "positive":
+        sign = torch.where(mass >= 0, 1.0, -1.0).to(deltas.dtype)
+    else:
+        sign = torch.where(torch.sign(mass) == 0, torch.sign(torch.sign(mass).sum()), torch.sign(mass))
+    mask = (torch.sign(voters) == sign.unsqueeze(0)) & (voters != 0)
+    merged = (weighted * mask).sum(dim=0)
+    if normalize:
+        divisor = (w * mask).sum(dim=0)
+        merged = merged / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    return merged
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_election_and_agreement_match_the_first_formulation(dtype):
+    g = torch.Generator().manual_seed(3)
+    for tasks in (1, 2, 3):
+        deltas = torch.randn(tasks, 40, 30, generator=g, dtype=torch.float64).to(dtype)
+        deltas[deltas.abs() < 0.7] = 0.0
+        deltas[:, :2] = -0.0  # zero mass, negative zeros
+        deltas[:, 5] = torch.tensor([1.0, -1.0, 0.0][:tasks], dtype=dtype).reshape(-1, 1)  # cancelling mass
+        weights = torch.tensor([1.0, 1.0, 0.5][:tasks], dtype=torch.float64)
+        for normalize in (True, False):
+            for before in (True, False):
+                for rule in ("positive", "majority"):
+                    got = fuse_deltas(deltas, weights, elect=True, normalize=normalize, weight_before_election=before,
+                                      tie_rule=rule)
+                    expected = _reference(deltas, weights, normalize, before, rule)
+                    assert torch.equal(got.view(_INT[dtype]), expected.view(_INT[dtype])), (tasks, normalize, before, rule)

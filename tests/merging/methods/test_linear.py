@@ -34,3 +34,21 @@ def test_zero_weight_sum_is_an_error():
     base = torch.zeros(2)
     with pytest.raises(MergeConfigError, match="sum to 0"):
         merge_tensors("linear", base, [base + 1, base + 2], model_params=[{"weight": 1.0}, {"weight": -1.0}])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_chunked_average_is_bit_identical(monkeypatch, dtype, normalize):
+    """Large tensors are averaged a chunk of positions at a time (``by_positions``): same bits."""
+    from merging.kernels import fuse
+
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(37, 29, generator=g, dtype=F64).to(dtype)
+    models = [torch.randn(37, 29, generator=g, dtype=F64).to(dtype) for _ in range(3)]
+    kwargs = dict(params={"normalize": normalize}, model_params=[{"weight": w} for w in (0.3, 1.1, 0.7)],
+                  compute_dtype=dtype)
+    whole = merge_tensors("linear", base, models, **kwargs)
+    monkeypatch.setattr(fuse, "CHUNK", 128)  # 1073 positions: 9 chunks
+    chunked = merge_tensors("linear", base, models, **kwargs)
+    bits = {torch.float32: torch.int32, F64: torch.int64}[chunked.dtype]
+    assert chunked.shape == whole.shape and torch.equal(chunked.view(bits), whole.view(bits))
