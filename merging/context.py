@@ -416,8 +416,12 @@ class MergeContext:
         deltas = torch.empty((len(inputs), *base.shape), dtype=base.dtype, device=base.device)
         aligned = self._aligned(entry.name)
         for t, (source, key) in enumerate(inputs):
+            in_place = False
             if aligned is not None:
                 d = aligned[source.name].to(device=base.device, dtype=base.dtype) - base
+            elif isinstance(source, FullModelSource):  # converted and subtracted in its slot: no temporaries
+                d = source.delta(key, base, out=deltas[t])
+                in_place = True
             else:
                 d = source.delta(key, base)
             if d is None:
@@ -428,7 +432,8 @@ class MergeContext:
                     f"model {source.name!r}, tensor {entry.name!r}: the delta to the base holds NaN or Inf; "
                     "the checkpoint is corrupt or was saved from a diverged run"
                 )
-            deltas[t] = d
+            if not in_place:
+                deltas[t] = d
         return deltas
 
     def space_of(self, entry: TensorEntry) -> str:

@@ -101,10 +101,14 @@ class FullModelSource:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return self.reader.shapes()
 
-    def delta(self, key: str, base: torch.Tensor) -> torch.Tensor:
+    def delta(self, key: str, base: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The delta of tensor ``key``; into ``out`` (shaped like ``base``) when given: the same
+        values, converted in place of a temporary copy."""
         tensor = self.reader.get(key)
         if self.read_dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(self.read_dtype)
+        if out is not None:
+            return out.copy_(tensor).sub_(base)
         return tensor.to(device=base.device, dtype=base.dtype) - base
 
 
