@@ -178,8 +178,11 @@ class _LiveBytes:
 
 def _peak_live_bytes(tmp_path: Path, layers: int, monkeypatch, workers: int = 1) -> tuple[int, int]:
     monkeypatch.setattr(pipeline_module, "group_workers", lambda device: workers)
-    base = save_tiny_model(tmp_path / f"base{layers}", seed=0, layers=layers)
-    models = [save_tiny_model(tmp_path / f"m{layers}_{i}", seed=i, base=base) for i in (1, 2, 3)]
+    base, models = tmp_path / f"base{layers}", [tmp_path / f"m{layers}_{i}" for i in (1, 2, 3)]
+    if not base.exists():  # built once per depth
+        save_tiny_model(base, seed=0, layers=layers)
+        for i, model in enumerate(models, start=1):
+            save_tiny_model(model, seed=i, base=base)
     tracker = _LiveBytes()
     original_get = checkpoint_module.CheckpointReader.get
     monkeypatch.setattr(checkpoint_module.CheckpointReader, "get", lambda self, key: tracker.track(original_get(self, key)))
@@ -199,7 +202,7 @@ def test_peak_memory_does_not_grow_with_layers(tmp_path, monkeypatch):
     assert big < 8 * largest + 4096 + largest
     assert big < model_bytes / 4  # far below one model, let alone four
     # two workers: at most two groups in flight (which two depends on timing), still flat in depth
-    two, _ = _peak_live_bytes(tmp_path / "two", 24, monkeypatch, workers=2)
+    two, _ = _peak_live_bytes(tmp_path, 24, monkeypatch, workers=2)
     assert two <= 2 * small, (small, two)
 
 
