@@ -80,6 +80,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--vocab", type=int, default=8000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--results", type=Path, help="append the result to this markdown file")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory() as tmp:
@@ -97,14 +98,17 @@ def main() -> None:
                 else:
                     times[label].append(sweep(models, run, ran))
                 shutil.rmtree(run)
-        print(f"DRM-H, 3 dense fine-tunes, hidden {args.hidden}, {args.layers} layers, vocab {args.vocab} (bf16); "
-              f"median (min-max) of {args.repeat}; load average {os.getloadavg()[0]:.2f}")
+        lines = [f"DRM-H, 3 dense fine-tunes, hidden {args.hidden}, {args.layers} layers, vocab {args.vocab} (bf16); "
+                 f"median (min-max) of {args.repeat}; load average {os.getloadavg()[0]:.2f}"]
         for label, values in times.items():
-            print(f"  {label:34s} {statistics.median(values):7.2f} s ({min(values):.2f}-{max(values):.2f})")
+            lines.append(f"  {label:34s} {statistics.median(values):7.2f} s ({min(values):.2f}-{max(values):.2f})")
         ratio = statistics.median(times[list(times)[1]]) / statistics.median(times[list(times)[0]])
-        print(f"  sweep / one merge: {ratio:.2f} (target <= 1.5)")
-        print("  stage runs per sweep: " + ", ".join(f"{k} {v / args.repeat:g}" for k, v in ran.items()))
-
+        lines.append(f"  sweep / one merge: {ratio:.2f} (target <= 1.5)")
+        lines.append("  stage runs per sweep: " + ", ".join(f"{k} {v / args.repeat:g}" for k, v in ran.items()))
+    print("\n".join(lines))
+    if args.results:
+        with args.results.open("a") as f:
+            f.write("\n### Decomposition reuse (`benchmarks/bench_drm_sweep.py`)\n\n```\n" + "\n".join(lines) + "\n```\n")
 
 if __name__ == "__main__":
     main()
