@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import threading
 from collections.abc import Iterable
 from functools import cache
 from pathlib import Path
@@ -27,6 +28,7 @@ __all__ = ["module_closure", "closure_files", "fingerprint", "imports_of", "OWN_
 OWN_PACKAGES = ("merging", "tasks", "flows", "evaluation", "zoo")
 _REGISTRY = ("merging.registry", "merging.methods")
 ROOT = Path(__file__).resolve().parents[1]
+_PARSE_LOCK = threading.Lock()
 
 
 def _is_registry(name: str) -> bool:
@@ -53,7 +55,9 @@ def imports_of(module: str) -> frozenset[str]:
 def _parse_imports(module: str, path: Path, mtime_ns: int) -> frozenset[str]:
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    with _PARSE_LOCK:  # CPython 3.11's ast.parse is not thread-safe (gh-106905: "recursion depth mismatch")
+        tree = ast.parse(path.read_text(), str(path))
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             candidates = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
