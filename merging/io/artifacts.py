@@ -24,6 +24,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import math
 import os
 import shutil
 import threading
@@ -32,6 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from merging.digests import content_key, folder_digest
@@ -46,6 +48,8 @@ __all__ = ["ArtifactWriter", "ArtifactReader", "read_manifest", "artifact_digest
 
 MANIFEST = "manifest.json"
 SEP = "::"
+MASK, VALUES = "@mask", "@values"  # the parts of a tensor stored sparse (a selection: mostly zeros)
+SPARSE_MIN = 1 << 16
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
@@ -76,13 +80,18 @@ class ArtifactWriter:
         self._shards = StreamingShardWriter(self.folder, max_shard_bytes)
         self._groups: dict[str, str] = {}
         self._zeros: dict[str, dict[str, list]] = {}  # group -> factor -> [shape, dtype] of an all-zero tensor
+        self._sparse: dict[str, dict[str, list]] = {}  # group -> factor -> [shape, dtype] of one stored as mask + values
 
     def add_group(self, group: str, factors: dict[str, torch.Tensor]) -> None:
         self._groups[group] = ""
         stored = {}
         for name, tensor in factors.items():
+            kind = [list(tensor.shape), str(tensor.dtype).removeprefix("torch.")]
             if _all_zero_bits(tensor):  # recorded by shape and dtype, no bytes (untouched tensors' deltas)
-                self._zeros.setdefault(group, {})[name] = [list(tensor.shape), str(tensor.dtype).removeprefix("torch.")]
+                self._zeros.setdefault(group, {})[name] = kind
+            elif (parts := _sparse_parts(tensor)) is not None:  # a selection: a bit mask and the kept entries
+                self._sparse.setdefault(group, {})[name] = kind
+                stored[f"{group}{SEP}{name}{MASK}"], stored[f"{group}{SEP}{name}{VALUES}"] = parts
             else:
                 stored[f"{group}{SEP}{name}"] = tensor
         if stored:
@@ -99,9 +108,9 @@ class ArtifactWriter:
                 for key, file in weight_map.items():
                     self._groups[key.split(SEP, 1)[0]] = file
                 files += sorted(set(weight_map.values())) + ([INDEX] if (self.folder / INDEX).is_file() else [])
-            zeros = {"zeros": self._zeros} if self._zeros else {}
-            digest = folder_digest(self.folder, files) if not zeros else content_key([folder_digest(self.folder, files), zeros])
-            manifest = {**self.manifest, "files": sorted(files), "groups": self._groups, **zeros,
+            compact = {k: v for k, v in (("zeros", self._zeros), ("sparse", self._sparse)) if v}
+            digest = folder_digest(self.folder, files) if not compact else content_key([folder_digest(self.folder, files), compact])
+            manifest = {**self.manifest, "files": sorted(files), "groups": self._groups, **compact,
                         "output_digest": digest, **(extra or {})}
             write_manifest(self.folder, manifest)
             _install(self.folder, self.target, manifest.get("cache_key"))
@@ -211,12 +220,14 @@ class ArtifactReader:
                                 "tensors, its readers compute them (merging.pipeline)")
         self._where: dict[str, tuple[Path, str]] = {}  # group -> (folder, file)
         self._zeros: dict[str, dict[str, list]] = {}
+        self._sparse: dict[str, dict[str, list]] = {}
         parts = [_resolve(self.folder, p) for p in self.manifest.get("parts", [])]
         for part in parts or [self.folder]:
             part_folder, part_manifest = _follow(part) if parts else (self.folder, self.manifest)
             for group, file in part_manifest.get("groups", {}).items():
                 self._where[group] = (part_folder, file)
             self._zeros.update(part_manifest.get("zeros", {}))
+            self._sparse.update(part_manifest.get("sparse", {}))
         self._files: dict[Path, tuple[int, dict[str, dict[str, TensorSlot]]]] = {}  # fd, group -> factor -> slot
         self._lock = threading.Lock()
 
@@ -245,6 +256,8 @@ class ArtifactReader:
         fd, groups = self._open(folder / file)
         where = f"artifact {self.folder}, group {group!r} in {file}"
         stored = {factor: read_tensor(fd, slot, where) for factor, slot in groups.get(group, {}).items()}
+        for factor, (shape, dtype) in self._sparse.get(group, {}).items():
+            stored[factor] = _from_sparse_parts(stored.pop(factor + MASK), stored.pop(factor + VALUES), shape, getattr(torch, dtype))
         return {name: stored[name] if name in stored else zeros[name] for name in sorted({*stored, *zeros})}
 
     def close(self) -> None:
@@ -256,6 +269,31 @@ class ArtifactReader:
         files = getattr(self, "_files", None)
         while files:
             os.close(files.popitem()[1][0])
+
+
+def _sparse_parts(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(the bit mask of its non-zero entries, packed; those entries) of a CPU tensor of at least
+    ``SPARSE_MIN`` entries at most half of which are non-zero bit patterns (-0.0 counts as
+    non-zero, so it round-trips), else None. A dense prefix decides early, at the cost of a prefix."""
+    as_int = {2: torch.int16, 4: torch.int32, 8: torch.int64}.get(tensor.element_size())
+    if as_int is None or tensor.numel() < SPARSE_MIN or not tensor.is_contiguous() or tensor.device.type != "cpu":
+        return None
+    flat = tensor.reshape(-1)
+    if int((flat[:4096].view(as_int) != 0).sum()) * 4 > 3 * min(4096, flat.numel()):
+        return None
+    nonzero = flat.view(as_int) != 0
+    if int(nonzero.sum()) * 2 > flat.numel():
+        return None
+    return torch.from_numpy(np.packbits(nonzero.numpy())), flat[nonzero]
+
+
+def _from_sparse_parts(mask: torch.Tensor, values: torch.Tensor, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """The tensor ``_sparse_parts`` split, bit for bit."""
+    numel = math.prod(shape)
+    keep = torch.from_numpy(np.unpackbits(mask.numpy(), count=numel).view(np.bool_))
+    out = torch.zeros(numel, dtype=dtype)
+    out[keep] = values
+    return out.reshape(shape)
 
 
 def _all_zero_bits(tensor: torch.Tensor) -> bool:

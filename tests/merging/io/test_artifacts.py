@@ -61,3 +61,22 @@ def test_a_recipe_is_not_read_as_tensors(tmp_path):
     assert artifact_digest(folder) == "r"
     with pytest.raises(ArtifactError, match="recipe of stage 'deltas'"):
         ArtifactReader(folder)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_a_mostly_zero_tensor_is_stored_as_mask_and_values_bit_for_bit(tmp_path, dtype):
+    g = torch.Generator().manual_seed(0)
+    sparse = torch.randn(300, 400, generator=g).to(dtype)
+    sparse[torch.rand(300, 400, generator=g) < 0.7] = 0
+    sparse[0, :5] = torch.tensor([-0.0, float("nan"), float("inf"), -1e-30, 0.0]).to(dtype)
+    dense = torch.randn(300, 400, generator=g).to(dtype)
+    folder = _write(tmp_path / "art", {"g": {"selected": sparse, "dense": dense}})
+    manifest = read_manifest(folder)
+    assert manifest["sparse"] == {"g": {"selected": [[300, 400], str(dtype).removeprefix("torch.")]}}
+    stored = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    assert stored < dense.numel() * dense.element_size() * 1.75  # stored plainly: 2x (and a padded header)
+    got = ArtifactReader(folder).read_group("g")
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
+    for name, tensor in {"selected": sparse, "dense": dense}.items():
+        assert got[name].dtype == dtype and got[name].shape == tensor.shape
+        assert torch.equal(got[name].view(bits), tensor.view(bits)), name  # -0.0, NaN and inf included
