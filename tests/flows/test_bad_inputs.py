@@ -786,7 +786,8 @@ def test_signal_mid_merge_leaves_no_temporary_folder(template, tmp_path, signum,
             "ready = sys.argv[1]\n"
             "def slow(ctx, out):\n"
             "    open(ready, 'w').close()\n"
-            "    time.sleep(60)\n"
+            "    for _ in range(600):\n"  # short sleeps: the handler runs within 0.1 s whichever thread took the signal
+            "        time.sleep(0.1)\n"
             "s.write_model_files = slow\n"
             "from flows.cli import main\n"
             "sys.argv = ['mergeflow', 'merge', sys.argv[2], sys.argv[3], '-q']\n"
