@@ -37,7 +37,7 @@ demo: $(STAMP)
 # mergeflow vs mergekit 0.1.5 vs the I/O floor at 106M parameters (7 methods, medians of 3 alternating
 # runs), then linear and ties at 9, 36, 72 and 144 layers (0.1B-1B) and at hidden 1536 (one run each),
 # a DRM sweep of five drop rates against one DRM merge, and what a staged DRM run stores on disk:
-# about 35-45 minutes on 2 cores and 10 GB of free disk (the script checks and says so first); not part
+# about 21 minutes on 2 idle cores (20m36s measured) and 10 GB of free disk (the script checks and says so first); not part
 # of `make test`. Ratios need an idle machine.
 bench: $(STAMP)
 	$(PY) benchmarks/bench_merge.py --repeat 3 --size-curve --wide --results benchmarks/results.md
