@@ -50,6 +50,7 @@ MANIFEST = "manifest.json"
 SEP = "::"
 MASK, VALUES = "@mask", "@values"  # the parts of a tensor stored sparse (a selection: mostly zeros)
 SPARSE_MIN = 1 << 16
+_SAME_SIZE_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # a tensor's bits, viewed as integers
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
@@ -275,7 +276,7 @@ def _sparse_parts(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | N
     """(the bit mask of its non-zero entries, packed; those entries) of a CPU tensor of at least
     ``SPARSE_MIN`` entries at most half of which are non-zero bit patterns (-0.0 counts as
     non-zero, so it round-trips), else None. A dense prefix decides early, at the cost of a prefix."""
-    as_int = {2: torch.int16, 4: torch.int32, 8: torch.int64}.get(tensor.element_size())
+    as_int = _SAME_SIZE_INT.get(tensor.element_size()) if tensor.element_size() > 1 else None
     if as_int is None or tensor.numel() < SPARSE_MIN or not tensor.is_contiguous() or tensor.device.type != "cpu":
         return None
     flat = tensor.reshape(-1)
@@ -300,7 +301,7 @@ def _all_zero_bits(tensor: torch.Tensor) -> bool:
     """Every element of ``tensor`` is +0 bit for bit (-0.0 is not: it must round-trip)."""
     if tensor.numel() == 0 or not tensor.is_contiguous():
         return False
-    as_int = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}.get(tensor.element_size())
+    as_int = _SAME_SIZE_INT.get(tensor.element_size())
     if as_int is None:
         return False
     bits = tensor.view(as_int).reshape(-1)
