@@ -159,14 +159,14 @@ def sweep(sweep_file: str = "sweep.yaml", params_file: str = "params.yaml", refr
         runs.append((override, on_validation))
     prune = bool(spec.get("prune", False))
     store = store_of(params)
-    existing = {p.name for p in store.iterdir()} if store.is_dir() else set()  # never pruned: not this sweep's
+    existing = store_names(store)  # never pruned: not this sweep's
     scored = []
     held: set[str] = set()
     for override, on_validation in runs:
         metrics, computed = run_point(params_file, on_validation, label(override), refresh)
         scored.append((override, metrics))
         if prune and computed:  # points are in grid order (lambda innermost): neighbours share their sparsify artifact
-            used = {d for stage, d in metrics.get("artifacts", {}).items() if stage in PRUNED}
+            used = prunable(metrics)
             prune_created(held - used, existing)
             held = used
     prune_created(held, existing)
@@ -209,6 +209,16 @@ def point_record(params: PipelineParams) -> Path | None:
     key = content_key({"params": params.model_dump(mode="json"), "models": models, "code": pipeline_fingerprint(),
                        "evals": include_digest(params.eval.include_path)})
     return store_of(params) / POINTS / f"{key[:24]}.json"
+
+
+def store_names(store: Path) -> set[str]:
+    """The names in the artifact store now (what a sweep or study must never prune)."""
+    return {p.name for p in store.iterdir()} if store.is_dir() else set()
+
+
+def prunable(metrics: dict) -> set[str]:
+    """A point's artifacts that pruning may delete: its sparsify, combine and save."""
+    return {d for stage, d in metrics.get("artifacts", {}).items() if stage in PRUNED}
 
 
 def prune_created(folders: set[str], existing: set[str]) -> None:

@@ -47,14 +47,15 @@ from prefect import flow, get_run_logger
 from evaluation.harness import include_digest
 from flows.merge_and_eval import store_of
 from flows.sweep import (
-    PRUNED,
     SECTIONS,
     format_leaderboard,
     label,
+    prunable,
     prune_created,
     report_row,
     run_point,
     score,
+    store_names,
     validation_overrides,
 )
 from merging.config import read_yaml
@@ -200,7 +201,7 @@ def run_study(params_file: str, space: Space, settings: dict[str, Any], refresh:
     on_validation = validation_overrides(params)
     name = study_name(space, settings, params)
     store = store_of(params)
-    existing = {p.name for p in store.iterdir()} if store.is_dir() else set()  # never pruned: not this study's
+    existing = store_names(store)  # never pruned: not this study's
     study = _open_study(store, name, _sampler(settings, space, 0))
     for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):  # left by a killed run: retry it
         study.enqueue_trial(stale.params, skip_if_exists=False)
@@ -219,7 +220,7 @@ def run_study(params_file: str, space: Space, settings: dict[str, Any], refresh:
         metrics, computed = run_point(params_file, {**params_override, **on_validation},
                                       f"{label(override)} (trial {done})", refresh)
         if settings["prune"] and computed:  # a trial's model is scored: its point record keeps the metrics
-            prune_created({d for stage, d in metrics.get("artifacts", {}).items() if stage in PRUNED}, existing)
+            prune_created(prunable(metrics), existing)
         value = score(metrics, settings["select"])
         trial.set_user_attr("setting", label(override))
         study.tell(trial, value if math.isfinite(value) else None,
