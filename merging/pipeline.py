@@ -477,7 +477,11 @@ def _run_chain(chain: list[Stage], ctx: MergeContext, produce, add, groups: list
         if stage.first_pass is not None:
             stage.first_pass(ctx, lambda name, e: produce(name, e, {}))
             ctx.release_group()
-    last = chain[-1]
+    _run_groups(chain[-1], ctx, produce, add, groups, progress)
+
+
+def _run_groups(last: Stage, ctx: MergeContext, produce, add, groups: list[str] | None, progress: Progress) -> None:
+    """``last``'s output for every tensor group it covers (``produce(name, entry, memo)``), to ``add``."""
     entries = ctx.all_entries() if last.covers_ignored else ctx.merged_entries()
     if groups is not None:
         wanted = set(groups)
@@ -554,12 +558,9 @@ def _merged_deltas(chain: list[Stage], ctx: MergeContext, readers: dict[str, Art
     if merge_chain:
         _loop(merge_chain, ctx, readers, add, None, progress)
         return
-    entries = ctx.merged_entries()
+    combine = readers["combine"]
     with reproducible_threads(ctx.device):  # the adapter's QR/SVD balancing, as in a fused run
-        for done, entry in enumerate(entries, start=1):
-            add(entry.name, readers["combine"].read_group(entry.name))
-            if progress is not None:
-                progress(done, len(entries), entry.name)
+        _run_groups(get_stage("combine"), ctx, lambda name, entry, memo: combine.read_group(entry.name), add, None, progress)
 
 
 @contextlib.contextmanager
