@@ -5,8 +5,9 @@ task data (``models[i].parameters.data``). The base M takes the merged embedding
 method's rule for non-block tensors: mean, or base with ``embed_policy: base``); block 0's inputs
 H_i^0 and the block kwargs (causal mask, rotary cos/sin) are captured from M on each model's data;
 ``merging.regmean_plusplus`` then merges block by block, collecting every candidate's Grams
-through the partially merged M. Those Grams are written as each model's ``gram`` statistics in a
-temporary folder of this run (they depend on every model, dataset and setting: never reused), and
+through the partially merged M (``collect_plusplus_grams``; the pipeline's collect_stats stage
+calls it too, keyed by the recipe). Here those Grams are written as each model's ``gram``
+statistics in a temporary folder of this run (they depend on every model, dataset and setting), and
 the ordinary merge (``merging.pipeline.merge_checkpoints``) writes the model with them, so the
 output has every feature of ``mergeflow merge`` and is exactly RegMean with RegMean++'s Grams.
 All models are held in memory at once (K + 1 models) with every calibration hidden state.
@@ -33,7 +34,7 @@ from merging.regmean_plusplus import regmean_plusplus
 from merging.resolve import build_params, split_global_parameters
 from merging.spec import TensorGroup
 
-__all__ = ["merge_regmean_plusplus"]
+__all__ = ["merge_regmean_plusplus", "collect_plusplus_grams"]
 
 log = logging.getLogger(__name__)
 
@@ -88,25 +89,52 @@ def merge_regmean_plusplus(config: MergeConfig, out: str | Path, *, max_samples:
     """
     from merging.pipeline import merge_checkpoints
 
+    entries = _entries(config)
+    shared, defaults = split_global_parameters(get_method(METHOD), config.parameters)
+    resolved = build_params(get_method(METHOD), shared, defaults, [m.parameters for m in entries],
+                            [m.model for m in entries], "", 0.0)
+    data = [p.data for p in resolved[1]]
+    for index, (entry, path) in enumerate(zip(entries, data)):
+        if not path:
+            raise MergeConfigError(f"{METHOD}: model {entry.model!r} (models[{index}]) has no 'data' parameter; set "
+                                   f"models[{index}].parameters.data to its task data (.txt or .jsonl)")
+    with tempfile.TemporaryDirectory(prefix="regmean-plusplus-") as folder:  # this run's Grams only
+        paths = collect_plusplus_grams(config, data, Path(folder), [f"model{i}" for i in range(len(entries))],
+                                       max_samples=max_samples, max_length=max_length, batch_size=batch_size,
+                                       device=device)
+        models = [entry.model_copy(update={"parameters": {**entry.parameters, "stats": str(path)}})
+                  for entry, path in zip(entries, paths)]
+        derived = config.model_copy(update={"models": tuple(models) + tuple(m for m in config.models if m not in entries)})
+        return merge_checkpoints(derived, out, overwrite=overwrite, progress=progress)
+
+
+def _entries(config: MergeConfig) -> list:
+    """The merged models of a RegMean++ config (the base excluded), checked."""
     spec = get_method(config.merge_method)
     if spec.name != METHOD:
-        raise MergeConfigError(f"mergeflow regmean-plusplus merges with merge_method: {METHOD}, the config says "
+        raise MergeConfigError(f"RegMean++ statistics are collected for merge_method: {METHOD}, the config says "
                                f"{config.merge_method!r}; use 'mergeflow merge' for it")
     if config.base_model is None or config.slices is not None:
         raise MergeConfigError(f"{METHOD} needs base_model and whole models (models:, not slices:)")
-    entries = [m for m in config.models if m.model != config.base_model]
-    names = [m.model for m in entries]
-    refs = [f"{config.base_model}+{r}" if "+" not in r and is_adapter_folder(resolve_folder(r)) else r for r in names]
+    return [m for m in config.models if m.model != config.base_model]
+
+
+def collect_plusplus_grams(config: MergeConfig, data: list[str | Path], folder: Path, names: list[str], *,
+                           max_samples: int = 256, max_length: int = 256, batch_size: int = 8,
+                           device: str = "cpu") -> list[Path]:
+    """Each model's RegMean++ Grams for the recipe ``config`` (its merged models in order, the
+    i-th on its task data ``data[i]``), written as ``gram`` statistics ``folder/<names[i]>.safetensors``:
+    the embeddings merged first, then block by block, every candidate's Grams collected through
+    the partially merged model (``merging.regmean_plusplus``). Returns the files, in order."""
+    entries = _entries(config)
+    spec = get_method(METHOD)
+    names_in = [m.model for m in entries]
+    refs = [f"{config.base_model}+{r}" if "+" not in r and is_adapter_folder(resolve_folder(r)) else r for r in names_in]
     shared, defaults = split_global_parameters(spec, config.parameters)
 
     def resolved(tensor: str, t: float = 0.0):
-        return build_params(spec, shared, defaults, [m.parameters for m in entries], names, tensor, t)
+        return build_params(spec, shared, defaults, [m.parameters for m in entries], names_in, tensor, t)
 
-    data = [p.data for p in resolved("")[1]]
-    for index, (name, path) in enumerate(zip(names, data)):
-        if not path:
-            raise MergeConfigError(f"{METHOD}: model {name!r} (models[{index}]) has no 'data' parameter; set "
-                                   f"models[{index}].parameters.data to its task data (.txt or .jsonl)")
     texts = [read_texts(Path(p), max_samples) for p in data]
     merged, tokenizer = load_causal_lm(config.base_model, device=device, allow_pickle=config.allow_pickle)
     candidates = [load_causal_lm(ref, device=device, allow_pickle=config.allow_pickle)[0] for ref in refs]
@@ -135,20 +163,17 @@ def merge_regmean_plusplus(config: MergeConfig, out: str | Path, *, max_samples:
     grams = regmean_plusplus(merged.get_decoder().layers, [c.get_decoder().layers for c in candidates],
                              [[h for h, _, _ in batches] for batches in inputs],
                              [[m for _, _, m in batches] for batches in inputs], params_for, run_block)
-    candidates.clear()  # free the models before the final merge
+    candidates.clear()
     inputs.clear()
-    with tempfile.TemporaryDirectory(prefix="regmean-plusplus-") as folder:  # this run's Grams only
-        models = []
-        for i, entry in enumerate(entries):
-            tensors, tokens, aliases = {}, {}, {}
-            for layer, per_model in enumerate(grams):
-                block = per_model[i]
-                tensors |= {f"{prefix}{layer}.{k}": v for k, v in block.grams.items()}
-                tokens |= {f"{prefix}{layer}.{k}": n for k, n in block.tokens.items()}
-                aliases |= {f"{prefix}{layer}.{k}": f"{prefix}{layer}.{v}" for k, v in block.aliases.items()}
-            path = write_stats(Path(folder) / f"model{i}.safetensors", tensors, "gram", tokens=tokens, aliases=aliases,
-                               info={"model": refs[i], "data": str(data[i]), "data_sha256": data_digest(Path(data[i])),
-                                     "producer": METHOD})
-            models.append(entry.model_copy(update={"parameters": {**entry.parameters, "stats": str(path)}}))
-        derived = config.model_copy(update={"models": tuple(models) + tuple(m for m in config.models if m not in entries)})
-        return merge_checkpoints(derived, out, overwrite=overwrite, progress=progress)
+    paths = []
+    for i, name in enumerate(names):
+        tensors, tokens, aliases = {}, {}, {}
+        for layer, per_model in enumerate(grams):
+            block = per_model[i]
+            tensors |= {f"{prefix}{layer}.{k}": v for k, v in block.grams.items()}
+            tokens |= {f"{prefix}{layer}.{k}": n for k, n in block.tokens.items()}
+            aliases |= {f"{prefix}{layer}.{k}": f"{prefix}{layer}.{v}" for k, v in block.aliases.items()}
+        paths.append(write_stats(folder / f"{name}.safetensors", tensors, "gram", tokens=tokens, aliases=aliases,
+                                 info={"model": refs[i], "data": str(data[i]), "data_sha256": data_digest(Path(data[i])),
+                                       "producer": METHOD}))
+    return paths

@@ -35,7 +35,7 @@ def _stage(stage: pipeline.Stage, params, artifacts: str, params_file: str, made
     deps += [f for f in files if is_local_ref(f) and not any(f == path or f.startswith(path + "/") for path in made.values())]
     deps += pipeline.stage_code_files(stage)
     entry: dict[str, Any] = {"cmd": f"python -m flows.stage {stage.name} --params {params_file} --artifacts {artifacts}",
-                             "deps": deps, "params": list(stage.params)}
+                             "deps": deps, "params": list(stage.params_for(params.merge.method))}
     folder = f"{artifacts}/{stage.name}"
     if stage.metrics or stage.plots:
         entry["metrics"] = [{f"{folder}/{m}": {"cache": False}} for m in stage.metrics]

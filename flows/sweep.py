@@ -42,7 +42,7 @@ from merging.errors import ArtifactError, MergeConfigError
 from merging.fetch import local_state
 from merging.io.artifacts import read_manifest, remove_unleased
 from merging.io.writer import atomic_write_text
-from merging.pipeline import pipeline_fingerprint
+from merging.pipeline import RECIPE_STATS_PARAMS, pipeline_fingerprint
 from merging.pipeline_params import REPLACE, PipelineParams, load_params, require_evaluation
 
 SECTIONS = ("decompose", "sparsify", "combine")
@@ -217,8 +217,15 @@ def store_names(store: Path) -> set[str]:
 
 
 def prunable(metrics: dict) -> set[str]:
-    """A point's artifacts that pruning may delete: its sparsify, combine and save."""
-    return {d for stage, d in metrics.get("artifacts", {}).items() if stage in PRUNED}
+    """A point's artifacts that pruning may delete: its sparsify, combine and save, and its
+    statistics when they belong to its recipe alone (RegMean++'s Grams: a collect_stats
+    artifact keyed by the merge settings)."""
+    artifacts = metrics.get("artifacts", {})
+    found = {d for stage, d in artifacts.items() if stage in PRUNED}
+    stats = artifacts.get("collect_stats")
+    if stats and Path(stats).is_dir() and any(k in read_manifest(Path(stats)).get("params", {}) for k in RECIPE_STATS_PARAMS):
+        found.add(stats)
+    return found
 
 
 def prune_created(folders: set[str], existing: set[str]) -> None:

@@ -64,7 +64,7 @@ from merging.spec import MethodSpec, _identity_sparsify
 from merging.workers import group_workers, merge_groups
 
 __all__ = ["Stage", "STAGES", "MERGE_STAGES", "get_stage", "stage_key", "stage_inputs", "stages_through", "run_stage",
-           "merge_checkpoints",
+           "merge_checkpoints", "RECIPE_STATS_PARAMS", "recipe_statistics",
            "partition_groups", "write_index", "stage_code_files", "pipeline_fingerprint", "fused_chain", "Progress", "MODEL_DIGEST_FILE"]
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,14 @@ MODEL_DIGEST_FILE = "model.digest"  # the saved model's identity alone, what DVC
 _MERGE_CONTEXT = "fetch"  # every merge stage reads the fetched folders (base, inputs)
 _MERGE_STATS = "collect_stats"  # and the inputs' statistics (empty unless the method reads them)
 _LIBS = ("torch", "safetensors")
+# what statistics collected through the partially merged model (RegMean++) depend on beyond the
+# models and their data: the merge itself, so they are cached per recipe, not per model
+RECIPE_STATS_PARAMS = ("merge.combine",)
+
+
+def recipe_statistics(spec: MethodSpec) -> bool:
+    """Whether the method's per-model statistics depend on the whole recipe (RegMean++)."""
+    return spec.model_stats is not None and not spec.model_stats.per_model
 
 
 @dataclass(frozen=True)
@@ -85,6 +93,8 @@ class Stage:
         name: stage, task and DVC stage name; artifacts live in ``<store>/<name>-<key>``.
         inputs: the stages whose artifacts it reads (merge stages also read ``fetch``).
         params: the ``params.yaml`` keys it reads (DVC reruns it when they change).
+        method_params: more keys it reads for method ``spec`` (``collect_stats``: the recipe's,
+            for statistics collected through the partially merged model).
         group: the per-tensor-group function of a merge stage.
         artifact: ``"module:function"`` of a whole-artifact stage, called as
             ``function(params, inputs, folder, store, code=fingerprint) -> file names`` writing
@@ -114,6 +124,7 @@ class Stage:
     name: str
     inputs: tuple[str, ...]
     params: tuple[str, ...]
+    method_params: Callable[[MethodSpec], tuple[str, ...]] | None = None
     group: GroupFn | None = None
     artifact: str | None = None
     partitioned: bool = False
@@ -139,6 +150,10 @@ class Stage:
         module, _, function = self.artifact.partition(":")
         return getattr(importlib.import_module(module), function)
 
+    def params_for(self, method: str) -> tuple[str, ...]:
+        """The ``params.yaml`` keys the stage reads when the merge method is ``method``."""
+        return self.params + (self.method_params(get_method(method)) if self.method_params else ())
+
     def code_modules(self, spec: MethodSpec | None) -> tuple[str, ...]:
         """Modules whose code the stage runs for method ``spec`` (None: any method)."""
         if not self.is_merge:
@@ -153,6 +168,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("fetch", (), ("models",), artifact="merging.fetch:fetch_models", versions=(),
           reads_files=model_sources, outside_state=local_state),
     Stage("collect_stats", ("fetch",), ("models", "stats", "merge.method", "pipeline.device"),
+          method_params=lambda spec: RECIPE_STATS_PARAMS if recipe_statistics(spec) else (),
           artifact="evaluation.stats:collect_pipeline_stats", versions=("torch", "transformers"),
           reads_files=lambda params: [m.data for m in params.models.inputs if m.data],
           outside_state=lambda params: _files_state([m.data for m in params.models.inputs if m.data]),
@@ -309,11 +325,14 @@ def _plan(stage: Stage, params: PipelineParams, inputs: dict[str, Path], fused: 
     used = {n: Path(inputs[n]) for n in sorted(external)}
     config = None
     if stage.is_merge:
-        config = merge_config(params, fetched_folders(used[_MERGE_CONTEXT]), collected_stats(used[_MERGE_STATS]))
+        collected = collected_stats(used[_MERGE_STATS])
+        config = merge_config(params, fetched_folders(used[_MERGE_CONTEXT]), collected)
         read = {s.name: merge_stage_params(config, s.name) for s in chain}
         spec = get_method(config.merge_method)
+        if collected and recipe_statistics(spec):
+            _check_recipe_statistics(used[_MERGE_STATS], params)
     else:
-        read = _select(params, stage.params)
+        read = _select(params, stage.params_for(params.merge.method))
         spec = None
     code = _code(chain, spec)
     digests = {n: artifact_digest(p) for n, p in used.items()}
@@ -325,6 +344,21 @@ def _plan(stage: Stage, params: PipelineParams, inputs: dict[str, Path], fused: 
         if payload["outside"] is None:  # unknown (an unpinned hub source may move): never reuse
             payload["unknown"] = time.time_ns()
     return _Plan(chain, config, used, digests, read, code, content_key(payload))
+
+
+def _check_recipe_statistics(folder: Path, params: PipelineParams) -> None:
+    """Statistics of the whole recipe (RegMean++) must come from this recipe: a collect_stats
+    artifact made for other merge settings (a dvc.yaml generated for another method does not
+    rerun collect_stats when they change) is refused, never merged with."""
+    made_for = read_manifest(folder).get("params", {})
+    wanted = _select(params, RECIPE_STATS_PARAMS)
+    stale = [key for key, value in wanted.items() if made_for.get(key) != value]
+    if stale:
+        raise ArtifactError(
+            f"the collect_stats artifact {folder} holds {params.merge.method} statistics collected for other "
+            f"{', '.join(stale)} ({made_for.get(stale[0])!r}, params say {wanted[stale[0]]!r}); they depend on the whole "
+            "recipe, so collect_stats must rerun: regenerate dvc.yaml with 'mergeflow dvc-yaml' (it then lists those keys "
+            "for collect_stats) and rerun")
 
 
 def stats_files(params: PipelineParams) -> list[str]:

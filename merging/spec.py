@@ -81,8 +81,9 @@ class ModelStatsNeed:
         tensor_kinds: plan kinds of the tensors that need a statistic from every model.
         how: how a user makes them (shown when a model has none).
         per_model: each model's statistic depends on that model and its data alone (RegMean,
-            Fisher), so the pipeline's collect_stats stage can make it; RegMean++'s Grams come
-            through the partially merged model, a statistic of the whole recipe.
+            Fisher), cached per model and data; RegMean++'s Grams come through the partially
+            merged model, a statistic of the whole recipe (collect_stats is then keyed by the
+            merge settings too).
     """
 
     kind: str

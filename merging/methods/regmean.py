@@ -148,7 +148,8 @@ PLUSPLUS_SPEC = MethodSpec(
     paper="Nguyen et al. 2025, RegMean++, arXiv 2508.03121 (after " + _PAPER + ")",
     model_stats=ModelStatsNeed(kind="gram", tensor_kinds=frozenset({"matrix"}),
                                how="RegMean++ collects its Grams through the partially merged model: give each model's "
-                                   "task data as models[i].parameters.data and run 'mergeflow regmean-plusplus CONFIG OUT'",
+                                   "task data as models[i].parameters.data and run 'mergeflow regmean-plusplus CONFIG OUT' "
+                                   "(in the pipeline, collect_stats does it from models.inputs[].data)",
                                per_model=False),
     lora_span=True,
 )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -87,3 +88,66 @@ def test_regmean_plusplus_cli_matches_whole_model_reference(tiny_models, tmp_pat
     plain.write_text(config.read_text())
     result = CliRunner().invoke(app, ["merge", str(plain), str(tmp_path / "nope"), "-q"])
     assert result.exit_code == 2 and "mergeflow regmean-plusplus" in result.output
+
+
+def _pipeline_params(tiny_models, tmp_path, alpha: float, **extra):
+    """Params naming each fine-tune (with the base's tokenizer) and its own texts."""
+    from merging.pipeline_params import parse_params
+
+    inputs = []
+    for name, lines in TEXTS.items():
+        folder = tmp_path / name
+        if not folder.exists():
+            folder.mkdir()
+            for f in [*tiny_models[name].iterdir(), *tiny_models["base"].glob("*tokenizer*")]:
+                (folder / f.name).write_bytes(f.read_bytes())
+            (tmp_path / f"{name}.txt").write_text("\n".join(lines) + "\n")
+        inputs.append({"name": name, "source": str(folder), "data": str(tmp_path / f"{name}.txt")})
+    return parse_params({"models": {"base": {"name": "base", "source": str(tiny_models["base"])}, "inputs": inputs},
+                         "merge": {"method": "regmean_plusplus", "combine": {"alpha": alpha}, **extra},
+                         "stats": {"batch_size": 2}, "pipeline": {"device": "cpu"}, "eval": {"tasks": ["unused"]}})
+
+
+def _run_through(name: str, params, root):
+    from merging import pipeline
+
+    for stage_name in pipeline.stages_through(name):
+        stage = pipeline.get_stage(stage_name)
+        pipeline.run_stage(stage_name, params, {n: root / n for n in pipeline.stage_inputs(stage)}, root / stage_name,
+                           root / "store")
+
+
+def test_the_pipeline_collects_regmean_plusplus_grams_for_its_recipe(tiny_models, tmp_path):
+    """params.yaml with merge.method regmean_plusplus and each input's data: collect_stats runs
+    RegMean++'s block-by-block collection, and the staged model is the whole-model reference's."""
+    params = _pipeline_params(tiny_models, tmp_path, ALPHA)
+    root = tmp_path / "run"
+    _run_through("save", params, root)
+    merged = load_file(root / "save" / "model.safetensors")
+    expected = _reference(tiny_models["base"], [tmp_path / n for n in TEXTS], list(TEXTS.values()))
+    for key, value in expected.items():
+        assert torch.allclose(merged[key], value, atol=2e-5), key
+
+
+def test_regmean_plusplus_statistics_are_cached_per_recipe_and_a_stale_artifact_is_refused(tiny_models, tmp_path):
+    """collect_stats's key holds the merge settings for RegMean++ (not for RegMean, whose Grams
+    are per model); a merge stage given Grams collected for other settings refuses them."""
+    from merging import pipeline
+    from merging.errors import ArtifactError
+    from merging.pipeline_params import parse_params
+
+    params = _pipeline_params(tiny_models, tmp_path, ALPHA)
+    other = _pipeline_params(tiny_models, tmp_path, 0.9)
+    root = tmp_path / "run"
+    _run_through("fetch", params, root)
+    fetched = {"fetch": root / "fetch"}
+    assert pipeline.stage_key("collect_stats", params, fetched) != pipeline.stage_key("collect_stats", other, fetched)
+    as_regmean = [parse_params({**p.model_dump(mode="json"), "merge": {"method": "regmean", "combine": {"alpha": a}}})
+                  for p, a in ((params, ALPHA), (other, 0.9))]
+    assert pipeline.stage_key("collect_stats", as_regmean[0], fetched) == pipeline.stage_key("collect_stats", as_regmean[1], fetched)
+
+    pipeline.run_stage("collect_stats", params, fetched, root / "collect_stats", root / "store")
+    inputs = {"fetch": root / "fetch", "collect_stats": root / "collect_stats"}
+    pipeline.stage_key("deltas", params, inputs)  # its own recipe: accepted
+    with pytest.raises(ArtifactError, match=r"collect_stats artifact .* merge\.combine .*mergeflow dvc-yaml"):
+        pipeline.stage_key("deltas", other, inputs)

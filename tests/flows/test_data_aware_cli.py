@@ -158,9 +158,9 @@ def test_the_pipeline_asks_for_an_inputs_data_by_name(tiny_models, stats, tmp_pa
     assert not (tmp_path / "cs").exists()
 
 
-def test_the_pipeline_refuses_to_collect_regmean_plusplus_grams_per_model(tiny_models, stats, tmp_path):
-    """RegMean++'s Grams come through the partially merged model: per-model Grams would silently
-    make it RegMean, so collect_stats refuses and names the command that makes them."""
+def test_the_pipeline_wants_every_regmean_plusplus_statistic_named_or_none(tiny_models, stats, tmp_path):
+    """RegMean++'s Grams come from every model at once, through the partially merged model: one
+    model's file named and another's collected would mix two recipes, so collect_stats refuses."""
     from merging import pipeline
     from merging.errors import MergeConfigError
     from merging.pipeline_params import parse_params
@@ -169,7 +169,9 @@ def test_the_pipeline_refuses_to_collect_regmean_plusplus_grams_per_model(tiny_m
         "models": {"base": {"name": "base", "source": str(tiny_models["base"])},
                    "inputs": [{"name": n, "source": str(stats[n]["model"]), "data": str(stats[n]["model"].parent / f"{n}.txt")}
                               for n in DATA]},
-        "merge": {"method": "regmean_plusplus"}, "pipeline": {"device": "cpu"}, "eval": {"tasks": ["unused"]}})
+        "merge": {"method": "regmean_plusplus", "combine": {"stats": {"ft_a": str(stats["ft_a"]["gram"])}}},
+        "pipeline": {"device": "cpu"}, "eval": {"tasks": ["unused"]}})
     pipeline.run_stage("fetch", params, {}, tmp_path / "fetch", tmp_path / "store")
-    with pytest.raises(MergeConfigError, match="partially merged model.*mergeflow regmean-plusplus"):
+    with pytest.raises(MergeConfigError, match="partially merged model.*every model's statistics file.*or none.*'ft_a'"):
         pipeline.run_stage("collect_stats", params, {"fetch": tmp_path / "fetch"}, tmp_path / "cs", tmp_path / "store")
+    assert not (tmp_path / "cs").exists()

@@ -47,3 +47,17 @@ def test_statistics_files_named_in_the_params_are_deps_of_the_merge(tmp_path):
     params.write_text(yaml.safe_dump(raw))
     deltas = yaml.safe_load(render_dvc_yaml(str(params)))["stages"]["deltas"]
     assert {"./stats/antonym.safetensors", "./stats/category.safetensors"} <= set(deltas["deps"])
+
+
+def test_collect_stats_reads_the_merge_settings_only_for_statistics_of_the_whole_recipe(tmp_path):
+    """RegMean++'s Grams depend on the merge settings, so DVC must rerun collect_stats when they
+    change; RegMean's are per model and data, so a changed alpha must not recollect them."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    found = {}
+    for method in ("regmean", "regmean_plusplus"):
+        raw["merge"] = {"method": method, "combine": {"alpha": 0.5}}
+        params = tmp_path / f"{method}.yaml"
+        params.write_text(yaml.safe_dump(raw))
+        found[method] = yaml.safe_load(render_dvc_yaml(str(params)))["stages"]["collect_stats"]["params"]
+    assert "merge.combine" not in found["regmean"]
+    assert found["regmean_plusplus"] == [*found["regmean"], "merge.combine"]

@@ -136,3 +136,23 @@ def test_every_point_of_the_repos_sweep_file_is_valid_params():
     for point in points:
         params = load_params(repo / "params.yaml", {k: v for k, v in point.items() if k != "name"})
         merge_config(params)  # method parameters resolve (merge_space included)
+
+
+def test_a_point_prunes_statistics_only_when_they_belong_to_its_recipe(tmp_path):
+    """RegMean++'s collect_stats artifact is keyed by the merge settings (one per trial: pruned
+    with the point); RegMean's is per model and data, shared by every point (kept)."""
+    from flows.sweep import prunable
+    from merging.io.artifacts import write_manifest
+
+    def folder(name: str, params: dict) -> str:
+        path = tmp_path / name
+        path.mkdir()
+        write_manifest(path, {"stage": name.split("-")[0], "params": params})
+        return str(path)
+
+    shared = {"models": [], "stats": {}, "merge.method": "regmean", "pipeline.device": "cpu"}
+    point = {"combine": folder("combine-1", {}), "save": folder("save-1", {}), "fetch": folder("fetch-1", {})}
+    per_model = {"artifacts": {**point, "collect_stats": folder("collect_stats-1", shared)}}
+    assert prunable(per_model) == {point["combine"], point["save"]}
+    recipe = {"artifacts": {**point, "collect_stats": folder("collect_stats-2", {**shared, "merge.combine": {"alpha": 0.1}})}}
+    assert prunable(recipe) == {point["combine"], point["save"], recipe["artifacts"]["collect_stats"]}
