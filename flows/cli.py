@@ -341,6 +341,7 @@ def tune(
     tune_file: Annotated[str, typer.Argument(metavar="TUNE.yaml", help="Search space per method (flows/tune.py).")] = "tune.yaml",
     params: Annotated[str, typer.Option("--params")] = "params.yaml",
     refresh: Annotated[bool, typer.Option()] = False,
+    methods: Annotated[list[str] | None, typer.Option("--method", help="Tune only this entry (its name; repeat for more).")] = None,
 ) -> None:
     """Tune each method with Optuna on the validation tasks (studies resume where they stopped), report the best on test."""
     with exit_on_error():
@@ -348,7 +349,7 @@ def tune(
         from flows.sweep import format_leaderboard
         from flows.tune import tune as tune_flow
 
-        typer.echo(format_leaderboard(tune_flow(tune_file, params, refresh)))
+        typer.echo(format_leaderboard(tune_flow(tune_file, params, refresh, methods)))
 
 
 @app.command()
@@ -357,13 +358,14 @@ def leaderboard(
     sweep_file: Annotated[str, typer.Option("--sweep", help="A sweep grid (grid:) or a tune file (methods:, flows/tune.py).")] = "sweep.yaml",
     params: Annotated[str, typer.Option("--params")] = "params.yaml",
     refresh: Annotated[bool, typer.Option()] = False,
+    methods: Annotated[list[str] | None, typer.Option("--method", help="With a tune file: only this entry (repeat for more).")] = None,
 ) -> None:
     """Build the demo zoo for each seed, sweep the grid (or tune the methods) on it and print the per-method table (mean and range over seeds)."""
     with exit_on_error():
         _pipeline_env()
         from flows.leaderboard import format_markdown, run
 
-        typer.echo(format_markdown(run(params, sweep_file, list(seeds), refresh), list(seeds)))
+        typer.echo(format_markdown(run(params, sweep_file, list(seeds), refresh, methods), list(seeds)))
 
 
 @app.command()

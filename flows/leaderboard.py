@@ -156,8 +156,10 @@ def format_markdown(rows: list[dict], seeds: list[int]) -> str:
     return "\n".join(lines)
 
 
-def run(params_file: str, sweep_file: str, seeds: list[int], refresh: bool = False) -> list[dict]:
-    """Build each seed's zoo, sweep it, aggregate; returns the aggregated rows."""
+def run(params_file: str, sweep_file: str, seeds: list[int], refresh: bool = False,
+        methods: list[str] | None = None) -> list[dict]:
+    """Build each seed's zoo, sweep it (or tune it: only ``methods`` of a tune file, when
+    given), aggregate; returns the aggregated rows."""
     import zoo
     from flows.sweep import sweep
     from flows.tune import tune
@@ -165,6 +167,9 @@ def run(params_file: str, sweep_file: str, seeds: list[int], refresh: bool = Fal
 
     if not seeds:
         raise MergeConfigError("--seeds: give at least one zoo seed")
+    tuned = "methods" in read_yaml(sweep_file)
+    if methods and not tuned:
+        raise MergeConfigError(f"--method picks entries of a tune file (methods:); {sweep_file} is a sweep grid")
     raw = read_yaml(params_file)
     folder = Path(parse_params(raw, params_file).pipeline.artifacts) / "leaderboard"
     folder.mkdir(parents=True, exist_ok=True)
@@ -178,13 +183,13 @@ def run(params_file: str, sweep_file: str, seeds: list[int], refresh: bool = Fal
         path = folder / f"params-s{seed}.yaml"
         path.write_text(yaml.safe_dump(derived, sort_keys=False))
         key = content_key({"sweep": Path(sweep_file).read_text(), "params": derived, "code": pipeline_fingerprint(),
-                           "zoo": (Path(settings.out) / "zoo.json").read_text()})
+                           "zoo": (Path(settings.out) / "zoo.json").read_text(), **({"methods": methods} if methods else {})})
         done = folder / f"sweep-s{seed}-{key[:16]}.json"
         if done.is_file() and not refresh:
             per_seed[seed] = json.loads(done.read_text())
             continue
-        if "methods" in read_yaml(sweep_file):  # a tune file: Optuna studies instead of a fixed grid
-            per_seed[seed] = tune.with_options(flow_run_name=f"tune-seed-{seed}")(sweep_file, str(path), refresh)
+        if tuned:  # a tune file: Optuna studies instead of a fixed grid
+            per_seed[seed] = tune.with_options(flow_run_name=f"tune-seed-{seed}")(sweep_file, str(path), refresh, methods)
         else:
             per_seed[seed] = sweep.with_options(flow_run_name=f"sweep-seed-{seed}")(sweep_file, str(path), refresh)
         atomic_write_text(done, json.dumps(per_seed[seed], indent=2) + "\n")  # killed while writing: no half file

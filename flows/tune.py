@@ -159,6 +159,17 @@ def parse_tune_file(path: str) -> tuple[dict[str, Any], list[Space]]:
     return settings, spaces
 
 
+def select_spaces(spaces: list[Space], methods: list[str] | None, tune_file: str) -> list[Space]:
+    """The entries named in ``methods`` (their ``name``), in the file's order; all for None."""
+    if not methods:
+        return spaces
+    names = [s.name for s in spaces]
+    unknown = sorted(set(methods) - set(names))
+    if unknown:
+        raise MergeConfigError(f"--method {unknown[0]!r}: {tune_file} has no such entry; its entries are {names}")
+    return [s for s in spaces if s.name in methods]
+
+
 def study_name(space: Space, settings: dict[str, Any], params) -> str | None:
     """The study's name: the method entry and everything its scores depend on (None when a
     model may change unseen, an unpinned hub source: nothing to resume safely)."""
@@ -257,11 +268,14 @@ def history_rows(study) -> list[dict[str, Any]]:
 
 
 @flow(name="tune")
-def tune(tune_file: str = "tune.yaml", params_file: str = "params.yaml", refresh: bool = False) -> list[dict]:
-    """Tune every method of ``tune_file`` on the validation tasks; report the best on test."""
+def tune(tune_file: str = "tune.yaml", params_file: str = "params.yaml", refresh: bool = False,
+         methods: list[str] | None = None) -> list[dict]:
+    """Tune every method of ``tune_file`` (or those named in ``methods``) on the validation
+    tasks; report the best on test."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     settings, spaces = parse_tune_file(tune_file)
+    spaces = select_spaces(spaces, methods, tune_file)
     params = require_evaluation(load_params(params_file), params_file)
     folder = Path(params.pipeline.artifacts) / "tune"
     (folder / "history").mkdir(parents=True, exist_ok=True)

@@ -148,3 +148,23 @@ def test_the_repository_tune_file_validates_against_params_yaml():
                       for section, key, value in space.axes if isinstance(value, (dict, list))}
             override = space.suggest(optuna.trial.FixedTrial(values))
             load_params(str(root / "params.yaml"), {k: v for k, v in override.items() if k != "name"})
+
+
+def test_method_picks_entries_of_the_tune_file_by_name(tmp_path):
+    from flows.tune import select_spaces
+
+    path = _tune_file(tmp_path, methods=[{"method": "ties"}, {"method": "drm", "name": "drm_h"}, {"method": "regmean"}])
+    _, spaces = parse_tune_file(str(path))
+    assert [s.name for s in select_spaces(spaces, ["regmean", "ties"], str(path))] == ["ties", "regmean"]  # file order
+    assert select_spaces(spaces, None, str(path)) == spaces
+    with pytest.raises(MergeConfigError, match=r"--method 'drm'.*no such entry.*\['ties', 'drm_h', 'regmean'\]"):
+        select_spaces(spaces, ["drm"], str(path))
+
+
+def test_the_leaderboard_refuses_method_with_a_grid(tmp_path):
+    from flows.leaderboard import run
+
+    grid = tmp_path / "sweep.yaml"
+    grid.write_text(yaml.safe_dump({"grid": [{"method": "ties"}]}))
+    with pytest.raises(MergeConfigError, match="--method picks entries of a tune file"):
+        run(str(tmp_path / "params.yaml"), str(grid), [0], methods=["ties"])
