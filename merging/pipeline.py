@@ -169,7 +169,7 @@ STAGES: tuple[Stage, ...] = (
           reads_files=model_sources, outside_state=local_state),
     Stage("collect_stats", ("fetch",), ("models", "stats", "merge.method", "pipeline.device"),
           method_params=lambda spec: RECIPE_STATS_PARAMS if recipe_statistics(spec) else (),
-          artifact="evaluation.stats:collect_pipeline_stats", versions=("torch", "transformers"),
+          artifact="evaluation.pipeline_stats:collect_pipeline_stats", versions=("torch", "transformers"),
           reads_files=lambda params: [m.data for m in params.models.inputs if m.data],
           outside_state=lambda params: _files_state([m.data for m in params.models.inputs if m.data]),
           identity_file=STATS_FILE),
