@@ -8,14 +8,15 @@ import hashlib
 import json
 from pathlib import Path
 
-import torch
-
 from evaluation.regmean_plusplus import collect_plusplus_grams
 from evaluation.stats import collect_stats
+from merging.context import resolve_device
 from merging.errors import MergeConfigError
+from merging.fetch import fetched_folders
 from merging.io.sources import is_adapter_folder
 from merging.io.stats import STATS_FILE
 from merging.pipeline_params import merge_config, named_stats
+from merging.registry import get_method
 
 __all__ = ["collect_pipeline_stats"]
 
@@ -26,41 +27,41 @@ def collect_pipeline_stats(params, inputs: dict[str, Path], folder: Path, store:
     the whole recipe, ``_recipe_stats``) and the merge sections do not name its file already,
     written as ``<name>.safetensors`` with ``stats.json``; for any other method ``stats.json``
     alone, empty (its digest never changes, so the merge stages never rerun for it)."""
-    from merging.fetch import fetched_folders
-    from merging.registry import get_method
-
     need = get_method(params.merge.method).model_stats
     given = named_stats(params)
     written: dict[str, str] = {}
-    missing = [ref.name for ref in params.models.inputs if ref.name not in given]
-    if need is not None and missing:
+    if need is not None and any(ref.name not in given for ref in params.models.inputs):
         folders = fetched_folders(inputs["fetch"])
-        base = folders[params.models.base.name]
-        device = params.pipeline.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        options = params.stats
-    if need is not None and missing and not need.per_model:  # RegMean++: through the partially merged model
-        written = _recipe_stats(params, folders, folder, given, device)
-        missing = []
-    if need is not None and missing:
-        for ref in params.models.inputs:
-            if ref.name in given:  # its statistics file is named in the merge sections
-                continue
-            if ref.data is None:
-                raise MergeConfigError(
-                    f"models.inputs[{ref.name}].data: method {params.merge.method!r} reads each model's {need.kind} "
-                    "statistics on its own task data; give the model's training prompts (.txt or .jsonl), or its "
-                    f"statistics file as merge.*.stats: {{{ref.name}: FILE}}")
-            model = folders[ref.name]
-            if is_adapter_folder(Path(model)):  # an adapter runs on its base, folded in
-                model = f"{base}+{model}"
-            out = folder / f"{ref.name}.safetensors"
-            collect_stats(model, ref.data, out, kind=need.kind, max_samples=options.max_samples,
-                          max_length=options.max_length, batch_size=options.batch_size, device=device, seed=options.seed)
-            written[ref.name] = hashlib.sha256(out.read_bytes()).hexdigest()
+        device = str(resolve_device(params.pipeline.device))
+        collect = _per_model_stats if need.per_model else _recipe_stats
+        written = collect(params, folders, folder, given, device)
     (folder / STATS_FILE).write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
     return [STATS_FILE, *(f"{name}.safetensors" for name in written)]
+
+
+def _per_model_stats(params, folders: dict[str, str], folder: Path, given: dict[str, str], device: str) -> dict[str, str]:
+    """Each input's statistics (RegMean's Grams, Fisher) on its own data, but for those the merge
+    sections name a file for. {name: sha256 of its file}."""
+    need = get_method(params.merge.method).model_stats
+    base = folders[params.models.base.name]
+    options = params.stats
+    written = {}
+    for ref in params.models.inputs:
+        if ref.name in given:  # its statistics file is named in the merge sections
+            continue
+        if ref.data is None:
+            raise MergeConfigError(
+                f"models.inputs[{ref.name}].data: method {params.merge.method!r} reads each model's {need.kind} "
+                "statistics on its own task data; give the model's training prompts (.txt or .jsonl), or its "
+                f"statistics file as merge.*.stats: {{{ref.name}: FILE}}")
+        model = folders[ref.name]
+        if is_adapter_folder(Path(model)):  # an adapter runs on its base, folded in
+            model = f"{base}+{model}"
+        out = folder / f"{ref.name}.safetensors"
+        collect_stats(model, ref.data, out, kind=need.kind, max_samples=options.max_samples,
+                      max_length=options.max_length, batch_size=options.batch_size, device=device, seed=options.seed)
+        written[ref.name] = hashlib.sha256(out.read_bytes()).hexdigest()
+    return written
 
 
 def _recipe_stats(params, folders: dict[str, str], folder: Path, given: dict[str, str], device: str) -> dict[str, str]:
